@@ -1,0 +1,1 @@
+"""Configuration, Ray runtime, storage helpers and the command line of slidestream."""

@@ -1,0 +1,117 @@
+"""The `slidestream` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from cluster.config import Config, ConfigError, load_config
+from cluster.storage import scrub_secrets
+
+log = logging.getLogger("slidestream")
+
+EXIT_FAILED_SLIDES = 3
+EXIT_USAGE = 2
+
+
+def _common() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config", help="configuration YAML (default: ./ray_config.yaml, else the shipped one)"
+    )
+    common.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set tiling.mpp=0.25 (repeatable)",
+    )
+    common.add_argument("--address", help="Ray address to connect to (default: start a local instance)")
+    common.add_argument("-v", "--verbose", action="store_true")
+    return common
+
+
+def _tiling_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mpp", type=float, help="target µm/px of the tiles (tiling.mpp)")
+    parser.add_argument("--tile-px", type=int, help="tile edge in pixels (tiling.tile_px)")
+    parser.add_argument("--mpp-override", type=float, help="µm/px for slides without mpp metadata")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common()
+    parser = argparse.ArgumentParser(prog="slidestream", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", parents=[common], help="synthetic slides → ingest → summary")
+    demo.add_argument(
+        "--out", default="slidestream-demo", help="output directory (default: ./slidestream-demo)"
+    )
+    demo.add_argument("--n-slides", type=int, default=6)
+
+    synth = commands.add_parser("synth", parents=[common], help="write synthetic H&E-like slides")
+    synth.add_argument("--out", required=True, help="directory or s3:// prefix")
+    synth.add_argument("--n-slides", type=int, required=True)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--size", choices=["tiny", "small", "large"], default="tiny")
+    synth.add_argument("--format", dest="fmt", choices=["svs", "tiff"], default="svs")
+    synth.add_argument("--positive-fraction", type=float, default=0.5)
+    synth.add_argument("--no-pen-marks", action="store_true")
+
+    ingest = commands.add_parser(
+        "ingest", parents=[common], help="slides → tissue → tiles → WebDataset shards"
+    )
+    ingest.add_argument("--slides", required=True, help="slide prefix (dir or s3://) or slide-list CSV")
+    ingest.add_argument("--out", required=True, help="output root (dir or s3://)")
+    ingest.add_argument("--labels", help="labels CSV/Parquet (slide_id,label); checked against the slides")
+    ingest.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
+    _tiling_flags(ingest)
+
+    status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
+    status.add_argument("--out", required=True)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--stage", help="ledger stage, e.g. tiles/mpp0.50_px256 (default: from the config)")
+    _tiling_flags(status)
+    return parser
+
+
+def _config_from(args: argparse.Namespace) -> Config:
+    overrides = list(args.overrides)
+    flag_keys = {
+        "mpp": "tiling.mpp",
+        "tile_px": "tiling.tile_px",
+        "mpp_override": "tiling.mpp_override",
+        "address": "ray.address",
+    }
+    for attr, key in flag_keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return load_config(args.config, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        config = _config_from(args)
+        from cluster import commands  # imported late: `--help` should not pay for Ray and torch
+
+        return getattr(commands, f"cmd_{args.command}")(args, config)
+    except ConfigError as exc:
+        print(f"slidestream: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        print(f"slidestream {args.command}: {scrub_secrets(str(exc))}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=1, sort_keys=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

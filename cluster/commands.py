@@ -1,0 +1,104 @@
+"""What each `slidestream` command does (argument parsing lives in `cluster.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections import Counter
+
+from pipelines.synthetic import write_dataset
+
+from cluster.cli import EXIT_FAILED_SLIDES, print_json
+from cluster.config import Config
+from cluster.storage import filesystem, join
+from pipelines.ingest import IngestReport, run_ingest, tiles_stage
+from pipelines.labels import read_labels
+from pipelines.ledger import Ledger, LedgerEntry
+
+log = logging.getLogger("slidestream")
+
+
+def cmd_synth(args: argparse.Namespace, config: Config) -> int:
+    made = write_dataset(
+        args.out,
+        args.n_slides,
+        seed=args.seed,
+        size=args.size,
+        fmt=args.fmt,
+        positive_fraction=args.positive_fraction,
+        pen_marks=not args.no_pen_marks,
+    )
+    positives = sum(made.labels)
+    print(f"wrote {len(made.uris)} {args.size} {args.fmt} slides ({positives} positive) to {args.out}")
+    print(f"labels: {made.labels_uri}")
+    return 0
+
+
+def _check_labels(labels_uri: str, report: IngestReport, out: str) -> None:
+    labelled = set(read_labels(labels_uri).column("slide_id").to_pylist())
+    ingested = {e.slide_id for e in Ledger(out).entries(report.stage) if e.status == "ok"}
+    if unlabelled := sorted(ingested - labelled):
+        log.warning(
+            "%d ingested slide(s) have no label in %s: %s",
+            len(unlabelled),
+            labels_uri,
+            ", ".join(unlabelled[:10]),
+        )
+    if absent := sorted(labelled - ingested):
+        log.warning("%d labelled slide(s) were not ingested: %s", len(absent), ", ".join(absent[:10]))
+
+
+def cmd_ingest(args: argparse.Namespace, config: Config) -> int:
+    if args.labels:
+        read_labels(args.labels)  # fail before any work when the labels file is unusable
+    report = run_ingest(args.slides, args.out, config)
+    print(report.summary())
+    if args.labels:
+        _check_labels(args.labels, report, args.out)
+    return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+
+
+def status_payload(entries: list[LedgerEntry]) -> dict:
+    counts = Counter(e.status for e in entries)
+    return {
+        "slides": [
+            {"slide_id": e.slide_id, "status": e.status, "n_tiles": e.n_tiles, "error": e.error}
+            for e in entries
+        ],
+        "totals": {
+            "slides": len(entries),
+            "ok": counts["ok"],
+            "failed": counts["failed"],
+            "skipped": counts["skipped"],
+            "tiles": sum(e.n_tiles for e in entries),
+        },
+    }
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    stage = args.stage or tiles_stage(config.tiling)
+    payload = status_payload(Ledger(args.out).entries(stage))
+    if args.json:
+        print_json({"stage": stage, **payload})
+        return 0
+    print(f"{args.out} [{stage}]")
+    print(f"{'slide_id':<28} {'status':<7} {'tiles':>7}  error")
+    for slide in payload["slides"]:
+        print(f"{slide['slide_id']:<28} {slide['status']:<7} {slide['n_tiles']:>7}  {slide['error'] or ''}")
+    totals = payload["totals"]
+    print(f"{totals['slides']} slides: {totals['ok']} ok, {totals['failed']} failed, {totals['tiles']} tiles")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    """The embedded default: synthetic slides on local disk → ingest on a local Ray instance → summary."""
+    slides = join(args.out, "slides")
+    fs, path = filesystem(slides)
+    if not fs.exists(join(path, "labels.csv")):
+        made = write_dataset(slides, args.n_slides, seed=0, size="tiny", fmt="svs")
+        print(f"demo: wrote {len(made.uris)} synthetic slides to {slides}")
+    report = run_ingest(slides, args.out, config)
+    print(report.summary())
+    _check_labels(join(slides, "labels.csv"), report, args.out)
+    cmd_status(argparse.Namespace(out=args.out, json=False, stage=report.stage), config)
+    return 0

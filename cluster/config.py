@@ -1,0 +1,153 @@
+"""The configuration model: `ray_config.yaml` (or `--config FILE`) plus `--set a.b=value` overrides.
+
+Every section is a strict pydantic model, so an unknown key or a bad value fails with a message that
+names the dotted key. The model's defaults and the shipped `ray_config.yaml` are kept equal by a test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_CONFIG_NAME = "ray_config.yaml"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RayConfig(_Section):
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    object_store_mb: int = Field(default=1024, ge=64)
+    data_memory_mb: int = Field(default=512, ge=16)
+
+
+class TilingConfig(_Section):
+    mpp: float = Field(default=0.5, gt=0)
+    tile_px: int = Field(default=256, ge=16, le=4096)
+    overlap_px: int = Field(default=0, ge=0)
+    min_tissue_frac: float = Field(default=0.25, ge=0, le=1)
+    mpp_override: float | None = Field(default=None, gt=0)
+
+    @field_validator("overlap_px")
+    @classmethod
+    def _overlap_below_tile(cls, value: int, info: Any) -> int:
+        tile_px = info.data.get("tile_px")
+        if tile_px is not None and value >= tile_px:
+            raise ValueError(f"overlap_px ({value}) must be smaller than tile_px ({tile_px})")
+        return value
+
+    @property
+    def key(self) -> str:
+        """Directory name that keeps outputs of different tilings apart, e.g. `mpp0.50_px256`."""
+        key = f"mpp{self.mpp:.2f}_px{self.tile_px}"
+        return key + (f"_ov{self.overlap_px}" if self.overlap_px else "")
+
+
+class TissueConfig(_Section):
+    mask_mpp: float = Field(default=8.0, gt=0)
+    min_saturation: float = Field(default=0.07, ge=0, le=1)
+    max_value_black: float = Field(default=0.15, ge=0, le=1)
+    exclude_pen: bool = True
+    closing_um: float = Field(default=32.0, ge=0)
+    opening_um: float = Field(default=16.0, ge=0)
+    min_object_um2: float = Field(default=20000.0, ge=0)
+    fill_holes_um2: float = Field(default=40000.0, ge=0)
+
+
+class ShardConfig(_Section):
+    image_format: Literal["jpg", "png"] = "jpg"
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+    tiles_per_task: int = Field(default=64, ge=1)
+    max_tiles: int = Field(default=1024, ge=1)
+    max_mb: float = Field(default=64, gt=0)
+
+
+class IngestConfig(_Section):
+    read_cpus: float = Field(default=0.5, gt=0)
+    plan_cpus: float = Field(default=0.25, gt=0)
+    slide_extensions: list[str] = Field(
+        default_factory=lambda: [".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff"]
+    )
+
+
+class Config(_Section):
+    ray: RayConfig = Field(default_factory=RayConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    tissue: TissueConfig = Field(default_factory=TissueConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def default_config_path() -> Path | None:
+    """`./ray_config.yaml` if present, else the one shipped at the project root, else None."""
+    for candidate in (
+        Path.cwd() / DEFAULT_CONFIG_NAME,
+        Path(__file__).resolve().parents[1] / DEFAULT_CONFIG_NAME,
+    ):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars or flow collections: `0.25`, `null`, `true`, `[.svs, .tif]`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    parts = key.strip().split(".")
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = _parse_scalar(value)
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "<root>"
+        lines.append(f"  {where}: {item['msg']}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (default: `default_config_path()`), apply `key=value` overrides, validate."""
+    raw: dict[str, Any] = {}
+    source = Path(path) if path is not None else default_config_path()
+    if source is not None:
+        if not source.is_file():
+            raise ConfigError(f"config file not found: {source}")
+        try:
+            loaded = yaml.safe_load(source.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {source} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {source} must hold a mapping at the top level")
+        raw = loaded
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

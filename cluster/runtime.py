@@ -1,0 +1,46 @@
+"""Start or connect to Ray, and set the Ray Data limits that keep pipelines in bounded memory."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+from ray.data import DataContext, ExecutionResources
+
+from cluster.config import RayConfig
+from cluster.storage import STORAGE_ENV_VARS
+
+log = logging.getLogger(__name__)
+
+
+def runtime_env_vars() -> dict[str, str]:
+    """Storage variables forwarded to every worker (values are never logged)."""
+    return {name: os.environ[name] for name in STORAGE_ENV_VARS if os.environ.get(name)}
+
+
+def ensure_ray(config: RayConfig) -> None:
+    """Connect to `config.address`, or start a local instance; a no-op when Ray is already up."""
+    if not ray.is_initialized():
+        address = config.address or os.environ.get("RAY_ADDRESS")
+        kwargs: dict = {
+            "runtime_env": {"env_vars": runtime_env_vars()},
+            "include_dashboard": False,
+            "log_to_driver": True,
+            "configure_logging": False,
+        }
+        if address:
+            ray.init(address=address, **kwargs)
+            log.info("connected to Ray at %s", address)
+        else:
+            ray.init(
+                num_cpus=config.num_cpus,
+                object_store_memory=config.object_store_mb * 1024 * 1024,
+                **kwargs,
+            )
+            log.info("started a local Ray instance")
+    context = DataContext.get_current()
+    context.execution_options.resource_limits = ExecutionResources(
+        object_store_memory=config.data_memory_mb * 1024 * 1024
+    )
+    context.enable_progress_bars = os.environ.get("SLIDESTREAM_PROGRESS", "1") != "0"

@@ -1,0 +1,1 @@
+"""Ray Data stages: slide discovery, ledger, tissue, tiling, shards, ingest."""

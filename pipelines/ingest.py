@@ -1,0 +1,361 @@
+"""`slidestream ingest`: slides → tissue → µm-exact tiles → WebDataset shards, committed per slide.
+
+One Ray Data stream:
+
+    slides to do ──flat_map(plan_slide)──▶ chunks of ≤ max_tiles tile positions per slide
+                 ──map(read_chunk)──────▶ each chunk's tiles read once, encoded, written as shard tar(s)
+                 ──driver──────────────▶ when all chunks of a slide are in: one ledger commit
+
+Exactly-once at slide granularity: a slide's shards are visible only through its committed ledger entry;
+shard names are deterministic, so retried tasks (lost worker or node, killed driver) overwrite rather
+than duplicate, and files left by an interrupted run are collected by the next one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray
+
+from cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
+from cluster.runtime import ensure_ray
+from cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
+from pipelines.ledger import Ledger, LedgerEntry
+from pipelines.reader import SlideError, classify, open_slide, read_tile, slide_info
+from pipelines.shards import Tile, encode_image, shard_stem, write_shards
+from pipelines.slides import Discovery, SlideRef, discover_slides
+from pipelines.tiling import ReadPlan, grid_positions, read_plan
+from pipelines.tissue import tissue_mask
+
+log = logging.getLogger(__name__)
+INGEST_VERSION = "ingest-1"
+
+
+def tiles_stage(tiling: TilingConfig) -> str:
+    return f"tiles/{tiling.key}"
+
+
+# ---------------------------------------------------------------------------------------------- workers
+
+
+def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
+    """Rows of one schema for good chunks and failed slides alike (Arrow needs consistent columns)."""
+    row = {
+        **slide,
+        "chunk": chunk,
+        "n_chunks": n_chunks,
+        "xs": [],
+        "ys": [],
+        "fracs": [],
+        "level": 0,
+        "read_px": 0,
+        "side0": 0.0,
+        "mpp": 0.0,
+        "width": 0,
+        "height": 0,
+        "error": "",
+        "permanent": True,
+    }
+    row.update(values)
+    return row
+
+
+def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig) -> list[dict]:
+    """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions."""
+    slide_id = slide["slide_id"]
+    try:
+        try:
+            handle = open_slide(slide["uri"], slide["fingerprint"])
+        except Exception as exc:
+            raise classify(slide_id, "cannot open as a slide", exc) from None
+        info = slide_info(handle, slide["mpp_override"] or tiling.mpp_override)
+        if info.mpp is None:
+            raise SlideError(
+                slide_id,
+                f"no mpp (µm/px) in the slide metadata (vendor {info.vendor or 'unknown'}); "
+                "give --mpp-override or an mpp column in the slide list",
+            )
+        try:
+            plan = read_plan(info.mpp, info.level_downsamples, tiling)
+        except ValueError as exc:
+            raise SlideError(slide_id, str(exc)) from None
+        mask = tissue_mask(handle, info.mpp, tissue)
+        xs, ys = grid_positions(info.width, info.height, plan, tiling)
+        fracs = mask.fractions(xs, ys, plan.side0)
+        keep = (fracs >= tiling.min_tissue_frac) & (fracs > 0)
+        if not keep.any():
+            raise SlideError(
+                slide_id,
+                f"no tissue found (tissue covers {100 * mask.mask.mean():.2f}% of the thumbnail, "
+                f"no tile reaches min_tissue_frac={tiling.min_tissue_frac})",
+            )
+        xs, ys, fracs = xs[keep], ys[keep], fracs[keep]
+    except Exception as exc:  # one bad slide never stops the stream: it becomes a failed record
+        error = classify(slide_id, "cannot plan tiles", exc)
+        return [_chunk_row(slide, -1, 0, error=error.reason, permanent=error.permanent)]
+    n_chunks = int(np.ceil(len(xs) / shards.max_tiles))
+    rows = []
+    for chunk in range(n_chunks):
+        part = slice(chunk * shards.max_tiles, (chunk + 1) * shards.max_tiles)
+        rows.append(
+            _chunk_row(
+                slide,
+                chunk,
+                n_chunks,
+                xs=xs[part].tolist(),
+                ys=ys[part].tolist(),
+                fracs=np.round(fracs[part], 4).tolist(),
+                level=plan.level,
+                read_px=plan.read_px,
+                side0=plan.side0,
+                mpp=info.mpp,
+                width=info.width,
+                height=info.height,
+            )
+        )
+    return rows
+
+
+def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Any:
+    handle = open_slide(row["uri"], row["fingerprint"])
+    plan = ReadPlan(
+        row["level"],
+        float(handle.level_downsamples[row["level"]]),
+        row["read_px"],
+        tiling.tile_px,
+        row["side0"],
+    )
+    for x, y, frac in zip(row["xs"], row["ys"], row["fracs"], strict=True):
+        try:
+            pixels = read_tile(handle, x, y, plan)
+        except OSError:
+            raise  # storage trouble: transient, retried on the next run
+        except Exception as exc:
+            raise SlideError(
+                row["slide_id"], f"unreadable tile region at level-0 ({x}, {y}): {exc}"
+            ) from None
+        meta = {
+            "slide_id": row["slide_id"],
+            "x": int(x),
+            "y": int(y),
+            "mpp": tiling.mpp,
+            "tile_px": tiling.tile_px,
+            "tissue_frac": float(frac),
+        }
+        yield Tile(row["slide_id"], int(x), int(y), encode_image(pixels, shards), meta)
+
+
+def read_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig, stage_uri: str) -> dict:
+    """Read one chunk's tiles from the slide and write them as shard tar(s); returns what was written."""
+    result = {
+        "slide_id": row["slide_id"],
+        "chunk": row["chunk"],
+        "n_chunks": row["n_chunks"],
+        "shards": [],
+        "shard_bytes": 0,
+        "n_tiles": len(row["xs"]),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "error": row["error"],
+        "permanent": row["permanent"],
+        "mpp": row["mpp"],
+        "width": row["width"],
+        "height": row["height"],
+        "level": row["level"],
+    }
+    if row["error"]:
+        return result
+    try:
+        stem = shard_stem(row["slide_id"], row["fingerprint"], row["chunk"])
+        written = write_shards(_tiles_of_chunk(row, tiling, shards), stage_uri, stem, shards)
+    except Exception as exc:
+        error = classify(row["slide_id"], "cannot read tiles", exc)
+        result.update(error=error.reason, permanent=error.permanent, n_tiles=0)
+        return result
+    result["shards"] = [name for name, _ in written]
+    result["shard_bytes"] = sum(size for _, size in written)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+@dataclass
+class SlideProgress:
+    slide: SlideRef
+    n_chunks: int = -1
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_chunks >= 0 and len({r["chunk"] for r in self.results}) >= max(self.n_chunks, 1)
+
+
+@dataclass
+class IngestReport:
+    stage: str
+    out: str
+    discovered: int = 0
+    skipped_unchanged: int = 0
+    ok: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    ignored_files: int = 0
+    tiles: int = 0
+    shard_bytes: int = 0
+    nodes: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"ingest → {self.out} [{self.stage}]",
+            f"  slides: {self.discovered} found, {self.skipped_unchanged} unchanged (skipped), "
+            f"{len(self.ok)} ingested, {len(self.failed)} failed; "
+            f"{self.ignored_files} non-slide files ignored",
+            f"  tiles: {self.tiles} ({self.shard_bytes / 1e6:.1f} MB of shards) in {self.seconds:.1f} s "
+            f"on {len(self.nodes)} node(s)",
+        ]
+        lines += [f"  FAILED {slide_id}: {reason}" for slide_id, reason in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+def _entry(
+    stage: str, slide: SlideRef, progress: SlideProgress | None, error: str = "", permanent: bool = True
+) -> LedgerEntry:
+    results = sorted(progress.results, key=lambda r: r["chunk"]) if progress else []
+    errors = [r for r in results if r["error"]]
+    if errors and not error:
+        error, permanent = errors[0]["error"], all(r["permanent"] for r in errors)
+    first = results[0] if results else {}
+    return LedgerEntry(
+        stage=stage,
+        slide_id=slide.slide_id,
+        uri=slide.uri,
+        size=slide.size,
+        etag_or_mtime=slide.fingerprint,
+        status="failed" if error else "ok",
+        error=scrub_secrets(error) if error else None,
+        permanent=permanent,
+        n_tiles=0 if error else sum(r["n_tiles"] for r in results),
+        mpp=first.get("mpp") or None,
+        shards=[] if error else [name for r in results for name in r["shards"]],
+        versions={"ingest": INGEST_VERSION},
+        extra={
+            "width": first.get("width"),
+            "height": first.get("height"),
+            "level": first.get("level"),
+            "nodes": sorted({r["node_id"] for r in results}),
+        },
+    )
+
+
+def _needs_work(slide: SlideRef, previous: LedgerEntry | None) -> bool:
+    if previous is None or previous.etag_or_mtime != slide.fingerprint:
+        return True
+    return previous.status == "failed" and not previous.permanent
+
+
+def collect_garbage(ledger: Ledger, stage: str, stage_uri: str) -> int:
+    """Delete shard files no committed entry references (left by interrupted runs or superseded slides)."""
+    fs, root = filesystem(stage_uri)
+    if not fs.exists(root):
+        return 0
+    referenced = {name for entry in ledger.entries(stage) for name in entry.shards}
+    orphans = [
+        p
+        for p in fs.ls(root, detail=False)
+        if p.rsplit("/", 1)[-1].startswith("shard-") and p.rsplit("/", 1)[-1] not in referenced
+    ]
+    for path in orphans:
+        fs.rm_file(path)
+    return len(orphans)
+
+
+def run_ingest(slides: str, out: str, config: Config, progress_callback: Any = None) -> IngestReport:
+    """Ingest every new or changed slide under `slides` into `out`; returns what happened."""
+    started = time.monotonic()
+    stage = tiles_stage(config.tiling)
+    stage_uri = join(out, stage)
+    report = IngestReport(stage=stage, out=out)
+    discovery: Discovery = discover_slides(slides, config.ingest.slide_extensions)
+    report.discovered = len(discovery.slides) + len(discovery.missing)
+    report.ignored_files = len(discovery.ignored)
+
+    ledger = Ledger(out)
+    state = ledger.state()
+    write_bytes_atomic(join(stage_uri, "config.yaml"), config.to_yaml().encode())
+    collect_garbage(ledger, stage, stage_uri)
+
+    missing = [
+        _entry(stage, SlideRef(sid, uri, -1, "missing"), None, f"slide not found: {uri}", permanent=False)
+        for sid, uri in discovery.missing
+        if (previous := state.get((stage, sid))) is None or previous.etag_or_mtime != "missing"
+    ]
+    ledger.commit(missing)
+    report.failed.update({e.slide_id: e.error or "" for e in missing})
+
+    todo = [s for s in discovery.slides if _needs_work(s, state.get((stage, s.slide_id)))]
+    report.skipped_unchanged = len(discovery.slides) - len(todo)
+    if todo:
+        ensure_ray(config.ray)
+        _stream(todo, stage, stage_uri, config, ledger, report, progress_callback)
+        collect_garbage(ledger, stage, stage_uri)
+    ledger.compact()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _stream(
+    todo: list[SlideRef],
+    stage: str,
+    stage_uri: str,
+    config: Config,
+    ledger: Ledger,
+    report: IngestReport,
+    progress_callback: Any,
+) -> None:
+    by_id = {s.slide_id: SlideProgress(s) for s in todo}
+    items = [
+        {
+            "slide_id": s.slide_id,
+            "uri": s.uri,
+            "fingerprint": s.fingerprint,
+            "mpp_override": s.mpp_override or 0.0,
+        }
+        for s in todo
+    ]
+    dataset = (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        .flat_map(
+            plan_slide,
+            fn_kwargs={"tiling": config.tiling, "tissue": config.tissue, "shards": config.shards},
+            num_cpus=config.ingest.plan_cpus,
+        )
+        .map(
+            read_chunk,
+            fn_kwargs={"tiling": config.tiling, "shards": config.shards, "stage_uri": stage_uri},
+            num_cpus=config.ingest.read_cpus,
+        )
+    )
+    for row in dataset.iter_rows():
+        progress = by_id[row["slide_id"]]
+        progress.n_chunks = row["n_chunks"]
+        progress.results.append(row)
+        if not progress.complete:
+            continue
+        entry = _entry(stage, progress.slide, progress)
+        ledger.commit([entry])
+        report.nodes.update(entry.extra["nodes"])
+        if entry.status == "ok":
+            report.ok.append(entry.slide_id)
+            report.tiles += entry.n_tiles
+            report.shard_bytes += sum(r["shard_bytes"] for r in progress.results)
+        else:
+            report.failed[entry.slide_id] = entry.error or ""
+        if progress_callback is not None:
+            progress_callback(entry)
+        del by_id[row["slide_id"]]
+    for progress in by_id.values():  # cannot happen unless Ray dropped rows: never commit a partial slide
+        report.failed[progress.slide.slide_id] = "incomplete: not all chunks came back"

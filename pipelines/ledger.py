@@ -1,0 +1,107 @@
+"""The ledger: the only way outputs become visible.
+
+`OUT/ledger/` holds immutable JSON objects. Each `commit-<ns>-<id>.json` lists entries for finished
+slides; `snapshot-<ns>-<id>.json` folds everything up to it into one object (written at the end of a run)
+so readers do not list thousands of commits. An entry is keyed by (stage, slide_id); a later entry
+supersedes an earlier one. A crash can leave files that no entry references (shards of an unfinished
+slide): they are invisible to readers and collected by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from cluster.storage import filesystem, full_uri, join, write_bytes_atomic
+
+LEDGER_FORMAT = 1
+Status = Literal["ok", "failed", "skipped"]
+
+
+@dataclass
+class LedgerEntry:
+    stage: str  # e.g. "tiles/mpp0.50_px256"
+    slide_id: str
+    uri: str
+    size: int
+    etag_or_mtime: str  # the slide fingerprint the outputs were made from
+    status: Status
+    error: str | None = None
+    permanent: bool = True  # a failed slide with the same fingerprint is not retried when True
+    n_tiles: int = 0
+    mpp: float | None = None
+    shards: list[str] = field(default_factory=list)  # paths relative to the stage directory
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    committed_at: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.stage, self.slide_id)
+
+
+class Ledger:
+    """Reads and appends the committed manifests under `OUT/ledger/`."""
+
+    def __init__(self, out_uri: str) -> None:
+        self.uri = join(out_uri, "ledger")
+
+    def _names(self) -> list[str]:
+        fs, path = filesystem(self.uri)
+        if not fs.exists(path):
+            return []
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".json"))
+
+    def _read(self, name: str) -> list[LedgerEntry]:
+        fs, path = filesystem(join(self.uri, name))
+        payload = json.loads(fs.cat_file(path))
+        return [LedgerEntry(**entry) for entry in payload["entries"]]
+
+    def state(self) -> dict[tuple[str, str], LedgerEntry]:
+        """The current entry per (stage, slide_id): the latest snapshot plus every later commit."""
+        names = self._names()
+        snapshots = [n for n in names if n.startswith("snapshot-")]
+        start = snapshots[-1] if snapshots else None
+        current: dict[tuple[str, str], LedgerEntry] = {}
+        # Names sort by their nanosecond timestamp: a commit newer than the snapshot sorts after it.
+        for name in names:
+            if start and name < start:
+                continue
+            if name.startswith("snapshot-") and name != start:
+                continue
+            for entry in self._read(name):
+                current[entry.key] = entry
+        return current
+
+    def entries(self, stage: str) -> list[LedgerEntry]:
+        return sorted((e for (s, _), e in self.state().items() if s == stage), key=lambda e: e.slide_id)
+
+    def _write(self, prefix: str, entries: list[LedgerEntry]) -> str:
+        name = f"{prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        body = {"format": LEDGER_FORMAT, "entries": [asdict(e) for e in entries]}
+        write_bytes_atomic(join(self.uri, name), json.dumps(body, indent=1).encode())
+        return name
+
+    def commit(self, entries: list[LedgerEntry]) -> None:
+        """Make `entries` visible, atomically (one object)."""
+        if not entries:
+            return
+        now = time.time()
+        for entry in entries:
+            entry.committed_at = now
+        self._write("commit", entries)
+
+    def compact(self) -> None:
+        """Fold the current state into one snapshot and delete the objects it covers."""
+        names = self._names()
+        if len(names) <= 1:
+            return
+        snapshot = self._write("snapshot", list(self.state().values()))
+        fs, _ = filesystem(self.uri)
+        stale = [full_uri(fs, filesystem(join(self.uri, n))[1]) for n in names if n < snapshot]
+        for uri in stale:
+            stale_fs, stale_path = filesystem(uri)
+            stale_fs.rm_file(stale_path)

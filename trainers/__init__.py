@@ -1,0 +1,1 @@
+"""Ray Train loops and Tune sweeps (MIL, MHIM-MIL, ICMIL, Giga-SSL, CDMA)."""

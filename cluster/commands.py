@@ -6,14 +6,13 @@ import argparse
 import logging
 from collections import Counter
 
-from pipelines.synthetic import write_dataset
-
 from cluster.cli import EXIT_FAILED_SLIDES, print_json
 from cluster.config import Config
 from cluster.storage import filesystem, join
 from pipelines.ingest import IngestReport, run_ingest, tiles_stage
 from pipelines.labels import read_labels
 from pipelines.ledger import Ledger, LedgerEntry
+from pipelines.synthetic import write_dataset
 
 log = logging.getLogger("slidestream")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
 from cluster.runtime import ensure_ray
 from cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
 from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.reader import SlideError, classify, open_slide, read_tile, slide_info
+from pipelines.reader import SlideError, classify, open_slide, read_tiles, slide_info
 from pipelines.shards import Tile, encode_image, shard_stem, write_shards
 from pipelines.slides import Discovery, SlideRef, discover_slides
 from pipelines.tiling import ReadPlan, grid_positions, read_plan
@@ -66,36 +67,33 @@ def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
 
 def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig) -> list[dict]:
     """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions."""
-    slide_id = slide["slide_id"]
     try:
         try:
             handle = open_slide(slide["uri"], slide["fingerprint"])
         except Exception as exc:
-            raise classify(slide_id, "cannot open as a slide", exc) from None
+            raise classify("cannot open as a slide", exc) from None
         info = slide_info(handle, slide["mpp_override"] or tiling.mpp_override)
         if info.mpp is None:
             raise SlideError(
-                slide_id,
                 f"no mpp (µm/px) in the slide metadata (vendor {info.vendor or 'unknown'}); "
                 "give --mpp-override or an mpp column in the slide list",
             )
         try:
             plan = read_plan(info.mpp, info.level_downsamples, tiling)
         except ValueError as exc:
-            raise SlideError(slide_id, str(exc)) from None
+            raise SlideError(str(exc)) from None
         mask = tissue_mask(handle, info.mpp, tissue)
         xs, ys = grid_positions(info.width, info.height, plan, tiling)
         fracs = mask.fractions(xs, ys, plan.side0)
         keep = (fracs >= tiling.min_tissue_frac) & (fracs > 0)
         if not keep.any():
             raise SlideError(
-                slide_id,
                 f"no tissue found (tissue covers {100 * mask.mask.mean():.2f}% of the thumbnail, "
                 f"no tile reaches min_tissue_frac={tiling.min_tissue_frac})",
             )
         xs, ys, fracs = xs[keep], ys[keep], fracs[keep]
     except Exception as exc:  # one bad slide never stops the stream: it becomes a failed record
-        error = classify(slide_id, "cannot plan tiles", exc)
+        error = classify("cannot plan tiles", exc)
         return [_chunk_row(slide, -1, 0, error=error.reason, permanent=error.permanent)]
     n_chunks = int(np.ceil(len(xs) / shards.max_tiles))
     rows = []
@@ -120,24 +118,14 @@ def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: 
     return rows
 
 
-def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Any:
+def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Iterator[Tile]:
     handle = open_slide(row["uri"], row["fingerprint"])
+    level = row["level"]
     plan = ReadPlan(
-        row["level"],
-        float(handle.level_downsamples[row["level"]]),
-        row["read_px"],
-        tiling.tile_px,
-        row["side0"],
+        level, float(handle.level_downsamples[level]), row["read_px"], tiling.tile_px, row["side0"]
     )
-    for x, y, frac in zip(row["xs"], row["ys"], row["fracs"], strict=True):
-        try:
-            pixels = read_tile(handle, x, y, plan)
-        except OSError:
-            raise  # storage trouble: transient, retried on the next run
-        except Exception as exc:
-            raise SlideError(
-                row["slide_id"], f"unreadable tile region at level-0 ({x}, {y}): {exc}"
-            ) from None
+    pixels = read_tiles(handle, row["uri"], row["xs"], row["ys"], plan)
+    for x, y, frac, tile in zip(row["xs"], row["ys"], row["fracs"], pixels, strict=True):
         meta = {
             "slide_id": row["slide_id"],
             "x": int(x),
@@ -146,7 +134,7 @@ def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Any
             "tile_px": tiling.tile_px,
             "tissue_frac": float(frac),
         }
-        yield Tile(row["slide_id"], int(x), int(y), encode_image(pixels, shards), meta)
+        yield Tile(row["slide_id"], int(x), int(y), encode_image(tile, shards), meta)
 
 
 def read_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig, stage_uri: str) -> dict:
@@ -172,7 +160,7 @@ def read_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig, stage_uri: 
         stem = shard_stem(row["slide_id"], row["fingerprint"], row["chunk"])
         written = write_shards(_tiles_of_chunk(row, tiling, shards), stage_uri, stem, shards)
     except Exception as exc:
-        error = classify(row["slide_id"], "cannot read tiles", exc)
+        error = classify("cannot read tiles", exc)
         result.update(error=error.reason, permanent=error.permanent, n_tiles=0)
         return result
     result["shards"] = [name for name, _ in written]
@@ -255,6 +243,17 @@ def _needs_work(slide: SlideRef, previous: LedgerEntry | None) -> bool:
     if previous is None or previous.etag_or_mtime != slide.fingerprint:
         return True
     return previous.status == "failed" and not previous.permanent
+
+
+def committed_shards(out: str, tiling: TilingConfig) -> dict[str, list[str]]:
+    """URIs of the committed shards per ingested slide: what readers of the tiles should open."""
+    stage = tiles_stage(tiling)
+    stage_uri = join(out, stage)
+    return {
+        e.slide_id: [join(stage_uri, name) for name in e.shards]
+        for e in Ledger(out).entries(stage)
+        if e.status == "ok"
+    }
 
 
 def collect_garbage(ledger: Ledger, stage: str, stage_uri: str) -> int:

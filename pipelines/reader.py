@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 from tiffslide import TiffSlide
 
 from cluster.storage import filesystem, is_local, scrub_secrets, storage_options
+from pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, supports
 from pipelines.slides import fingerprint_of
 from pipelines.tiling import ReadPlan
 
@@ -17,19 +19,18 @@ from pipelines.tiling import ReadPlan
 class SlideError(Exception):
     """A slide that cannot be processed. `permanent` errors are not retried until the file changes."""
 
-    def __init__(self, slide_id: str, reason: str, permanent: bool = True) -> None:
-        super().__init__(f"{slide_id}: {reason}")
-        self.slide_id = slide_id
+    def __init__(self, reason: str, permanent: bool = True) -> None:
+        super().__init__(reason)
         self.reason = scrub_secrets(reason)
         self.permanent = permanent
 
 
-def classify(slide_id: str, what: str, exc: BaseException) -> SlideError:
+def classify(what: str, exc: BaseException) -> SlideError:
     """Storage/network errors are transient (retried on the next run); anything else is permanent."""
     if isinstance(exc, SlideError):
         return exc
     transient = isinstance(exc, OSError | ConnectionError | TimeoutError)
-    return SlideError(slide_id, f"{what}: {type(exc).__name__}: {exc}", permanent=not transient)
+    return SlideError(f"{what}: {type(exc).__name__}: {exc}", permanent=not transient)
 
 
 @dataclass(frozen=True)
@@ -73,15 +74,50 @@ def slide_info(slide: TiffSlide, mpp_override: float | None) -> SlideInfo:
     )
 
 
+def _to_tile(region: np.ndarray, plan: ReadPlan) -> np.ndarray:
+    """Shrink a region read at `plan.level` to `tile_px` (integer factors by exact box reduction)."""
+    if plan.read_px == plan.tile_px:
+        return region
+    image = Image.fromarray(region)
+    factor, remainder = divmod(plan.read_px, plan.tile_px)
+    if remainder == 0:
+        return np.asarray(image.reduce(factor))
+    return np.asarray(image.resize((plan.tile_px, plan.tile_px), Image.BOX))
+
+
 def read_tile(slide: TiffSlide, x: int, y: int, plan: ReadPlan) -> np.ndarray:
-    """RGB uint8 (tile_px, tile_px, 3) covering level-0 square (x, y, side0), read at `plan.level`."""
-    region = slide.read_region((int(x), int(y)), plan.level, (plan.read_px, plan.read_px), as_array=True)
-    region = np.asarray(region)
+    """One tile through `TiffSlide.read_region`: RGB uint8 (tile_px, tile_px, 3) for level-0 square (x, y)."""
+    region = np.asarray(
+        slide.read_region((int(x), int(y)), plan.level, (plan.read_px, plan.read_px), as_array=True)
+    )
     if region.ndim == 2:
         region = np.repeat(region[..., None], 3, axis=2)
     if region.shape[2] == 4:  # composite transparent pixels onto white glass
         alpha = region[..., 3:4].astype(np.float32) / 255.0
         region = (region[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-    if plan.read_px != plan.tile_px:
-        region = np.asarray(Image.fromarray(region).resize((plan.tile_px, plan.tile_px), Image.BOX))
-    return np.ascontiguousarray(region)
+    return np.ascontiguousarray(_to_tile(region, plan))
+
+
+def read_tiles(
+    slide: TiffSlide, uri: str, xs: list[int], ys: list[int], plan: ReadPlan
+) -> Iterator[np.ndarray]:
+    """Tiles at level-0 corners (xs, ys), in order.
+
+    Tiled uint8 pages go through `RegionReader` (batched range reads, each TIFF tile decoded once);
+    anything else through `read_region`. Both give the same pixels (a test holds them equal).
+    Raises `SlideError` naming the level-0 position of a region that does not decode.
+    """
+    page = level_page(slide, plan.level)
+    if not supports(page):
+        yield from (read_tile(slide, x, y, plan) for x, y in zip(xs, ys, strict=True))
+        return
+    downsample = plan.level_downsample
+    rects = [
+        Rect(int(x / downsample), int(y / downsample), plan.read_px) for x, y in zip(xs, ys, strict=True)
+    ]
+    try:
+        for region in RegionReader(uri, page).read(rects):
+            yield np.ascontiguousarray(_to_tile(region, plan))
+    except UnreadableRegion as exc:
+        x0, y0 = round(exc.x * downsample), round(exc.y * downsample)
+        raise SlideError(f"unreadable tile region at level-0 ({x0}, {y0}): {exc}") from None

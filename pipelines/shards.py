@@ -13,13 +13,15 @@ import io
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import webdataset as wds
 from PIL import Image
+from webdataset.gopen import gopen_schemes
 
 from cluster.config import ShardConfig
-from cluster.storage import join, write_bytes_atomic
+from cluster.storage import filesystem, join, write_bytes_atomic
 
 
 @dataclass
@@ -81,7 +83,18 @@ def write_shards(tiles: Iterable[Tile], stage_uri: str, stem: str, cfg: ShardCon
     return written
 
 
+def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) -> IO[bytes]:
+    fs, path = filesystem(url)
+    return fs.open(path, mode, block_size=max(bufsize, 8 * 1024 * 1024))
+
+
+def register_object_store_openers() -> None:
+    """webdataset has no opener for object storage: route s3:// (and friends) through fsspec."""
+    for scheme in ("s3", "s3a", "gcs", "az", "abfs"):
+        gopen_schemes[scheme] = _fsspec_gopen
+
+
 def iter_shard_samples(uri: str) -> Iterator[dict]:
-    """Samples of one shard as raw bytes per member (for checks and readers that do not decode)."""
-    dataset = wds.WebDataset(uri, shardshuffle=False, empty_check=False)
-    yield from dataset
+    """Samples of one shard (local or object storage), each member as raw bytes."""
+    register_object_store_openers()
+    yield from wds.WebDataset(uri, shardshuffle=False, empty_check=False)

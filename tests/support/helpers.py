@@ -1,0 +1,28 @@
+"""Small helpers the tests share: configs for 2 local CPUs, and reading back what was committed."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from cluster.config import Config, load_config
+from pipelines.ingest import committed_shards
+from pipelines.shards import iter_shard_samples
+
+
+def make_config(*overrides: str) -> Config:
+    """The default config on 2 local CPUs, plus `key=value` overrides."""
+    return load_config(None, ["ray.num_cpus=2", "ray.object_store_mb=512", *overrides])
+
+
+def committed_samples(out: str, config: Config) -> dict[str, dict]:
+    """Every committed tile sample by key; fails on a key committed twice."""
+    samples: dict[str, dict] = {}
+    counts: Counter[str] = Counter()
+    for uris in committed_shards(out, config.tiling).values():
+        for uri in uris:
+            for sample in iter_shard_samples(uri):
+                counts[sample["__key__"]] += 1
+                samples[sample["__key__"]] = sample
+    duplicated = [key for key, n in counts.items() if n > 1]
+    assert not duplicated, f"tiles committed more than once: {duplicated[:5]}"
+    return samples

@@ -1,0 +1,59 @@
+"""The command line as a user runs it: synth, ingest --strict, status --json, errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
+
+
+def _slidestream(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_synth_ingest_strict_and_status(tmp_path: Path, s3_server):
+    slides, out = tmp_path / "slides", tmp_path / "out"
+    made = _slidestream("synth", "--out", str(slides), "--n-slides", "2", "--seed", "3", "--format", "tiff")
+    assert made.returncode == 0, made.stderr
+    assert sorted(p.name for p in slides.glob("*.tiff")) == ["slide_000.tiff", "slide_001.tiff"]
+    (slides / "broken.svs").write_bytes(b"II*\x00garbage")
+
+    common = ("--slides", str(slides), "--out", str(out), "--set", "ray.num_cpus=2")
+    lenient = _slidestream("ingest", *common, "--labels", str(slides / "labels.csv"))
+    assert lenient.returncode == 0, lenient.stderr
+    assert "2 ingested, 1 failed" in lenient.stdout and "FAILED broken:" in lenient.stdout
+
+    (slides / "broken.svs").write_bytes(b"II*\x00still garbage")  # changed file → retried, fails again
+    strict = _slidestream("ingest", *common, "--strict")
+    assert strict.returncode == 3, strict.stdout + strict.stderr
+
+    status = _slidestream("status", "--out", str(out), "--json")
+    payload = json.loads(status.stdout)
+    assert payload["totals"] == {
+        "slides": 3,
+        "ok": 2,
+        "failed": 1,
+        "skipped": 0,
+        "tiles": sum(s["n_tiles"] for s in payload["slides"]),
+    }
+    broken = next(s for s in payload["slides"] if s["slide_id"] == "broken")
+    assert broken["status"] == "failed" and broken["n_tiles"] == 0 and broken["error"]
+
+
+def test_bad_config_and_missing_inputs_are_clear_errors(tmp_path: Path):
+    bad_key = _slidestream("status", "--out", str(tmp_path), "--set", "tiling.mmp=0.5")
+    assert bad_key.returncode == 2 and "tiling.mmp" in bad_key.stderr
+    missing = _slidestream("ingest", "--slides", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "slide source not found" in missing.stderr
+    labels = tmp_path / "labels.csv"
+    labels.write_text("slide,label\na,1\n")
+    bad_labels = _slidestream(
+        "ingest", "--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--labels", str(labels)
+    )
+    assert bad_labels.returncode == 2 and "lacks column(s) slide_id" in bad_labels.stderr

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster.config import Config, ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_yaml_equals_model_defaults():
+    shipped = yaml.safe_load((ROOT / "ray_config.yaml").read_text())
+    assert shipped == Config().model_dump(mode="json")
+
+
+def test_set_overrides_nested_values():
+    config = load_config(None, ["tiling.mpp=0.25", "shards.image_format=png", "ray.address=null"])
+    assert config.tiling.mpp == 0.25
+    assert config.shards.image_format == "png"
+    assert config.tiling.key == "mpp0.25_px256"
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"tiling\.tile_size"):
+        load_config(None, ["tiling.tile_size=128"])
+
+
+def test_bad_value_is_named():
+    with pytest.raises(ConfigError, match=r"tiling\.mpp"):
+        load_config(None, ["tiling.mpp=-1"])
+    with pytest.raises(ConfigError, match=r"tiling\.overlap_px"):
+        load_config(None, ["tiling.overlap_px=300"])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("tiling: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(broken)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("shards:\n  jpeg_quality: loud\n")
+    with pytest.raises(ConfigError, match=r"shards\.jpeg_quality"):
+        load_config(wrong)
+
+
+def test_set_needs_key_value():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(None, ["tiling.mpp"])

@@ -1,0 +1,77 @@
+"""Kill the ingest driver with SIGKILL mid-run, rerun: the committed tiles equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from support.helpers import committed_samples, make_config
+
+from pipelines.ingest import run_ingest
+from pipelines.ledger import Ledger
+
+SETTINGS = ("tiling.tile_px=64", "shards.max_tiles=150")  # many small tiles → a run long enough to kill
+
+
+def _ingest_command(slides: Path, out: Path) -> list[str]:
+    command = [sys.executable, "-m", "cluster.cli", "ingest", "--slides", str(slides), "--out", str(out)]
+    for setting in (*SETTINGS, "ray.num_cpus=2", "ray.object_store_mb=512"):
+        command += ["--set", setting]
+    return command
+
+
+def _wait_for_first_commit(ledger_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ledger_dir.is_dir() and any(p.name.startswith("commit-") for p in ledger_dir.iterdir()):
+            return
+        assert proc.poll() is None, "the ingest run ended before it could be killed"
+        time.sleep(0.05)
+    raise AssertionError("no slide was committed in time")
+
+
+def test_sigkill_mid_run_then_rerun_commits_exactly_once(ray_local, slide_root, tmp_path):
+    config = make_config(*SETTINGS)
+    reference = tmp_path / "reference"
+    run_ingest(str(slide_root), str(reference), config)
+    expected = committed_samples(str(reference), config)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
+    log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 - closed below, after the process is gone
+    proc = subprocess.Popen(
+        _ingest_command(slide_root, out),
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait_for_first_commit(out / "ledger", proc)
+        time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    partial = Ledger(str(out)).entries("tiles/mpp0.50_px64")
+    assert 1 <= len(partial) < 4, "the kill must land in the middle of the run"
+    assert not any(p.name.startswith("snapshot-") for p in (out / "ledger").iterdir())
+
+    rerun = subprocess.run(
+        _ingest_command(slide_root, out), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"{len(partial)} unchanged (skipped)" in rerun.stdout
+
+    got = committed_samples(str(out), config)
+    assert got.keys() == expected.keys()
+    assert all(got[key]["jpg"] == expected[key]["jpg"] for key in expected)
+    stage_dir = out / "tiles" / "mpp0.50_px64"
+    referenced = {name for e in Ledger(str(out)).entries("tiles/mpp0.50_px64") for name in e.shards}
+    assert {p.name for p in stage_dir.glob("shard-*")} == referenced, (
+        "files of the killed run were not collected"
+    )

@@ -54,7 +54,8 @@ class TilingConfig(_Section):
 
 class TissueConfig(_Section):
     mask_mpp: float = Field(default=8.0, gt=0)
-    min_saturation: float = Field(default=0.07, ge=0, le=1)
+    min_saturation: float = Field(default=0.025, ge=0, le=1)
+    otsu_scale: float = Field(default=0.25, ge=0, le=2)
     max_value_black: float = Field(default=0.15, ge=0, le=1)
     exclude_pen: bool = True
     closing_um: float = Field(default=32.0, ge=0)

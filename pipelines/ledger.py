@@ -1,8 +1,8 @@
 """The ledger: the only way outputs become visible.
 
-`OUT/ledger/` holds immutable JSON objects. Each `commit-<ns>-<id>.json` lists entries for finished
-slides; `snapshot-<ns>-<id>.json` folds everything up to it into one object (written at the end of a run)
-so readers do not list thousands of commits. An entry is keyed by (stage, slide_id); a later entry
+`OUT/ledger/` holds immutable JSON objects named `<ns>-commit-<id>.json` (entries of finished slides)
+and `<ns>-snapshot-<id>.json` (everything up to it folded into one object, written at the end of a run,
+so readers do not list thousands of commits). Names sort by their nanosecond timestamp. An entry is keyed by (stage, slide_id); a later entry
 supersedes an earlier one. A crash can leave files that no entry references (shards of an unfinished
 slide): they are invisible to readers and collected by the next run.
 """
@@ -43,6 +43,10 @@ class LedgerEntry:
         return (self.stage, self.slide_id)
 
 
+def _is_snapshot(name: str) -> bool:
+    return "-snapshot-" in name
+
+
 class Ledger:
     """Reads and appends the committed manifests under `OUT/ledger/`."""
 
@@ -63,14 +67,11 @@ class Ledger:
     def state(self) -> dict[tuple[str, str], LedgerEntry]:
         """The current entry per (stage, slide_id): the latest snapshot plus every later commit."""
         names = self._names()
-        snapshots = [n for n in names if n.startswith("snapshot-")]
+        snapshots = [n for n in names if _is_snapshot(n)]
         start = snapshots[-1] if snapshots else None
         current: dict[tuple[str, str], LedgerEntry] = {}
-        # Names sort by their nanosecond timestamp: a commit newer than the snapshot sorts after it.
         for name in names:
-            if start and name < start:
-                continue
-            if name.startswith("snapshot-") and name != start:
+            if (start and name < start) or (_is_snapshot(name) and name != start):
                 continue
             for entry in self._read(name):
                 current[entry.key] = entry
@@ -80,7 +81,7 @@ class Ledger:
         return sorted((e for (s, _), e in self.state().items() if s == stage), key=lambda e: e.slide_id)
 
     def _write(self, prefix: str, entries: list[LedgerEntry]) -> str:
-        name = f"{prefix}-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.json"
+        name = f"{time.time_ns():020d}-{prefix}-{uuid.uuid4().hex[:8]}.json"
         body = {"format": LEDGER_FORMAT, "entries": [asdict(e) for e in entries]}
         write_bytes_atomic(join(self.uri, name), json.dumps(body, indent=1).encode())
         return name

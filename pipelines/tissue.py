@@ -6,14 +6,15 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
-from skimage.morphology import closing, disk, opening, remove_small_holes, remove_small_objects
+from skimage.morphology import closing, disk, opening, remove_small_objects
 
 from cluster.config import TissueConfig
 
 # Hues of green and blue marker ink (HSV hue in [0, 1]); H&E stains sit in the pink-to-purple range.
-_PEN_HUE_RANGE = (0.15, 0.60)
+_PEN_HUE_RANGE = (0.15, 0.70)
 _STRIP_PX = 512  # rows read per step when a level has to be shrunk to the mask resolution
 
 
@@ -69,7 +70,7 @@ def detect_tissue(rgb: np.ndarray, mask_mpp: float, cfg: TissueConfig) -> np.nda
     hue, saturation, value = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     threshold = cfg.min_saturation
     if saturation.max() - saturation.min() > 1e-3:
-        threshold = max(threshold, float(threshold_otsu(saturation)) * 0.5)
+        threshold = max(threshold, float(threshold_otsu(saturation)) * cfg.otsu_scale)
     mask = (saturation > threshold) & (value > cfg.max_value_black)
     if cfg.exclude_pen:
         mask &= ~((hue > _PEN_HUE_RANGE[0]) & (hue < _PEN_HUE_RANGE[1]))
@@ -81,8 +82,19 @@ def detect_tissue(rgb: np.ndarray, mask_mpp: float, cfg: TissueConfig) -> np.nda
     if cfg.min_object_um2 > 0:
         mask = remove_small_objects(mask, max_size=max(1, round(cfg.min_object_um2 * px_per_um**2)))
     if cfg.fill_holes_um2 > 0:
-        mask = remove_small_holes(mask, max_size=max(1, round(cfg.fill_holes_um2 * px_per_um**2)))
+        mask = _fill_small_holes(mask, max(1, round(cfg.fill_holes_um2 * px_per_um**2)))
     return mask
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    """Fill enclosed background regions up to `max_px`; glass touching the image border is never a hole."""
+    holes, count = ndimage.label(ndimage.binary_fill_holes(mask) & ~mask)
+    if count == 0:
+        return mask
+    sizes = np.bincount(holes.ravel())
+    small = sizes <= max_px
+    small[0] = False
+    return mask | small[holes]
 
 
 def tissue_mask(slide, mpp0: float, cfg: TissueConfig) -> TissueMask:

@@ -35,7 +35,7 @@ def three_nodes(s3_server):
 def _remove_after_first_commit(cluster: Cluster, node, ledger_dir: Path, removed: threading.Event) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        if ledger_dir.is_dir() and any(p.name.startswith("commit-") for p in ledger_dir.iterdir()):
+        if ledger_dir.is_dir() and any("-commit-" in p.name for p in ledger_dir.iterdir()):
             cluster.remove_node(node, allow_graceful=False)
             removed.set()
             return

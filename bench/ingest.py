@@ -1,0 +1,177 @@
+"""Ingest benchmark: the Ray Data pipeline against a naive serial loop, same slides, same run.
+
+Baseline (what a CLAM-style script does): for each slide, open it, find tissue, then per tile
+`read_region` → resize → JPEG encode → append to a tar, all in one process.
+Pipeline: `run_ingest` on a local Ray instance with the machine's cores.
+
+Prints tiles/s and MB/s (tile bytes written) for slides on local disk and on the S3 server, the ratio
+pipeline / baseline, and the peak memory of the whole process tree for 4 vs 16 slides.
+
+    python bench/ingest.py [--size small] [--slides 4] [--no-s3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import webdataset as wds
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from cluster.config import load_config  # noqa: E402
+from cluster.runtime import ensure_ray  # noqa: E402
+from cluster.storage import filesystem, join  # noqa: E402
+from pipelines.ingest import plan_slide, run_ingest  # noqa: E402
+from pipelines.reader import open_slide_uncached, read_tile  # noqa: E402
+from pipelines.shards import encode_image, tile_key  # noqa: E402
+from pipelines.slides import discover_slides  # noqa: E402
+from pipelines.synthetic import write_dataset  # noqa: E402
+from pipelines.tiling import ReadPlan  # noqa: E402
+
+
+class PeakMemory:
+    """Peak resident memory of this process and all its descendants (Ray's raylet, workers, object store)."""
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        me = psutil.Process()
+        total = 0
+        for proc in [me, *me.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._sample())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def baseline(slides_uri: str, out_uri: str, config) -> tuple[int, int, float]:
+    """Serial loop: plan each slide, then read_region / encode / tar-write tile by tile."""
+    started = time.perf_counter()
+    tiles = written = 0
+    for slide in discover_slides(slides_uri, config.ingest.slide_extensions).slides:
+        item = {"slide_id": slide.slide_id, "uri": slide.uri, "fingerprint": slide.fingerprint, "mpp_override": 0.0}
+        chunks = plan_slide(item, config.tiling, config.tissue, config.shards)
+        handle = open_slide_uncached(slide.uri)
+        fs, path = filesystem(join(out_uri, f"{slide.slide_id}.tar"))
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        buffer = io.BytesIO()
+        with wds.TarWriter(buffer) as sink:
+            for chunk in chunks:
+                plan = ReadPlan(chunk["level"], float(handle.level_downsamples[chunk["level"]]), chunk["read_px"],
+                                config.tiling.tile_px, chunk["side0"])
+                for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
+                    image = encode_image(read_tile(handle, x, y, plan), config.shards)
+                    sink.write({"__key__": tile_key(slide.slide_id, x, y), "jpg": image})
+                    tiles += 1
+                    written += len(image)
+        fs.pipe_file(path, buffer.getvalue())
+    return tiles, written, time.perf_counter() - started
+
+
+def pipeline(slides_uri: str, out_uri: str, config) -> tuple[int, int, float, int]:
+    with PeakMemory() as memory:
+        report = run_ingest(slides_uri, out_uri, config)
+    assert not report.failed, report.summary()
+    return report.tiles, report.shard_bytes, report.seconds, memory.peak
+
+
+def row(label: str, tiles: int, nbytes: int, seconds: float) -> str:
+    return f"| {label:<28} | {tiles:>7} | {seconds:>8.1f} | {tiles / seconds:>8.1f} | {nbytes / 1e6 / seconds:>7.2f} |"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "large"])
+    parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument("--no-memory", action="store_true", help="skip the 4 vs 16 slides memory comparison")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    config = load_config(None, ["ray.object_store_mb=1024"])
+    print(f"writing {args.slides} {args.size} synthetic slides …", flush=True)
+    write_dataset(str(work / "slides"), args.slides, seed=1, size=args.size, fmt="svs")
+    ensure_ray(config.ray)
+    ncpu = psutil.cpu_count()
+
+    results = []
+    n, b, s = baseline(str(work / "slides"), str(work / "baseline"), config)
+    results.append(("local: baseline (serial)", n, b, s))
+    n2, b2, s2, _ = pipeline(str(work / "slides"), str(work / "pipeline"), config)
+    results.append((f"local: pipeline ({ncpu} cores)", n2, b2, s2))
+    assert n == n2, f"baseline and pipeline disagree on the tile count ({n} vs {n2})"
+    ratios = {"local": (n2 / s2) / (n / s)}
+
+    server = None
+    if not args.no_s3:
+        from support.s3server import start_s3_server, stop_s3_server
+
+        server = start_s3_server()
+        import os
+
+        os.environ.update(server.env())
+        server.make_bucket("bench")
+        fs, _ = filesystem("s3://bench")
+        for path in sorted((work / "slides").glob("*.svs")):
+            fs.put_file(str(path), f"bench/slides/{path.name}")
+        import ray
+
+        ray.shutdown()  # restart so workers get the S3 endpoint in their environment
+        ensure_ray(config.ray)
+        n, b, s = baseline("s3://bench/slides", "s3://bench/baseline", config)
+        results.append(("s3: baseline (serial)", n, b, s))
+        n2, b2, s2, _ = pipeline("s3://bench/slides", "s3://bench/pipeline", config)
+        results.append((f"s3: pipeline ({ncpu} cores)", n2, b2, s2))
+        ratios["s3"] = (n2 / s2) / (n / s)
+
+    print("\n| run                          |   tiles |  seconds |  tiles/s |    MB/s |")
+    print("|------------------------------|---------|----------|----------|---------|")
+    for label, n, b, s in results:
+        print(row(label, n, b, s))
+    for where, ratio in ratios.items():
+        print(f"\npipeline / baseline ({where}): {ratio:.2f}×  (target ≥ 3×)")
+
+    if not args.no_memory:
+        peaks = {}
+        for count in (4, 16):
+            slides = work / f"mem{count}"
+            write_dataset(str(slides), count, seed=2, size="tiny", fmt="svs")
+            *_, peaks[count] = pipeline(str(slides), str(work / f"mem{count}-out"), config)
+        print("\n| slides | peak RSS of the process tree (MB) |")
+        print("|--------|-----------------------------------|")
+        for count, peak in peaks.items():
+            print(f"| {count:>6} | {peak / 2**20:>33.0f} |")
+        print(f"\npeak memory 16 / 4 slides: {peaks[16] / peaks[4]:.2f}  (target ≤ 1.20)")
+
+    if server is not None:
+        stop_s3_server(server)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

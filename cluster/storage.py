@@ -40,7 +40,11 @@ def is_local(uri: str) -> bool:
 def storage_options(uri: str) -> dict[str, Any]:
     """Non-secret fsspec options for `uri` (endpoint override for S3-compatible servers)."""
     if protocol_of(uri) in ("s3", "s3a"):
-        options: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}}}
+        options: dict[str, Any] = {
+            "config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}},
+            # Listings must be fresh: ledgers and shard directories change under other processes.
+            "use_listings_cache": False,
+        }
         endpoint = os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
             options["client_kwargs"] = {"endpoint_url": endpoint}

@@ -13,6 +13,7 @@ pipeline / baseline, and the peak memory of the whole process tree for 4 vs 16 s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import shutil
 import sys
@@ -49,10 +50,8 @@ class PeakMemory:
         me = psutil.Process()
         total = 0
         for proc in [me, *me.children(recursive=True)]:
-            try:
+            with contextlib.suppress(psutil.Error):
                 total += proc.memory_info().rss
-            except psutil.Error:
-                pass
         return total
 
     def _run(self) -> None:
@@ -74,7 +73,12 @@ def baseline(slides_uri: str, out_uri: str, config) -> tuple[int, int, float]:
     started = time.perf_counter()
     tiles = written = 0
     for slide in discover_slides(slides_uri, config.ingest.slide_extensions).slides:
-        item = {"slide_id": slide.slide_id, "uri": slide.uri, "fingerprint": slide.fingerprint, "mpp_override": 0.0}
+        item = {
+            "slide_id": slide.slide_id,
+            "uri": slide.uri,
+            "fingerprint": slide.fingerprint,
+            "mpp_override": 0.0,
+        }
         chunks = plan_slide(item, config.tiling, config.tissue, config.shards)
         handle = open_slide_uncached(slide.uri)
         fs, path = filesystem(join(out_uri, f"{slide.slide_id}.tar"))
@@ -82,8 +86,14 @@ def baseline(slides_uri: str, out_uri: str, config) -> tuple[int, int, float]:
         buffer = io.BytesIO()
         with wds.TarWriter(buffer) as sink:
             for chunk in chunks:
-                plan = ReadPlan(chunk["level"], float(handle.level_downsamples[chunk["level"]]), chunk["read_px"],
-                                config.tiling.tile_px, chunk["side0"])
+                level = chunk["level"]
+                plan = ReadPlan(
+                    level,
+                    float(handle.level_downsamples[level]),
+                    chunk["read_px"],
+                    config.tiling.tile_px,
+                    chunk["side0"],
+                )
                 for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
                     image = encode_image(read_tile(handle, x, y, plan), config.shards)
                     sink.write({"__key__": tile_key(slide.slide_id, x, y), "jpg": image})
@@ -101,13 +111,22 @@ def pipeline(slides_uri: str, out_uri: str, config) -> tuple[int, int, float, in
 
 
 def row(label: str, tiles: int, nbytes: int, seconds: float) -> str:
-    return f"| {label:<28} | {tiles:>7} | {seconds:>8.1f} | {tiles / seconds:>8.1f} | {nbytes / 1e6 / seconds:>7.2f} |"
+    rate, mbs = tiles / seconds, nbytes / 1e6 / seconds
+    return f"| {label:<34} | {tiles:>7} | {seconds:>8.1f} | {rate:>8.1f} | {mbs:>7.2f} |"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", default="small", choices=["tiny", "small", "large"])
-    parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--slides", type=int, default=8)
+    parser.add_argument(
+        "--memory-size",
+        default="small",
+        choices=["tiny", "small"],
+        help="slide size for the 4 vs 16 slides memory comparison",
+    )
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--no-memory", action="store_true", help="skip the 4 vs 16 slides memory comparison")
     args = parser.parse_args()
@@ -122,10 +141,12 @@ def main() -> None:
     results = []
     n, b, s = baseline(str(work / "slides"), str(work / "baseline"), config)
     results.append(("local: baseline (serial)", n, b, s))
-    n2, b2, s2, _ = pipeline(str(work / "slides"), str(work / "pipeline"), config)
-    results.append((f"local: pipeline ({ncpu} cores)", n2, b2, s2))
-    assert n == n2, f"baseline and pipeline disagree on the tile count ({n} vs {n2})"
-    ratios = {"local": (n2 / s2) / (n / s)}
+    ratios = {}
+    for run in ("cold", "warm"):  # cold: the first run starts and imports its Ray workers
+        n2, b2, s2, _ = pipeline(str(work / "slides"), str(work / f"pipeline-{run}"), config)
+        results.append((f"local: pipeline, {ncpu} cores, {run}", n2, b2, s2))
+        assert n == n2, f"baseline and pipeline disagree on the tile count ({n} vs {n2})"
+        ratios[f"local, {run}"] = (n2 / s2) / (n / s)
 
     server = None
     if not args.no_s3:
@@ -145,12 +166,13 @@ def main() -> None:
         ensure_ray(config.ray)
         n, b, s = baseline("s3://bench/slides", "s3://bench/baseline", config)
         results.append(("s3: baseline (serial)", n, b, s))
-        n2, b2, s2, _ = pipeline("s3://bench/slides", "s3://bench/pipeline", config)
-        results.append((f"s3: pipeline ({ncpu} cores)", n2, b2, s2))
-        ratios["s3"] = (n2 / s2) / (n / s)
+        for run in ("cold", "warm"):
+            n2, b2, s2, _ = pipeline("s3://bench/slides", f"s3://bench/pipeline-{run}", config)
+            results.append((f"s3: pipeline, {ncpu} cores, {run}", n2, b2, s2))
+            ratios[f"s3, {run}"] = (n2 / s2) / (n / s)
 
-    print("\n| run                          |   tiles |  seconds |  tiles/s |    MB/s |")
-    print("|------------------------------|---------|----------|----------|---------|")
+    print("\n| run                                |   tiles |  seconds |  tiles/s |    MB/s |")
+    print("|------------------------------------|---------|----------|----------|---------|")
     for label, n, b, s in results:
         print(row(label, n, b, s))
     for where, ratio in ratios.items():
@@ -160,7 +182,7 @@ def main() -> None:
         peaks = {}
         for count in (4, 16):
             slides = work / f"mem{count}"
-            write_dataset(str(slides), count, seed=2, size="tiny", fmt="svs")
+            write_dataset(str(slides), count, seed=2, size=args.memory_size, fmt="svs")
             *_, peaks[count] = pipeline(str(slides), str(work / f"mem{count}-out"), config)
         print("\n| slides | peak RSS of the process tree (MB) |")
         print("|--------|-----------------------------------|")

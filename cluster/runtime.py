@@ -33,9 +33,13 @@ def ensure_ray(config: RayConfig) -> None:
             ray.init(address=address, **kwargs)
             log.info("connected to Ray at %s", address)
         else:
+            cpus = config.num_cpus or os.cpu_count() or 1
             ray.init(
-                num_cpus=config.num_cpus,
+                num_cpus=cpus,
                 object_store_memory=config.object_store_mb * 1024 * 1024,
+                # Fractional-CPU tasks run more worker processes than cores; by default Ray kills idle
+                # workers above one per core and restarts them for the next task (seconds of imports each).
+                _system_config={"num_workers_soft_limit": 4 * cpus},
                 **kwargs,
             )
             log.info("started a local Ray instance")

@@ -338,6 +338,8 @@ def _stream(
             num_cpus=config.ingest.read_cpus,
         )
     )
+    # One chunk per block: otherwise all chunks of a slide travel in one block and are read by one task.
+    dataset.context.target_max_block_size = 1
     for row in dataset.iter_rows():
         progress = by_id[row["slide_id"]]
         progress.n_chunks = row["n_chunks"]

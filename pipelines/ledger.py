@@ -2,9 +2,9 @@
 
 `OUT/ledger/` holds immutable JSON objects named `<ns>-commit-<id>.json` (entries of finished slides)
 and `<ns>-snapshot-<id>.json` (everything up to it folded into one object, written at the end of a run,
-so readers do not list thousands of commits). Names sort by their nanosecond timestamp. An entry is keyed by (stage, slide_id); a later entry
-supersedes an earlier one. A crash can leave files that no entry references (shards of an unfinished
-slide): they are invisible to readers and collected by the next run.
+so readers do not list thousands of commits). Names sort by their nanosecond timestamp. An entry is keyed
+by (stage, slide_id); a later entry supersedes an earlier one. A crash can leave files that no entry
+references (shards of an unfinished slide): they are invisible to readers and collected by the next run.
 """
 
 from __future__ import annotations

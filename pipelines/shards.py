@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import IO
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
-from webdataset.gopen import gopen_schemes
 
 from cluster.config import ShardConfig
 from cluster.storage import filesystem, join, write_bytes_atomic
@@ -51,25 +50,29 @@ def shard_stem(slide_id: str, fingerprint: str, chunk: int) -> str:
     return f"shard-{slide_id}-{digest}-{chunk:05d}"
 
 
+def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime = len(data), 0o444, 0  # fixed metadata: a rewrite is byte-identical
+    return info, io.BytesIO(data)
+
+
 def _tar_parts(tiles: Iterable[Tile], cfg: ShardConfig) -> Iterator[bytes]:
-    """Tar files of the tiles, a new one whenever `max_mb` would be exceeded."""
+    """Tar files of the tiles (WebDataset layout), a new one whenever `max_mb` would be exceeded."""
     limit = int(cfg.max_mb * 1024 * 1024)
-    buffer, writer, size = None, None, 0
+    buffer, archive = io.BytesIO(), None
     for tile in tiles:
-        if writer is not None and size + len(tile.image) > limit:
-            writer.close()
+        meta = json.dumps(tile.meta, sort_keys=True).encode()
+        if archive is not None and buffer.tell() + len(tile.image) + len(meta) + 3 * 512 > limit:
+            archive.close()
             yield buffer.getvalue()
-            writer = None
-        if writer is None:
-            buffer = io.BytesIO()
-            writer = wds.TarWriter(buffer)
-            size = 0
-        sample = {"__key__": tile_key(tile.slide_id, tile.x, tile.y), cfg.image_format: tile.image}
-        sample["json"] = json.dumps(tile.meta, sort_keys=True).encode()
-        writer.write(sample)
-        size += len(tile.image) + 2048  # tar headers and the json member
-    if writer is not None:
-        writer.close()
+            buffer, archive = io.BytesIO(), None
+        if archive is None:
+            archive = tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        key = tile_key(tile.slide_id, tile.x, tile.y)
+        archive.addfile(*_member(f"{key}.{cfg.image_format}", tile.image))
+        archive.addfile(*_member(f"{key}.json", meta))
+    if archive is not None:
+        archive.close()
         yield buffer.getvalue()
 
 
@@ -90,11 +93,15 @@ def _fsspec_gopen(url: str, mode: str = "rb", bufsize: int = 8192, **_: object) 
 
 def register_object_store_openers() -> None:
     """webdataset has no opener for object storage: route s3:// (and friends) through fsspec."""
+    from webdataset.gopen import gopen_schemes
+
     for scheme in ("s3", "s3a", "gcs", "az", "abfs"):
         gopen_schemes[scheme] = _fsspec_gopen
 
 
 def iter_shard_samples(uri: str) -> Iterator[dict]:
-    """Samples of one shard (local or object storage), each member as raw bytes."""
+    """Samples of one shard (local or object storage) read with webdataset, each member as raw bytes."""
+    import webdataset as wds  # imported here: webdataset pulls in torch, which writers do not need
+
     register_object_store_openers()
     yield from wds.WebDataset(uri, shardshuffle=False, empty_check=False)

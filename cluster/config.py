@@ -73,8 +73,8 @@ class ShardConfig(_Section):
 
 
 class IngestConfig(_Section):
-    read_cpus: float = Field(default=0.5, gt=0)
-    plan_cpus: float = Field(default=0.25, gt=0)
+    read_cpus: float = Field(default=1.0, gt=0)
+    plan_cpus: float = Field(default=0.5, gt=0)
     slide_extensions: list[str] = Field(
         default_factory=lambda: [".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff"]
     )

@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
     _tiling_flags(ingest)
 
+    run = commands.add_parser("run", parents=[common], help="ingest + embed in one pass (tiles read once)")
+    run.add_argument("--slides", required=True, help="slide prefix (dir or s3://) or slide-list CSV")
+    run.add_argument("--out", required=True, help="output root (dir or s3://)")
+    run.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
+    run.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
+    run.add_argument("--labels", help="labels CSV/Parquet (slide_id,label); checked against the slides")
+    run.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
+    _tiling_flags(run)
+
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
     status.add_argument("--out", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")

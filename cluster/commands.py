@@ -9,6 +9,7 @@ from collections import Counter
 from cluster.cli import EXIT_FAILED_SLIDES, print_json
 from cluster.config import Config
 from cluster.storage import filesystem, join
+from pipelines.embed import EmbedStage
 from pipelines.ingest import IngestReport, run_ingest, tiles_stage
 from pipelines.labels import read_labels
 from pipelines.ledger import Ledger, LedgerEntry
@@ -47,14 +48,24 @@ def _check_labels(labels_uri: str, report: IngestReport, out: str) -> None:
         log.warning("%d labelled slide(s) were not ingested: %s", len(absent), ", ".join(absent[:10]))
 
 
-def cmd_ingest(args: argparse.Namespace, config: Config) -> int:
+def _ingest(args: argparse.Namespace, config: Config, embed: EmbedStage | None) -> int:
     if args.labels:
         read_labels(args.labels)  # fail before any work when the labels file is unusable
-    report = run_ingest(args.slides, args.out, config)
+    report = run_ingest(args.slides, args.out, config, embed=embed)
     print(report.summary())
+    if embed is not None:
+        print(f"  features: {join(args.out, embed.stage)} ({embed.info.dim}-d, weights {embed.weights})")
     if args.labels:
         _check_labels(args.labels, report, args.out)
     return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+
+
+def cmd_ingest(args: argparse.Namespace, config: Config) -> int:
+    return _ingest(args, config, None)
+
+
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    return _ingest(args, config, EmbedStage(args.encoder, args.weights, config.tiling, config.embed))
 
 
 def status_payload(entries: list[LedgerEntry]) -> dict:

@@ -80,12 +80,23 @@ class IngestConfig(_Section):
     )
 
 
+class EmbedConfig(_Section):
+    actors: int = Field(default=1, ge=1)  # fixed pool size (the default pool would be unbounded)
+    actor_cpus: float = Field(default=1.0, gt=0)
+    actor_gpus: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
+    batch_size: int = Field(default=64, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = 0  # initialisation seed when weights are "random"
+    input_px: int | None = Field(default=None, ge=16)  # override the encoder's input size (light CPU runs)
+
+
 class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
     tissue: TissueConfig = Field(default_factory=TissueConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
+    embed: EmbedConfig = Field(default_factory=EmbedConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
@@ -26,11 +26,14 @@ from cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
 from cluster.runtime import ensure_ray
 from cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
 from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.reader import SlideError, classify, open_slide, read_tiles, slide_info
+from pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
 from pipelines.shards import Tile, encode_image, shard_stem, write_shards
 from pipelines.slides import Discovery, SlideRef, discover_slides
 from pipelines.tiling import ReadPlan, grid_positions, read_plan
 from pipelines.tissue import tissue_mask
+
+if TYPE_CHECKING:
+    from pipelines.embed import EmbedStage
 
 log = logging.getLogger(__name__)
 INGEST_VERSION = "ingest-1"
@@ -118,7 +121,10 @@ def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: 
     return rows
 
 
-def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Iterator[Tile]:
+def _tiles_of_chunk(
+    row: dict, tiling: TilingConfig, shards: ShardConfig, keep_px: int, kept: list[np.ndarray]
+) -> Iterator[Tile]:
+    """Tiles of a chunk, encoded for the shards; with `keep_px`, each is also kept (resized) in `kept`."""
     handle = open_slide(row["uri"], row["fingerprint"])
     level = row["level"]
     plan = ReadPlan(
@@ -126,6 +132,8 @@ def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Ite
     )
     pixels = read_tiles(handle, row["uri"], row["xs"], row["ys"], plan)
     for x, y, frac, tile in zip(row["xs"], row["ys"], row["fracs"], pixels, strict=True):
+        if keep_px:
+            kept.append(tile if keep_px == tile.shape[0] else resize_tile(tile, keep_px))
         meta = {
             "slide_id": row["slide_id"],
             "x": int(x),
@@ -137,12 +145,21 @@ def _tiles_of_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig) -> Ite
         yield Tile(row["slide_id"], int(x), int(y), encode_image(tile, shards), meta)
 
 
-def read_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig, stage_uri: str) -> dict:
-    """Read one chunk's tiles from the slide and write them as shard tar(s); returns what was written."""
+def read_chunk(
+    row: dict, tiling: TilingConfig, shards: ShardConfig, stage_uri: str, keep_px: int = 0
+) -> dict:
+    """Read one chunk's tiles from the slide and write them as shard tar(s); returns what was written.
+
+    With `keep_px` > 0 the row also carries the tiles as `pixels` (n, keep_px, keep_px, 3) uint8, so a
+    later stage (the embedding actors) works from this same read.
+    """
     result = {
         "slide_id": row["slide_id"],
+        "fingerprint": row["fingerprint"],
         "chunk": row["chunk"],
         "n_chunks": row["n_chunks"],
+        "xs": row["xs"],
+        "ys": row["ys"],
         "shards": [],
         "shard_bytes": 0,
         "n_tiles": len(row["xs"]),
@@ -154,17 +171,20 @@ def read_chunk(row: dict, tiling: TilingConfig, shards: ShardConfig, stage_uri: 
         "height": row["height"],
         "level": row["level"],
     }
-    if row["error"]:
-        return result
-    try:
-        stem = shard_stem(row["slide_id"], row["fingerprint"], row["chunk"])
-        written = write_shards(_tiles_of_chunk(row, tiling, shards), stage_uri, stem, shards)
-    except Exception as exc:
-        error = classify("cannot read tiles", exc)
-        result.update(error=error.reason, permanent=error.permanent, n_tiles=0)
-        return result
-    result["shards"] = [name for name, _ in written]
-    result["shard_bytes"] = sum(size for _, size in written)
+    kept: list[np.ndarray] = []
+    if not row["error"]:
+        try:
+            stem = shard_stem(row["slide_id"], row["fingerprint"], row["chunk"])
+            tiles = _tiles_of_chunk(row, tiling, shards, keep_px, kept)
+            written = write_shards(tiles, stage_uri, stem, shards)
+            result["shards"] = [name for name, _ in written]
+            result["shard_bytes"] = sum(size for _, size in written)
+        except Exception as exc:
+            error = classify("cannot read tiles", exc)
+            result.update(error=error.reason, permanent=error.permanent, n_tiles=0)
+            kept = []
+    if keep_px:
+        result["pixels"] = np.stack(kept) if kept else np.zeros((0, keep_px, keep_px, 3), np.uint8)
     return result
 
 
@@ -272,8 +292,18 @@ def collect_garbage(ledger: Ledger, stage: str, stage_uri: str) -> int:
     return len(orphans)
 
 
-def run_ingest(slides: str, out: str, config: Config, progress_callback: Any = None) -> IngestReport:
-    """Ingest every new or changed slide under `slides` into `out`; returns what happened."""
+def run_ingest(
+    slides: str,
+    out: str,
+    config: Config,
+    embed: EmbedStage | None = None,
+    progress_callback: Any = None,
+) -> IngestReport:
+    """Ingest every new or changed slide under `slides` into `out`; returns what happened.
+
+    With `embed`, the same stream also feeds the embedding actors: each tile is read once, and a slide's
+    shards and feature bag are committed together.
+    """
     started = time.monotonic()
     stage = tiles_stage(config.tiling)
     stage_uri = join(out, stage)
@@ -286,6 +316,8 @@ def run_ingest(slides: str, out: str, config: Config, progress_callback: Any = N
     state = ledger.state()
     write_bytes_atomic(join(stage_uri, "config.yaml"), config.to_yaml().encode())
     collect_garbage(ledger, stage, stage_uri)
+    if embed is not None:
+        embed.prepare(out, ledger)
 
     missing = [
         _entry(stage, SlideRef(sid, uri, -1, "missing"), None, f"slide not found: {uri}", permanent=False)
@@ -295,15 +327,22 @@ def run_ingest(slides: str, out: str, config: Config, progress_callback: Any = N
     ledger.commit(missing)
     report.failed.update({e.slide_id: e.error or "" for e in missing})
 
-    todo = [s for s in discovery.slides if _needs_work(s, state.get((stage, s.slide_id)))]
+    stages = [stage] if embed is None else [stage, embed.stage]
+    todo = [s for s in discovery.slides if any(_needs_work(s, state.get((st, s.slide_id))) for st in stages)]
     report.skipped_unchanged = len(discovery.slides) - len(todo)
     if todo:
         ensure_ray(config.ray)
-        _stream(todo, stage, stage_uri, config, ledger, report, progress_callback)
+        _stream(todo, stage, stage_uri, config, ledger, report, embed, progress_callback)
         collect_garbage(ledger, stage, stage_uri)
+        if embed is not None:
+            embed.prepare(out, ledger)
     ledger.compact()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _read_task_args() -> dict[str, Any]:
+    return {}
 
 
 def _stream(
@@ -313,6 +352,7 @@ def _stream(
     config: Config,
     ledger: Ledger,
     report: IngestReport,
+    embed: EmbedStage | None,
     progress_callback: Any,
 ) -> None:
     by_id = {s.slide_id: SlideProgress(s) for s in todo}
@@ -325,6 +365,9 @@ def _stream(
         }
         for s in todo
     ]
+    read_kwargs = {"tiling": config.tiling, "shards": config.shards, "stage_uri": stage_uri}
+    if embed is not None:
+        read_kwargs["keep_px"] = embed.input_px
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(
@@ -334,10 +377,15 @@ def _stream(
         )
         .map(
             read_chunk,
-            fn_kwargs={"tiling": config.tiling, "shards": config.shards, "stage_uri": stage_uri},
+            fn_kwargs=read_kwargs,
             num_cpus=config.ingest.read_cpus,
+            # A remote-args function keeps Ray Data from fusing this task stage into the encoder actors:
+            # decoding must stay in parallel tasks, not serialised inside the actor pool.
+            ray_remote_args_fn=None if embed is None else _read_task_args,
         )
     )
+    if embed is not None:
+        dataset = embed.attach(dataset)
     # One chunk per block: otherwise all chunks of a slide travel in one block and are read by one task.
     dataset.context.target_max_block_size = 1
     for row in dataset.iter_rows():
@@ -347,7 +395,10 @@ def _stream(
         if not progress.complete:
             continue
         entry = _entry(stage, progress.slide, progress)
-        ledger.commit([entry])
+        entries = [entry]
+        if embed is not None:
+            entries.append(embed.complete(progress.slide, progress.results, entry))
+        ledger.commit(entries)  # shards and features of a slide become visible together
         report.nodes.update(entry.extra["nodes"])
         if entry.status == "ok":
             report.ok.append(entry.slide_id)

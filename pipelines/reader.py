@@ -85,6 +85,11 @@ def _to_tile(region: np.ndarray, plan: ReadPlan) -> np.ndarray:
     return np.asarray(image.resize((plan.tile_px, plan.tile_px), Image.BOX))
 
 
+def resize_tile(tile: np.ndarray, px: int) -> np.ndarray:
+    """A tile resized to `px` (e.g. to an encoder's input size), antialiased."""
+    return np.asarray(Image.fromarray(tile).resize((px, px), Image.BILINEAR, reducing_gap=2.0))
+
+
 def read_tile(slide: TiffSlide, x: int, y: int, plan: ReadPlan) -> np.ndarray:
     """One tile through `TiffSlide.read_region`: RGB uint8 (tile_px, tile_px, 3) for level-0 square (x, y)."""
     region = np.asarray(

@@ -387,11 +387,16 @@ cmd_start() {
 mon_up() { ceph_cli mon stat >/dev/null 2>&1; }
 osd_up() { ceph_cli osd dump 2>/dev/null | grep -q '^osd\.0 up'; }
 
-cmd_stop() {
+# Lock an existing WORKDIR for a stop; fails (return 1) when nothing was ever started there.
+enter_started_workdir() {
     [[ -n "${1:-}" ]] || die "WORKDIR missing"
-    [[ -d "$1" ]] || return 0  # nothing was started there
+    [[ -d "$1" ]] || return 1
     set_workdir "$1"
     lock_workdir
+}
+
+cmd_stop() {
+    enter_started_workdir "${1:-}" || return 0
     # The data is dropped anyway: a short grace (memstore would dump its RAM to disk on a clean stop).
     stop_rgw
     stop_daemon osd.0 3
@@ -400,10 +405,7 @@ cmd_stop() {
 }
 
 cmd_stop_gateway() {
-    [[ -n "${1:-}" ]] || die "WORKDIR missing"
-    [[ -d "$1" ]] || return 0  # nothing was started there
-    set_workdir "$1"
-    lock_workdir
+    enter_started_workdir "${1:-}" || return 0
     stop_rgw
 }
 

@@ -1,0 +1,347 @@
+"""Frozen tile encoders (CPU or GPU): truncated ResNets from the MIL literature and any timm backbone.
+
+Weights always come from a local file (torch state dict or safetensors) or are explicitly "random";
+nothing here downloads anything (`pretrained=False` everywhere, no hub calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc")  # plus any "timm:<model-name>"
+TIMM_PREFIX = "timm:"
+RANDOM = "random"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# name → (timm architecture, feature dim after layer3 + global average pooling, input side)
+_TRUNC: dict[str, tuple[str, int, int]] = {
+    "resnet50_trunc": ("resnet50", 1024, 224),
+    "resnet18_trunc": ("resnet18", 256, 224),
+}
+_TRUNC_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")
+_TRUNC_IGNORED = ("layer4.", "fc.")
+_STRIP_PREFIXES = ("module.", "model.", "backbone.")
+_CONTAINER_KEYS = ("state_dict", "model")
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+class EncoderError(ValueError):
+    """An encoder could not be built: unknown name, missing or unusable weights file."""
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    name: str  # "resnet50_trunc", "timm:vit_small_patch16_224", ...
+    dim: int  # feature dimension D
+    input_px: int  # side the model expects
+    mean: tuple[float, float, float]  # normalisation of [0, 1] RGB
+    std: tuple[float, float, float]
+    key: str  # "<safe name>-<sha256[:10] of weights>" or "<safe name>-random-seed<seed>"
+    weights: str  # the weights path, or "random"
+
+
+# ------------------------------------------------------------------------------------------ naming
+
+
+def _safe_name(name: str) -> str:
+    return name.replace(":", "_").replace("/", "_")
+
+
+def _check_name(name: str) -> None:
+    if name in _TRUNC:
+        return
+    if name.startswith(TIMM_PREFIX):
+        model = name[len(TIMM_PREFIX) :]
+        import timm
+
+        if not model or not timm.is_model(model):
+            raise EncoderError(f"encoder {name!r}: {model!r} is not a model known to the installed timm")
+        return
+    raise EncoderError(
+        f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_NAMES)} or 'timm:<model>'"
+    )
+
+
+def _resolve_weights(name: str, weights: str | os.PathLike | None) -> str:
+    if weights is None:
+        raise EncoderError(
+            f"encoder {name!r}: no weights given; pass a local weights file (.pt/.pth/.bin/.safetensors) "
+            f"or the literal {RANDOM!r} for random initialisation (random weights are never implied)"
+        )
+    weights = os.fspath(weights)
+    if weights == RANDOM:
+        return RANDOM
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise EncoderError(f"encoder {name!r}: weights file {weights!r} does not exist or is not a file")
+    return str(path)
+
+
+def weights_digest(path: str | os.PathLike) -> str:
+    """First 10 hex digits of the sha256 of a weights file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:10]
+
+
+def _key(name: str, weights: str, seed: int) -> str:
+    digest = f"{RANDOM}-seed{seed}" if weights == RANDOM else weights_digest(weights)
+    return f"{_safe_name(name)}-{digest}"
+
+
+# -------------------------------------------------------------------------------------------- info
+
+
+def _timm_model(model_name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(model_name, pretrained=False, num_classes=0)
+
+
+def _timm_data(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+    from timm.data import resolve_data_config
+
+    cfg = resolve_data_config({}, model=model)
+    _, h, w = cfg["input_size"]
+    if h != w:
+        log.warning("model expects %dx%d inputs; tiles are resized to %dx%d", h, w, h, h)
+    return int(h), tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+
+
+def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) -> EncoderInfo:
+    """The encoder's dims, normalisation and output key, without building it (timm models: on 'meta')."""
+    _check_name(name)
+    weights = _resolve_weights(name, weights)
+    if name in _TRUNC:
+        _, dim, px = _TRUNC[name]
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    else:
+        model_name = name[len(TIMM_PREFIX) :]
+        try:
+            with torch.device("meta"):
+                model = _timm_model(model_name)
+        except Exception:  # some models cannot initialise on meta tensors: build for real
+            model = _timm_model(model_name)
+        dim = int(model.num_features)
+        px, mean, std = _timm_data(model)
+    return EncoderInfo(
+        name=name,
+        dim=dim,
+        input_px=px,
+        mean=tuple(mean),
+        std=tuple(std),
+        key=_key(name, weights, seed),
+        weights=weights,
+    )
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+class _TruncatedResNet(nn.Module):
+    """A timm ResNet cut after layer3, followed by global average pooling (CLAM-style features)."""
+
+    def __init__(self, arch: str):
+        super().__init__()
+        import timm
+
+        full = timm.create_model(arch, pretrained=False)
+        for part in _TRUNC_PARTS:
+            setattr(self, part, getattr(full, part))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for part in _TRUNC_PARTS:
+            x = getattr(self, part)(x)
+        return x.mean(dim=(2, 3))
+
+
+class TileEncoder(nn.Module):
+    """A frozen encoder: uint8 RGB tiles → (N, D) float32 features. Always in eval mode."""
+
+    def __init__(self, model: nn.Module, info: EncoderInfo):
+        super().__init__()
+        self.model = model
+        self.info = info
+        self.register_buffer("_mean", torch.tensor(info.mean, dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.register_buffer("_std", torch.tensor(info.std, dtype=torch.float32).view(1, 3, 1, 1), False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> TileEncoder:
+        """Frozen: batch-norm statistics and dropout stay in inference mode whatever is asked."""
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._mean.device
+
+    def preprocess(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (N, H, W, 3) [or one (H, W, 3) tile] → normalised float32 (N, 3, S, S), S = info.input_px.
+
+        Works on the tensor's device (pass a CUDA tensor to preprocess on the GPU).
+        """
+        return self._normalised(tiles).contiguous()
+
+    def _normalised(self, tiles: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """`preprocess` without the final copy to contiguous (NCHW) memory: the result is channels-last."""
+        x = torch.from_numpy(np.ascontiguousarray(tiles)) if isinstance(tiles, np.ndarray) else tiles
+        if x.ndim == 3:
+            x = x.unsqueeze(0)
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"{self.info.name}: tiles must be (N, H, W, 3) RGB, got shape {tuple(x.shape)}")
+        if x.dtype != torch.uint8:
+            raise ValueError(f"{self.info.name}: tiles must be uint8, got {x.dtype}")
+        x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
+        side = self.info.input_px
+        if x.shape[-2:] != (side, side) and x.shape[0] > 0:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+            x = x.clamp_(0.0, 1.0)
+        return (x - self._mean.to(x.device)) / self._std.to(x.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised (N, 3, S, S) → (N, D) float32 features."""
+        return self.model(x).float()
+
+    @torch.inference_mode()
+    def embed(
+        self, tiles: np.ndarray | torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 64
+    ) -> np.ndarray:
+        """Preprocess + forward in batches (CUDA: channels_last, bf16 autocast) → float32 numpy (N, D)."""
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        self.to(device)
+        if cuda:
+            self.to(memory_format=torch.channels_last)
+        n = len(tiles)
+        out = np.empty((n, self.info.dim), dtype=np.float32)
+        for start in range(0, n, batch_size):
+            batch = tiles[start : start + batch_size]
+            batch = torch.from_numpy(np.ascontiguousarray(batch)) if isinstance(batch, np.ndarray) else batch
+            x = self._normalised(batch.to(device, non_blocking=cuda))
+            if cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    feats = self(x)
+            else:
+                feats = self(x.contiguous())
+            out[start : start + len(batch)] = feats.float().cpu().numpy()
+        return out
+
+
+# ----------------------------------------------------------------------------------------- weights
+
+
+def _read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            obj = load_file(path, device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        hint = (
+            ""
+            if path.endswith((*_TORCH_SUFFIXES, ".safetensors"))
+            else " (expected .pt/.pth/.bin or .safetensors)"
+        )
+        raise EncoderError(f"encoder {name!r}: cannot read weights file {path!r}{hint}: {exc}") from exc
+    for _ in range(3):  # {"state_dict": {...}} / {"model": {...}} wrappers, possibly nested
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping):
+        raise EncoderError(f"encoder {name!r}: weights file {path!r} does not hold a state dict")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise EncoderError(f"encoder {name!r}: weights file {path!r} holds no tensors")
+    return tensors
+
+
+def _strip(key: str, wanted: set[str]) -> str:
+    """Drop wrapper prefixes (module./model./backbone.) unless the key already names a model entry."""
+    while key not in wanted:
+        prefix = next((p for p in _STRIP_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            break
+        key = key[len(prefix) :]
+    return key
+
+
+def _few(keys: list[str], n: int = 6) -> str:
+    shown = ", ".join(keys[:n])
+    return shown + (f", … ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _load_weights(model: nn.Module, path: str, name: str, ignored_prefixes: tuple[str, ...]) -> None:
+    expected = model.state_dict()
+    wanted = set(expected)
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected: list[str] = []
+    for raw, value in _read_state_dict(path, name).items():
+        key = _strip(raw, wanted)
+        if key in wanted:
+            loaded[key] = value
+        elif not key.startswith(ignored_prefixes):
+            unexpected.append(raw)
+    missing = [k for k in expected if k not in loaded]
+    mismatched = [
+        f"{k} {tuple(loaded[k].shape)} vs {tuple(expected[k].shape)}"
+        for k in expected
+        if k in loaded and loaded[k].shape != expected[k].shape
+    ]
+    if missing or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_few(missing)}")
+        if mismatched:
+            parts.append(f"shape mismatches (file vs model): {_few(mismatched)}")
+        fit = "; ".join(parts)
+        raise EncoderError(f"encoder {name!r}: weights file {path!r} does not fit the model; {fit}")
+    if unexpected:
+        log.warning(
+            "encoder %r: ignoring %d unused keys in %s: %s", name, len(unexpected), path, _few(unexpected)
+        )
+    model.load_state_dict(loaded, strict=True)
+
+
+# ------------------------------------------------------------------------------------------- build
+
+
+def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -> TileEncoder:
+    """A frozen TileEncoder on CPU, in eval mode, from a local weights file or `"random"` (seeded)."""
+    info = encoder_info(name, weights, seed)
+    with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's random state
+        torch.manual_seed(seed)
+        if name in _TRUNC:
+            model: nn.Module = _TruncatedResNet(_TRUNC[name][0])
+            ignored: tuple[str, ...] = _TRUNC_IGNORED
+        else:
+            model = _timm_model(name[len(TIMM_PREFIX) :])
+            classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+            heads = (
+                list(classifier) if isinstance(classifier, (list, tuple)) else [classifier] * bool(classifier)
+            )
+            ignored = tuple(f"{h}." for h in heads)
+    if info.weights != RANDOM:
+        _load_weights(model, info.weights, name, ignored)
+    return TileEncoder(model, info)

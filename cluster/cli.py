@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
     _tiling_flags(run)
 
+    embed = commands.add_parser("embed", parents=[common], help="features for a new encoder from shards")
+    embed.add_argument("--out", required=True, help="output root holding committed tile shards")
+    embed.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
+    embed.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
+    embed.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
+    _tiling_flags(embed)
+
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
     status.add_argument("--out", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -87,8 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The demo runs on 2 CPU cores in minutes: smaller tiles and encoder input (`--set` still wins).
+DEMO_DEFAULTS = ("tiling.tile_px=128", "embed.input_px=64")
+
+
 def _config_from(args: argparse.Namespace) -> Config:
-    overrides = list(args.overrides)
+    overrides = [*(DEMO_DEFAULTS if args.command == "demo" else ()), *args.overrides]
     flag_keys = {
         "mpp": "tiling.mpp",
         "tile_px": "tiling.tile_px",

@@ -9,7 +9,8 @@ from collections import Counter
 from cluster.cli import EXIT_FAILED_SLIDES, print_json
 from cluster.config import Config
 from cluster.storage import filesystem, join
-from pipelines.embed import EmbedStage
+from pipelines.embed import EmbedStage, run_embed
+from pipelines.features import FeatureBags
 from pipelines.ingest import IngestReport, run_ingest, tiles_stage
 from pipelines.labels import read_labels
 from pipelines.ledger import Ledger, LedgerEntry
@@ -68,6 +69,14 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     return _ingest(args, config, EmbedStage(args.encoder, args.weights, config.tiling, config.embed))
 
 
+def cmd_embed(args: argparse.Namespace, config: Config) -> int:
+    stage = EmbedStage(args.encoder, args.weights, config.tiling, config.embed)
+    report = run_embed(args.out, config, stage)
+    print(report.summary())
+    print(f"  features: {join(args.out, stage.stage)} ({stage.info.dim}-d, weights {stage.weights})")
+    return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+
+
 def status_payload(entries: list[LedgerEntry]) -> dict:
     counts = Counter(e.status for e in entries)
     return {
@@ -101,14 +110,18 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
-    """The embedded default: synthetic slides on local disk → ingest on a local Ray instance → summary."""
+    """The embedded default: synthetic slides on local disk → tiles + features in one pass → summary."""
     slides = join(args.out, "slides")
     fs, path = filesystem(slides)
     if not fs.exists(join(path, "labels.csv")):
         made = write_dataset(slides, args.n_slides, seed=0, size="tiny", fmt="svs")
         print(f"demo: wrote {len(made.uris)} synthetic slides to {slides}")
-    report = run_ingest(slides, args.out, config)
+    print("demo: encoder resnet18_trunc with RANDOM weights (no pretrained weights are downloaded)")
+    embed = EmbedStage("resnet18_trunc", "random", config.tiling, config.embed)
+    report = run_ingest(slides, args.out, config, embed=embed)
     print(report.summary())
     _check_labels(join(slides, "labels.csv"), report, args.out)
     cmd_status(argparse.Namespace(out=args.out, json=False, stage=report.stage), config)
+    bags = FeatureBags(join(args.out, embed.stage), join(slides, "labels.csv"))
+    print(f"feature bags: {len(bags)} slides, {bags.dim}-d, in {join(args.out, embed.stage)}")
     return 0

@@ -9,15 +9,18 @@ bag, deletes them, and commits the bag in the same ledger commit as the slide's 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import ray
 
-from cluster.config import EmbedConfig, TilingConfig
+from cluster.config import Config, EmbedConfig, TilingConfig
+from cluster.runtime import ensure_ray
 from cluster.storage import filesystem, join, scrub_secrets
 from pipelines.features import BagMeta, ParquetBagWriter, bag_table, write_bag
+from pipelines.ingest import IngestReport, SlideProgress, committed_shards, no_fusion, tiles_stage
 from pipelines.ledger import Ledger, LedgerEntry
 from pipelines.reader import classify
 from pipelines.slides import SlideRef
@@ -56,7 +59,7 @@ class EmbedActor:
         self.parts_uri, self.meta, self.cfg = parts_uri, meta, cfg
 
     def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
-        pixels = row.pop("pixels")
+        pixels = np.require(row.pop("pixels"), requirements="W")  # Ray hands out read-only arrays
         row["part"] = ""
         if row["error"] or len(pixels) == 0:
             return row
@@ -184,3 +187,108 @@ class EmbedStage:
         if writer is None:
             raise ValueError("no feature parts to merge")
         writer.close()
+
+
+# ------------------------------------------------------------------------------------ from shards
+
+
+def read_shard_tiles(row: dict[str, Any], input_px: int) -> dict[str, Any]:
+    """Decode the tiles of one committed shard (no slide access) into the row the encoder actors take."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.reader import resize_tile
+    from pipelines.shards import iter_shard_samples
+
+    xs, ys, pixels = [], [], []
+    row.update(error="", permanent=True, shards=[], shard_bytes=0)
+    try:
+        for sample in iter_shard_samples(row["shard"]):
+            x, y = sample["__key__"].rsplit("/", 1)[1].split("_")
+            image = sample.get("jpg") or sample.get("png")
+            tile = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+            xs.append(int(x))
+            ys.append(int(y))
+            pixels.append(tile if tile.shape[0] == input_px else resize_tile(tile, input_px))
+    except Exception as exc:
+        error = classify(f"cannot read shard {row['shard'].rsplit('/', 1)[-1]}", exc)
+        row.update(error=error.reason, permanent=error.permanent)
+        xs, ys, pixels = [], [], []
+    row.update(xs=xs, ys=ys, n_tiles=len(xs))
+    row["pixels"] = np.stack(pixels) if pixels else np.zeros((0, input_px, input_px, 3), np.uint8)
+    return row
+
+
+def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: Any = None) -> IngestReport:
+    """Features for `embed`'s encoder from the committed shards of `out` (slides are not touched).
+
+    Slides whose bag for this encoder is already committed for the same slide version are skipped.
+    """
+    started = time.monotonic()
+    ledger = Ledger(out)
+    state = ledger.state()
+    stage = tiles_stage(config.tiling)
+    report = IngestReport(stage=embed.stage, out=out)
+    embed.prepare(out, ledger)
+    tiles = {e.slide_id: e for e in ledger.entries(stage) if e.status == "ok"}
+    shards = committed_shards(out, config.tiling)
+    report.discovered = len(tiles)
+    todo = []
+    for slide_id, entry in tiles.items():
+        done = state.get((embed.stage, slide_id))
+        if done is not None and done.status == "ok" and done.etag_or_mtime == entry.etag_or_mtime:
+            continue
+        todo.append(slide_id)
+    report.skipped_unchanged = len(tiles) - len(todo)
+    if todo:
+        ensure_ray(config.ray)
+        rows = [
+            {
+                "slide_id": sid,
+                "fingerprint": tiles[sid].etag_or_mtime,
+                "shard": uri,
+                "chunk": i,
+                "n_chunks": len(shards[sid]),
+                "node_id": "",
+            }
+            for sid in todo
+            for i, uri in enumerate(shards[sid])
+        ]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+            read_shard_tiles,
+            fn_kwargs={"input_px": embed.input_px},
+            num_cpus=config.ingest.read_cpus,
+            ray_remote_args_fn=no_fusion,
+        )
+        dataset = embed.attach(dataset)
+        dataset.context.target_max_block_size = 1
+        progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}
+        for row in dataset.iter_rows():
+            slide = progress[row["slide_id"]]
+            slide.n_chunks = row["n_chunks"]
+            slide.results.append(row)
+            if not slide.complete:
+                continue
+            errors = [r["error"] for r in slide.results if r["error"]]
+            tiles_entry = tiles[row["slide_id"]]
+            if errors:
+                tiles_entry = replace(tiles_entry, status="failed", error=errors[0])
+            entry = embed.complete(slide.slide, slide.results, tiles_entry)
+            ledger.commit([entry])
+            if entry.status == "ok":
+                report.ok.append(entry.slide_id)
+                report.tiles += entry.n_tiles
+            else:
+                report.failed[entry.slide_id] = entry.error or ""
+            if progress_callback is not None:
+                progress_callback(entry)
+            del progress[row["slide_id"]]
+        embed.prepare(out, ledger)
+    ledger.compact()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _slide_ref(entry: LedgerEntry) -> SlideRef:
+    return SlideRef(entry.slide_id, entry.uri, entry.size, entry.etag_or_mtime)

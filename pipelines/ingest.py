@@ -341,7 +341,10 @@ def run_ingest(
     return report
 
 
-def _read_task_args() -> dict[str, Any]:
+def no_fusion() -> dict[str, Any]:
+    """As a `ray_remote_args_fn`, keeps Ray Data from fusing a task stage into the encoder actors, so
+    decoding runs in parallel tasks rather than serialised inside the actor pool. (Ray 2.60; the
+    argument is deprecated for 2.64, where an explicit TaskPoolStrategy size can do the same.)"""
     return {}
 
 
@@ -379,9 +382,7 @@ def _stream(
             read_chunk,
             fn_kwargs=read_kwargs,
             num_cpus=config.ingest.read_cpus,
-            # A remote-args function keeps Ray Data from fusing this task stage into the encoder actors:
-            # decoding must stay in parallel tasks, not serialised inside the actor pool.
-            ray_remote_args_fn=None if embed is None else _read_task_args,
+            ray_remote_args_fn=None if embed is None else no_fusion,
         )
     )
     if embed is not None:

@@ -12,7 +12,7 @@ import psutil
 from support.helpers import committed_samples, make_config
 
 from cluster.storage import join
-from pipelines.embed import EmbedStage, with_input_px
+from pipelines.embed import EmbedStage, run_embed, with_input_px
 from pipelines.encoders import build_encoder
 from pipelines.features import FeatureBags
 from pipelines.ingest import run_ingest
@@ -90,3 +90,33 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_local, slide_root
         coords = [tuple(c) for c in bag.coords.tolist()]
         assert len(coords) == len(set(coords)) == tiles[bag.slide_id], bag.slide_id
     assert not list((out / embed.stage / "_parts").glob("*")), "chunk parts must be merged and removed"
+
+
+def test_embed_from_shards_writes_a_separate_key(ray_local, slide_root, tmp_path):
+    config = make_config(*SETTINGS)
+    out = str(tmp_path / "out")
+    first = _stage(config)
+    run_ingest(str(slide_root), out, config, embed=first)
+    first_dir = tmp_path / "out" / first.stage
+    before = {p.name: p.read_bytes() for p in first_dir.glob("*.parquet")}
+
+    second_config = make_config(*SETTINGS, "embed.seed=1")
+    second = EmbedStage("resnet18_trunc", "random", second_config.tiling, second_config.embed)
+    assert second.stage != first.stage
+    report = run_embed(out, second_config, second)
+    assert sorted(report.ok) == sorted(n.removesuffix(".parquet") for n in before), report.summary()
+    assert {p.name: p.read_bytes() for p in first_dir.glob("*.parquet")} == before  # untouched
+
+    one, two = FeatureBags(join(out, first.stage)), FeatureBags(join(out, second.stage))
+    a, b = one.load("slide_000"), two.load("slide_000")
+    assert a.coords.tolist() == b.coords.tolist()
+    assert not np.allclose(a.features.numpy(), b.features.numpy())  # other weights, other features
+    # Features from the JPEG shards are close to those computed from the slide's own pixels.
+    second_direct = run_ingest(str(slide_root), str(tmp_path / "direct"), second_config, embed=second)
+    assert len(second_direct.ok) == 4
+    c = FeatureBags(join(str(tmp_path / "direct"), second.stage)).load("slide_000")
+    cos = np.sum(b.features.numpy() * c.features.numpy(), 1) / (
+        np.linalg.norm(b.features.numpy(), axis=1) * np.linalg.norm(c.features.numpy(), axis=1)
+    )
+    assert cos.min() > 0.98
+    assert run_embed(out, second_config, second).skipped_unchanged == 4

@@ -1,0 +1,140 @@
+"""Embedding benchmark: does `slidestream run` keep its encoder busy?
+
+Three measurements over the same tiles, in one process:
+1. encoder alone: the tiles preloaded in memory as uint8 arrays, `TileEncoder.embed` in batches, with as
+   many torch threads as one encoder actor gets (`embed.actor_cpus`);
+2. pipeline: `run_ingest(..., embed=...)`: read, decode, shard-write and embed in one Ray Data stream;
+3. CLAM-style baseline: in the main process, per slide `read_region` per tile → resize → encode in batches
+   (torch with all cores, as such scripts run).
+
+Efficiency = pipeline tiles/s ÷ encoder-alone tiles/s (target ≥ 0.85 on CPU: reading and decoding hidden
+behind the encoder). Also prints pipeline ÷ CLAM-style.
+
+    python bench/embed.py [--encoder resnet18_trunc] [--slides 4] [--size tiny] [--batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cluster.config import load_config
+from cluster.runtime import ensure_ray
+from pipelines.embed import EmbedStage, with_input_px
+from pipelines.encoders import build_encoder
+from pipelines.ingest import plan_slide, run_ingest
+from pipelines.reader import open_slide_uncached, read_tile, read_tiles, resize_tile
+from pipelines.slides import discover_slides
+from pipelines.synthetic import write_dataset
+from pipelines.tiling import ReadPlan
+
+
+def _plans(slides: str, config):
+    for slide in discover_slides(slides, config.ingest.slide_extensions).slides:
+        item = {
+            "slide_id": slide.slide_id,
+            "uri": slide.uri,
+            "fingerprint": slide.fingerprint,
+            "mpp_override": 0.0,
+        }
+        handle = open_slide_uncached(slide.uri)
+        for chunk in plan_slide(item, config.tiling, config.tissue, config.shards):
+            level = chunk["level"]
+            plan = ReadPlan(
+                level,
+                float(handle.level_downsamples[level]),
+                chunk["read_px"],
+                config.tiling.tile_px,
+                chunk["side0"],
+            )
+            yield slide.uri, handle, chunk, plan
+
+
+def preload(slides: str, config, input_px: int) -> np.ndarray:
+    tiles = []
+    for uri, handle, chunk, plan in _plans(slides, config):
+        tiles += [resize_tile(t, input_px) for t in read_tiles(handle, uri, chunk["xs"], chunk["ys"], plan)]
+    return np.stack(tiles)
+
+
+def clam_style(slides: str, config, encoder, batch: int) -> tuple[int, float]:
+    started, count, pending = time.perf_counter(), 0, []
+    for _, handle, chunk, plan in _plans(slides, config):
+        for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
+            pending.append(resize_tile(read_tile(handle, x, y, plan), encoder.info.input_px))
+            if len(pending) == batch:
+                encoder.embed(np.stack(pending), batch_size=batch)
+                count, pending = count + len(pending), []
+    if pending:
+        encoder.embed(np.stack(pending), batch_size=batch)
+        count += len(pending)
+    return count, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--encoder", default="resnet18_trunc")
+    parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--input-px", type=int, default=None, help="encoder input size (default: the encoder's)"
+    )
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-embed-"))
+    overrides = ["ray.object_store_mb=1024", f"embed.batch_size={args.batch}", "embed.dtype=float32"]
+    if args.input_px:
+        overrides.append(f"embed.input_px={args.input_px}")
+    config = load_config(None, overrides)
+    slides = str(work / "slides")
+    print(f"writing {args.slides} {args.size} synthetic slides …", flush=True)
+    write_dataset(slides, args.slides, seed=3, size=args.size, fmt="svs")
+
+    stage = EmbedStage(args.encoder, "random", config.tiling, config.embed)
+    encoder = build_encoder(args.encoder, "random", config.embed.seed)
+    encoder.info = with_input_px(encoder.info, config.embed.input_px)
+    tiles = preload(slides, config, encoder.info.input_px)
+
+    threads = max(1, int(config.embed.actor_cpus))
+    torch.set_num_threads(threads)
+    encoder.embed(tiles[: args.batch], batch_size=args.batch)  # warm-up
+    started = time.perf_counter()
+    encoder.embed(tiles, batch_size=args.batch)
+    alone = len(tiles) / (time.perf_counter() - started)
+
+    ensure_ray(config.ray)
+    run_ingest(slides, str(work / "warmup"), config, embed=stage)  # starts and imports the Ray workers
+    report = run_ingest(slides, str(work / "pipeline"), config, embed=stage)
+    assert report.tiles == len(tiles) and not report.failed, report.summary()
+    pipeline = report.tiles / report.seconds
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    n, seconds = clam_style(slides, config, encoder, args.batch)
+    clam = n / seconds
+
+    print(
+        f"\nencoder {stage.info.key}, input {encoder.info.input_px} px, batch {args.batch}, "
+        f"{len(tiles)} tiles, CPU"
+    )
+    print("| run                                   | tiles/s |")
+    print("|---------------------------------------|---------|")
+    print(f"| encoder alone, preloaded, {threads} thread(s)   | {alone:>7.1f} |")
+    print(f"| slidestream run (read+shards+embed)   | {pipeline:>7.1f} |")
+    print(f"| CLAM-style serial (read_region+embed) | {clam:>7.1f} |")
+    print(f"\nefficiency pipeline / encoder alone: {pipeline / alone:.2f}  (target ≥ 0.85)")
+    print(f"pipeline / CLAM-style: {pipeline / clam:.2f}×")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

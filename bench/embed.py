@@ -2,7 +2,7 @@
 
 Three measurements over the same tiles, in one process:
 1. encoder alone: the tiles preloaded in memory as uint8 arrays, `TileEncoder.embed` in batches, with as
-   many torch threads as one encoder actor gets (`embed.actor_cpus`);
+   many torch threads as one encoder actor uses (`pipelines.embed.cpu_threads`);
 2. pipeline: `run_ingest(..., embed=...)`: read, decode, shard-write and embed in one Ray Data stream;
 3. CLAM-style baseline: in the main process, per slide `read_region` per tile → resize → encode in batches
    (torch with all cores, as such scripts run).
@@ -27,7 +27,7 @@ import torch
 
 from cluster.config import load_config
 from cluster.runtime import ensure_ray
-from pipelines.embed import EmbedStage, with_input_px
+from pipelines.embed import EmbedStage, cpu_threads, with_input_px
 from pipelines.encoders import build_encoder
 from pipelines.ingest import plan_slide, run_ingest
 from pipelines.reader import open_slide_uncached, read_tile, read_tiles, resize_tile
@@ -83,7 +83,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--encoder", default="resnet18_trunc")
-    parser.add_argument("--slides", type=int, default=4)
+    parser.add_argument("--slides", type=int, default=8)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument(
@@ -105,7 +105,7 @@ def main() -> None:
     encoder.info = with_input_px(encoder.info, config.embed.input_px)
     tiles = preload(slides, config, encoder.info.input_px)
 
-    threads = max(1, int(config.embed.actor_cpus))
+    threads = cpu_threads(config.embed)
     torch.set_num_threads(threads)
     encoder.embed(tiles[: args.batch], batch_size=args.batch)  # warm-up
     started = time.perf_counter()

@@ -88,6 +88,7 @@ class EmbedConfig(_Section):
     dtype: Literal["float16", "float32"] = "float16"
     seed: int = 0  # initialisation seed when weights are "random"
     input_px: int | None = Field(default=None, ge=16)  # override the encoder's input size (light CPU runs)
+    cpu_threads: int | None = Field(default=None, ge=1)  # torch threads of a CPU actor (None: cores ÷ actors)
 
 
 class Config(_Section):

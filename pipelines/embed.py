@@ -9,6 +9,7 @@ bag, deletes them, and commits the bag in the same ledger commit as the slide's 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -38,6 +39,12 @@ def _part_name(slide_id: str, fingerprint: str, chunk: int) -> str:
     return f"{slide_id}-{digest}-{chunk:05d}.parquet"
 
 
+def cpu_threads(cfg: EmbedConfig) -> int:
+    """Torch threads for an encoder actor on CPU. Ray would give it `actor_cpus` threads, but decoding
+    tiles takes a few percent of the encoder's time, so by default the actors share all the node's cores."""
+    return cfg.cpu_threads or max(1, (os.cpu_count() or 1) // cfg.actors)
+
+
 def with_input_px(info: Any, input_px: int | None) -> Any:
     """Encoder info at a non-default input size; the key says so, since the features differ."""
     if not input_px or input_px == info.input_px:
@@ -54,6 +61,8 @@ class EmbedActor:
         from pipelines.encoders import build_encoder
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_threads(cfg))
         self.encoder = build_encoder(name, weights, seed).to(self.device)
         self.encoder.info = with_input_px(self.encoder.info, cfg.input_px)
         self.parts_uri, self.meta, self.cfg = parts_uri, meta, cfg

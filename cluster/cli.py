@@ -41,6 +41,25 @@ def _tiling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpp-override", type=float, help="µm/px for slides without mpp metadata")
 
 
+def _views(text: str) -> tuple[int, int]:
+    try:
+        naug, nt = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAUG,NT (e.g. 25,256), got {text!r}") from None
+    if naug < 1 or nt < 1:
+        raise argparse.ArgumentTypeError(f"NAUG and NT must be positive, got {text!r}")
+    return naug, nt
+
+
+def _views_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gigassl-views",
+        type=_views,
+        metavar="NAUG,NT",
+        help="also store Giga-SSL views: NAUG augmentations × NT tiles per slide",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="slidestream", description=__doc__)
@@ -77,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
     run.add_argument("--labels", help="labels CSV/Parquet (slide_id,label); checked against the slides")
     run.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
+    _views_flag(run)
     _tiling_flags(run)
 
     embed = commands.add_parser("embed", parents=[common], help="features for a new encoder from shards")
@@ -84,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
     embed.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
     embed.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
+    _views_flag(embed)
     _tiling_flags(embed)
 
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")

@@ -65,8 +65,22 @@ def cmd_ingest(args: argparse.Namespace, config: Config) -> int:
     return _ingest(args, config, None)
 
 
+def _views(args: argparse.Namespace, config: Config) -> int:
+    """Giga-SSL views from the committed shards, when `--gigassl-views` asks for them."""
+    if not args.gigassl_views:
+        return 0
+    views = EmbedStage(args.encoder, args.weights, config.tiling, config.embed, views=args.gigassl_views)
+    report = run_embed(args.out, config, views)
+    print(
+        f"Giga-SSL views: {len(report.ok)} slides ({report.tiles} augmented tiles embedded), "
+        f"{len(report.failed)} failed → {join(args.out, views.stage)}"
+    )
+    return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+
+
 def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    return _ingest(args, config, EmbedStage(args.encoder, args.weights, config.tiling, config.embed))
+    status = _ingest(args, config, EmbedStage(args.encoder, args.weights, config.tiling, config.embed))
+    return _views(args, config) or status
 
 
 def cmd_embed(args: argparse.Namespace, config: Config) -> int:
@@ -74,7 +88,8 @@ def cmd_embed(args: argparse.Namespace, config: Config) -> int:
     report = run_embed(args.out, config, stage)
     print(report.summary())
     print(f"  features: {join(args.out, stage.stage)} ({stage.info.dim}-d, weights {stage.weights})")
-    return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+    status = EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+    return _views(args, config) or status
 
 
 def status_payload(entries: list[LedgerEntry]) -> dict:

@@ -74,8 +74,14 @@ class EmbedActor:
             return row
         try:
             features = self.encoder.embed(pixels, device=self.device, batch_size=self.cfg.batch_size)
+            aug = np.full(len(features), row["aug"]) if "aug" in row else None
             table = bag_table(
-                np.asarray(row["xs"]), np.asarray(row["ys"]), features, self.meta, dtype=self.cfg.dtype
+                np.asarray(row["xs"]),
+                np.asarray(row["ys"]),
+                features,
+                self.meta,
+                aug=aug,
+                dtype=self.cfg.dtype,
             )
             name = _part_name(row["slide_id"], row["fingerprint"], row["chunk"])
             write_bag(join(self.parts_uri, name), table)
@@ -94,6 +100,7 @@ class EmbedStage:
     weights: str
     tiling: TilingConfig
     cfg: EmbedConfig
+    views: tuple[int, int] | None = None  # Giga-SSL (NAUG, NT): bags of augmented views instead of features
     out: str = ""
     info: Any = field(init=False)
 
@@ -106,7 +113,10 @@ class EmbedStage:
 
     @property
     def stage(self) -> str:
-        return features_stage(self.info.key, self.tiling)
+        if self.views is None:
+            return features_stage(self.info.key, self.tiling)
+        naug, nt = self.views
+        return f"gigassl/{self.info.key}-{self.tiling.key}-v{naug}x{nt}"
 
     @property
     def input_px(self) -> int:
@@ -170,7 +180,8 @@ class EmbedStage:
         if tiles.status == "ok":
             try:
                 self._merge(parts, join(self._stage_uri(), f"{slide.slide_id}.parquet"))
-                entry.status, entry.n_tiles = "ok", tiles.n_tiles
+                entry.status = "ok"
+                entry.n_tiles = tiles.n_tiles if self.views is None else sum(r["n_tiles"] for r in results)
                 entry.shards = [f"{slide.slide_id}.parquet"]
             except Exception as exc:
                 error = classify("cannot write the feature bag", exc)
@@ -229,10 +240,69 @@ def read_shard_tiles(row: dict[str, Any], input_px: int) -> dict[str, Any]:
     return row
 
 
-def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: Any = None) -> IngestReport:
-    """Features for `embed`'s encoder from the committed shards of `out` (slides are not touched).
+def make_views(row: dict[str, Any], views: tuple[int, int], input_px: int, seed: int) -> list[dict[str, Any]]:
+    """One row per Giga-SSL augmentation of a slide: NT tiles drawn with replacement from its committed
+    shards, all augmented with one parameter draw (`pipelines.gigassl_views`)."""
+    import io
 
-    Slides whose bag for this encoder is already committed for the same slide version are skipped.
+    from PIL import Image
+
+    from pipelines.gigassl_views import apply_view, draw_params, sample_views, slide_rng
+    from pipelines.shards import iter_shard_samples
+
+    naug, nt = views
+    base = {k: row[k] for k in ("slide_id", "fingerprint", "node_id")}
+    base.update(n_chunks=naug, error="", permanent=True, shards=[], shard_bytes=0)
+    try:
+        rng = slide_rng(seed, row["slide_id"])
+        picks = sample_views(row["n_tiles"], naug, nt, rng)
+        needed = set(np.concatenate(picks).tolist())
+        kept: dict[int, tuple[str, bytes]] = {}  # only the sampled tiles' encoded bytes are held
+        samples = (s for uri in row["shard_uris"] for s in iter_shard_samples(uri))
+        for index, sample in enumerate(samples):
+            if index in needed:
+                kept[index] = (sample["__key__"], sample.get("jpg") or sample["png"])
+        rows = []
+        for aug, chosen in enumerate(picks):
+            params = draw_params(rng)
+            tiles = np.stack([np.asarray(Image.open(io.BytesIO(kept[i][1])).convert("RGB")) for i in chosen])
+            coords = [kept[i][0].rsplit("/", 1)[1].split("_") for i in chosen]
+            rows.append(
+                {
+                    **base,
+                    "chunk": aug,
+                    "aug": aug,
+                    "xs": [int(c[0]) for c in coords],
+                    "ys": [int(c[1]) for c in coords],
+                    "n_tiles": nt,
+                    "pixels": apply_view(tiles, params, input_px),
+                }
+            )
+        return rows
+    except Exception as exc:
+        error = classify("cannot make Giga-SSL views", exc)
+        empty = np.zeros((0, input_px, input_px, 3), np.uint8)
+        return [
+            {
+                **base,
+                "chunk": -1,
+                "n_chunks": 0,
+                "aug": -1,
+                "xs": [],
+                "ys": [],
+                "n_tiles": 0,
+                "pixels": empty,
+                "error": error.reason,
+                "permanent": error.permanent,
+            }
+        ]
+
+
+def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: Any = None) -> IngestReport:
+    """Features (or, with `embed.views`, Giga-SSL view bags) for `embed`'s encoder from the committed
+    shards of `out`; slides are not touched.
+
+    Slides whose bag for this stage is already committed for the same slide version are skipped.
     """
     started = time.monotonic()
     ledger = Ledger(out)
@@ -252,24 +322,42 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
     report.skipped_unchanged = len(tiles) - len(todo)
     if todo:
         ensure_ray(config.ray)
-        rows = [
-            {
-                "slide_id": sid,
-                "fingerprint": tiles[sid].etag_or_mtime,
-                "shard": uri,
-                "chunk": i,
-                "n_chunks": len(shards[sid]),
-                "node_id": "",
-            }
-            for sid in todo
-            for i, uri in enumerate(shards[sid])
-        ]
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-            read_shard_tiles,
-            fn_kwargs={"input_px": embed.input_px},
-            num_cpus=config.ingest.read_cpus,
-            ray_remote_args_fn=no_fusion,
-        )
+        if embed.views is None:
+            rows = [
+                {
+                    "slide_id": sid,
+                    "fingerprint": tiles[sid].etag_or_mtime,
+                    "shard": uri,
+                    "chunk": i,
+                    "n_chunks": len(shards[sid]),
+                    "node_id": "",
+                }
+                for sid in todo
+                for i, uri in enumerate(shards[sid])
+            ]
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+                read_shard_tiles,
+                fn_kwargs={"input_px": embed.input_px},
+                num_cpus=config.ingest.read_cpus,
+                ray_remote_args_fn=no_fusion,
+            )
+        else:
+            rows = [
+                {
+                    "slide_id": sid,
+                    "fingerprint": tiles[sid].etag_or_mtime,
+                    "shard_uris": shards[sid],
+                    "n_tiles": tiles[sid].n_tiles,
+                    "node_id": "",
+                }
+                for sid in todo
+            ]
+            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
+                make_views,
+                fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
+                num_cpus=config.ingest.read_cpus,
+                ray_remote_args_fn=no_fusion,
+            )
         dataset = embed.attach(dataset)
         dataset.context.target_max_block_size = 1
         progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}

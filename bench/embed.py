@@ -29,44 +29,22 @@ from cluster.config import load_config
 from cluster.runtime import ensure_ray
 from pipelines.embed import EmbedStage, cpu_threads, with_input_px
 from pipelines.encoders import build_encoder
-from pipelines.ingest import plan_slide, run_ingest
-from pipelines.reader import open_slide_uncached, read_tile, read_tiles, resize_tile
-from pipelines.slides import discover_slides
+from pipelines.ingest import planned_chunks, run_ingest
+from pipelines.reader import read_tile, read_tiles, resize_tile
 from pipelines.synthetic import write_dataset
-from pipelines.tiling import ReadPlan
-
-
-def _plans(slides: str, config):
-    for slide in discover_slides(slides, config.ingest.slide_extensions).slides:
-        item = {
-            "slide_id": slide.slide_id,
-            "uri": slide.uri,
-            "fingerprint": slide.fingerprint,
-            "mpp_override": 0.0,
-        }
-        handle = open_slide_uncached(slide.uri)
-        for chunk in plan_slide(item, config.tiling, config.tissue, config.shards):
-            level = chunk["level"]
-            plan = ReadPlan(
-                level,
-                float(handle.level_downsamples[level]),
-                chunk["read_px"],
-                config.tiling.tile_px,
-                chunk["side0"],
-            )
-            yield slide.uri, handle, chunk, plan
 
 
 def preload(slides: str, config, input_px: int) -> np.ndarray:
     tiles = []
-    for uri, handle, chunk, plan in _plans(slides, config):
-        tiles += [resize_tile(t, input_px) for t in read_tiles(handle, uri, chunk["xs"], chunk["ys"], plan)]
+    for slide, handle, chunk, plan in planned_chunks(slides, config):
+        pixels = read_tiles(handle, slide.uri, chunk["xs"], chunk["ys"], plan)
+        tiles += [resize_tile(t, input_px) for t in pixels]
     return np.stack(tiles)
 
 
 def clam_style(slides: str, config, encoder, batch: int) -> tuple[int, float]:
     started, count, pending = time.perf_counter(), 0, []
-    for _, handle, chunk, plan in _plans(slides, config):
+    for _, handle, chunk, plan in planned_chunks(slides, config):
         for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
             pending.append(resize_tile(read_tile(handle, x, y, plan), encoder.info.input_px))
             if len(pending) == batch:

@@ -34,10 +34,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from cluster.config import load_config  # noqa: E402
 from cluster.runtime import ensure_ray  # noqa: E402
 from cluster.storage import filesystem, join  # noqa: E402
-from pipelines.ingest import plan_slide, run_ingest  # noqa: E402
-from pipelines.reader import open_slide_uncached, read_tile  # noqa: E402
+from pipelines.ingest import planned_chunks, run_ingest  # noqa: E402
+from pipelines.reader import read_tile  # noqa: E402
 from pipelines.shards import encode_image, tile_key  # noqa: E402
-from pipelines.slides import discover_slides  # noqa: E402
 from pipelines.synthetic import write_dataset  # noqa: E402
 from pipelines.tiling import ReadPlan  # noqa: E402
 
@@ -86,34 +85,22 @@ def baseline(slides_uri: str, out_uri: str, config, naive: bool) -> tuple[int, i
     """
     started = time.perf_counter()
     tiles = written = 0
-    for slide in discover_slides(slides_uri, config.ingest.slide_extensions).slides:
-        item = {
-            "slide_id": slide.slide_id,
-            "uri": slide.uri,
-            "fingerprint": slide.fingerprint,
-            "mpp_override": 0.0,
-        }
-        chunks = plan_slide(item, config.tiling, config.tissue, config.shards)
-        handle = open_slide_uncached(slide.uri)
-        fs, path = filesystem(join(out_uri, f"{slide.slide_id}.tar"))
+    archives: dict[str, tuple[io.BytesIO, wds.TarWriter]] = {}  # one tar per slide
+    for slide, handle, chunk, plan in planned_chunks(slides_uri, config):
+        if slide.slide_id not in archives:
+            buffer = io.BytesIO()
+            archives[slide.slide_id] = (buffer, wds.TarWriter(buffer))
+        sink = archives[slide.slide_id][1]
+        for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
+            pixels = _naive_tile(handle, x, y, plan) if naive else read_tile(handle, x, y, plan)
+            image = encode_image(pixels, config.shards)
+            sink.write({"__key__": tile_key(slide.slide_id, x, y), "jpg": image})
+            tiles += 1
+            written += len(image)
+    for slide_id, (buffer, sink) in archives.items():
+        sink.close()
+        fs, path = filesystem(join(out_uri, f"{slide_id}.tar"))
         fs.makedirs(fs._parent(path), exist_ok=True)
-        buffer = io.BytesIO()
-        with wds.TarWriter(buffer) as sink:
-            for chunk in chunks:
-                level = chunk["level"]
-                plan = ReadPlan(
-                    level,
-                    float(handle.level_downsamples[level]),
-                    chunk["read_px"],
-                    config.tiling.tile_px,
-                    chunk["side0"],
-                )
-                for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
-                    pixels = _naive_tile(handle, x, y, plan) if naive else read_tile(handle, x, y, plan)
-                    image = encode_image(pixels, config.shards)
-                    sink.write({"__key__": tile_key(slide.slide_id, x, y), "jpg": image})
-                    tiles += 1
-                    written += len(image)
         fs.pipe_file(path, buffer.getvalue())
     return tiles, written, time.perf_counter() - started
 

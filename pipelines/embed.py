@@ -21,7 +21,14 @@ from cluster.config import Config, EmbedConfig, TilingConfig
 from cluster.runtime import ensure_ray
 from cluster.storage import filesystem, join, scrub_secrets
 from pipelines.features import BagMeta, ParquetBagWriter, bag_table, write_bag
-from pipelines.ingest import IngestReport, SlideProgress, committed_shards, no_fusion, tiles_stage
+from pipelines.ingest import (
+    IngestReport,
+    SlideProgress,
+    committed_shards,
+    completed_slides,
+    no_fusion,
+    tiles_stage,
+)
 from pipelines.ledger import Ledger, LedgerEntry
 from pipelines.reader import classify
 from pipelines.slides import SlideRef
@@ -361,14 +368,9 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
         dataset = embed.attach(dataset)
         dataset.context.target_max_block_size = 1
         progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}
-        for row in dataset.iter_rows():
-            slide = progress[row["slide_id"]]
-            slide.n_chunks = row["n_chunks"]
-            slide.results.append(row)
-            if not slide.complete:
-                continue
+        for slide in completed_slides(dataset, progress):
             errors = [r["error"] for r in slide.results if r["error"]]
-            tiles_entry = tiles[row["slide_id"]]
+            tiles_entry = tiles[slide.slide.slide_id]
             if errors:
                 tiles_entry = replace(tiles_entry, status="failed", error=errors[0])
             entry = embed.complete(slide.slide, slide.results, tiles_entry)
@@ -380,7 +382,6 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 report.failed[entry.slide_id] = entry.error or ""
             if progress_callback is not None:
                 progress_callback(entry)
-            del progress[row["slide_id"]]
         embed.prepare(out, ledger)
     ledger.compact()
     report.seconds = time.monotonic() - started

@@ -202,6 +202,38 @@ class SlideProgress:
         return self.n_chunks >= 0 and len({r["chunk"] for r in self.results}) >= max(self.n_chunks, 1)
 
 
+def completed_slides(dataset: ray.data.Dataset, pending: dict[str, SlideProgress]) -> Iterator[SlideProgress]:
+    """Consume chunk results; yield each slide as soon as all its chunks are in (and forget it)."""
+    for row in dataset.iter_rows():
+        progress = pending[row["slide_id"]]
+        progress.n_chunks = row["n_chunks"]
+        progress.results.append(row)
+        if progress.complete:
+            del pending[row["slide_id"]]
+            yield progress
+
+
+def planned_chunks(slides: str, config: Config) -> Iterator[tuple[SlideRef, Any, dict, ReadPlan]]:
+    """Serial planning in this process (baselines and checks): (slide, open handle, chunk, read plan)."""
+    for slide in discover_slides(slides, config.ingest.slide_extensions).slides:
+        item = {
+            "slide_id": slide.slide_id,
+            "uri": slide.uri,
+            "fingerprint": slide.fingerprint,
+            "mpp_override": slide.mpp_override or 0.0,
+        }
+        handle = open_slide(slide.uri, slide.fingerprint)
+        for chunk in plan_slide(item, config.tiling, config.tissue, config.shards):
+            level = chunk["level"]
+            downsample = float(handle.level_downsamples[level])
+            yield (
+                slide,
+                handle,
+                chunk,
+                ReadPlan(level, downsample, chunk["read_px"], config.tiling.tile_px, chunk["side0"]),
+            )
+
+
 @dataclass
 class IngestReport:
     stage: str
@@ -389,12 +421,7 @@ def _stream(
         dataset = embed.attach(dataset)
     # One chunk per block: otherwise all chunks of a slide travel in one block and are read by one task.
     dataset.context.target_max_block_size = 1
-    for row in dataset.iter_rows():
-        progress = by_id[row["slide_id"]]
-        progress.n_chunks = row["n_chunks"]
-        progress.results.append(row)
-        if not progress.complete:
-            continue
+    for progress in completed_slides(dataset, by_id):
         entry = _entry(stage, progress.slide, progress)
         entries = [entry]
         if embed is not None:
@@ -409,6 +436,5 @@ def _stream(
             report.failed[entry.slide_id] = entry.error or ""
         if progress_callback is not None:
             progress_callback(entry)
-        del by_id[row["slide_id"]]
     for progress in by_id.values():  # cannot happen unless Ray dropped rows: never commit a partial slide
         report.failed[progress.slide.slide_id] = "incomplete: not all chunks came back"

@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from cluster.storage import filesystem, full_uri, join, write_bytes_atomic
+from cluster.storage import filesystem, join, write_bytes_atomic
 
 LEDGER_FORMAT = 1
 Status = Literal["ok", "failed", "skipped"]
@@ -48,10 +48,16 @@ def _is_snapshot(name: str) -> bool:
 
 
 class Ledger:
-    """Reads and appends the committed manifests under `OUT/ledger/`."""
+    """Reads and appends the committed manifests under `OUT/ledger/`.
+
+    The state is read from storage once per instance and then kept up to date by this instance's own
+    commits: one driver writes a run's ledger, and re-reading every manifest after each step costs a
+    listing and a GET per object on S3.
+    """
 
     def __init__(self, out_uri: str) -> None:
         self.uri = join(out_uri, "ledger")
+        self._state: dict[tuple[str, str], LedgerEntry] | None = None
 
     def _names(self) -> list[str]:
         fs, path = filesystem(self.uri)
@@ -66,6 +72,11 @@ class Ledger:
 
     def state(self) -> dict[tuple[str, str], LedgerEntry]:
         """The current entry per (stage, slide_id): the latest snapshot plus every later commit."""
+        if self._state is None:
+            self._state = self._read_state()
+        return dict(self._state)
+
+    def _read_state(self) -> dict[tuple[str, str], LedgerEntry]:
         names = self._names()
         snapshots = [n for n in names if _is_snapshot(n)]
         start = snapshots[-1] if snapshots else None
@@ -94,6 +105,8 @@ class Ledger:
         for entry in entries:
             entry.committed_at = now
         self._write("commit", entries)
+        if self._state is not None:
+            self._state.update({entry.key: entry for entry in entries})
 
     def compact(self) -> None:
         """Fold the current state into one snapshot and delete the objects it covers."""
@@ -101,8 +114,7 @@ class Ledger:
         if len(names) <= 1:
             return
         snapshot = self._write("snapshot", list(self.state().values()))
-        fs, _ = filesystem(self.uri)
-        stale = [full_uri(fs, filesystem(join(self.uri, n))[1]) for n in names if n < snapshot]
-        for uri in stale:
-            stale_fs, stale_path = filesystem(uri)
-            stale_fs.rm_file(stale_path)
+        fs, root = filesystem(self.uri)
+        stale = [f"{root}/{n}" for n in names if n < snapshot]
+        if stale:
+            fs.rm(stale)  # one bulk request on S3

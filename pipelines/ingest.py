@@ -30,7 +30,6 @@ from pipelines.reader import SlideError, classify, open_slide, read_tiles, resiz
 from pipelines.shards import Tile, encode_image, shard_stem, write_shards
 from pipelines.slides import Discovery, SlideRef, discover_slides
 from pipelines.tiling import ReadPlan, grid_positions, read_plan
-from pipelines.tissue import tissue_mask
 
 if TYPE_CHECKING:
     from pipelines.embed import EmbedStage
@@ -70,6 +69,8 @@ def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
 
 def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig) -> list[dict]:
     """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions."""
+    from pipelines.tissue import tissue_mask  # here: scikit-image/SciPy cost every read worker ~0.5 s
+
     try:
         try:
             handle = open_slide(slide["uri"], slide["fingerprint"])

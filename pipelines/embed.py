@@ -8,7 +8,6 @@ bag, deletes them, and commits the bag in the same ledger commit as the slide's 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from dataclasses import dataclass, field, replace
@@ -31,7 +30,7 @@ from pipelines.ingest import (
 )
 from pipelines.ledger import Ledger, LedgerEntry
 from pipelines.reader import classify
-from pipelines.slides import SlideRef
+from pipelines.slides import SlideRef, version_digest
 
 EMBED_VERSION = "embed-1"
 _PARTS = "_parts"
@@ -42,8 +41,7 @@ def features_stage(encoder_key: str, tiling: TilingConfig) -> str:
 
 
 def _part_name(slide_id: str, fingerprint: str, chunk: int) -> str:
-    digest = hashlib.sha1(fingerprint.encode()).hexdigest()[:8]
-    return f"{slide_id}-{digest}-{chunk:05d}.parquet"
+    return f"{slide_id}-{version_digest(fingerprint)}-{chunk:05d}.parquet"
 
 
 def cpu_threads(cfg: EmbedConfig) -> int:

@@ -8,7 +8,6 @@ same object instead of adding a duplicate.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
@@ -21,6 +20,7 @@ from PIL import Image
 
 from cluster.config import ShardConfig
 from cluster.storage import filesystem, join, write_bytes_atomic
+from pipelines.slides import version_digest
 
 
 @dataclass
@@ -46,8 +46,7 @@ def encode_image(pixels: np.ndarray, cfg: ShardConfig) -> bytes:
 
 
 def shard_stem(slide_id: str, fingerprint: str, chunk: int) -> str:
-    digest = hashlib.sha1(fingerprint.encode()).hexdigest()[:8]
-    return f"shard-{slide_id}-{digest}-{chunk:05d}"
+    return f"shard-{slide_id}-{version_digest(fingerprint)}-{chunk:05d}"
 
 
 def _member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import posixpath
 import re
@@ -46,6 +47,11 @@ def slide_id_from_uri(uri: str) -> str:
 def fingerprint_of(info: dict) -> str:
     version = info.get("ETag") or info.get("etag") or info.get("mtime") or info.get("LastModified")
     return f"{info.get('size')}-{str(version).strip(chr(34))}"
+
+
+def version_digest(fingerprint: str) -> str:
+    """A short, file-name-safe digest of a slide version (used in shard and part names)."""
+    return hashlib.sha1(fingerprint.encode()).hexdigest()[:8]
 
 
 def _check_unique(slides: Iterable[SlideRef]) -> None:

@@ -1,0 +1,1 @@
+"""MIL aggregator models (instance embedding + attention pooling + linear head)."""

@@ -1,0 +1,72 @@
+"""Attention-based MIL (ABMIL) with an optional gated attention branch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["ABMIL", "InstanceEmbedding", "init_weights"]
+
+
+def init_weights(module: nn.Module) -> None:
+    """Xavier-normal weights and zero biases for every ``nn.Linear`` inside ``module``."""
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            nn.init.xavier_normal_(sub.weight)
+            if sub.bias is not None:
+                nn.init.zeros_(sub.bias)
+
+
+class InstanceEmbedding(nn.Sequential):
+    """Per-instance projection: Linear(D→hidden) + ReLU + Dropout."""
+
+    def __init__(self, in_dim: int, hidden: int = 512, dropout: float = 0.25) -> None:
+        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+        self.in_dim = in_dim
+        self.hidden = hidden
+
+
+class ABMIL(nn.Module):
+    """ABMIL aggregator.
+
+    Plain attention: ``a = softmax_N(W2 · ReLU(W1 · h))`` with bias-free ``W1: 512→128``, ``W2: 128→1``.
+    Gated variant (``gated=True``): ``a = softmax_N(W2 · (tanh(V · h) ⊙ sigmoid(U · h)))`` with bias-free
+    ``V, U: 512→128``. The bag feature is ``Σ_i a_i h_i``; logits come from a Linear(512→C) head.
+    """
+
+    def __init__(self, in_dim: int, n_classes: int = 2, gated: bool = False, dropout: float = 0.25) -> None:
+        super().__init__()
+        self.embed = InstanceEmbedding(in_dim, 512, dropout)
+        self.gated = gated
+        if gated:
+            self.attn_v = nn.Linear(512, 128, bias=False)
+            self.attn_u = nn.Linear(512, 128, bias=False)
+        else:
+            self.attn_hidden = nn.Linear(512, 128, bias=False)
+        self.attn_out = nn.Linear(128, 1, bias=False)
+        self.head = nn.Linear(512, n_classes)
+        init_weights(self)
+
+    def attention(self, h: Tensor) -> Tensor:
+        """Softmaxed attention over instances, shape (N,), for embedded instances ``h`` of shape (N, 512)."""
+        if self.gated:
+            z = torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))
+        else:
+            z = torch.relu(self.attn_hidden(h))
+        return torch.softmax(self.attn_out(z).squeeze(-1), dim=0)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Run one bag ``x`` of shape (N, D) or (1, N, D).
+
+        Returns ``logits`` (1, C), ``bag_feature`` (1, 512) and ``scores`` (N,), the softmaxed attention.
+        """
+        if x.dim() == 3:
+            if x.shape[0] != 1:
+                raise ValueError(f"ABMIL takes one bag at a time, got batch of {x.shape[0]}")
+            x = x[0]
+        if x.dim() != 2:
+            raise ValueError(f"expected (N, D) or (1, N, D), got shape {tuple(x.shape)}")
+        h = self.embed(x)
+        scores = self.attention(h)
+        bag = (scores.unsqueeze(-1) * h).sum(dim=0, keepdim=True)
+        return {"logits": self.head(bag), "bag_feature": bag, "scores": scores}

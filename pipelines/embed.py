@@ -29,7 +29,8 @@ from pipelines.ingest import (
     tiles_stage,
 )
 from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.reader import classify
+from pipelines.reader import classify, resize_tile
+from pipelines.shards import decode_sample, iter_shard_samples, tile_position
 from pipelines.slides import SlideRef, version_digest
 
 EMBED_VERSION = "embed-1"
@@ -219,22 +220,14 @@ class EmbedStage:
 
 def read_shard_tiles(row: dict[str, Any], input_px: int) -> dict[str, Any]:
     """Decode the tiles of one committed shard (no slide access) into the row the encoder actors take."""
-    import io
-
-    from PIL import Image
-
-    from pipelines.reader import resize_tile
-    from pipelines.shards import iter_shard_samples
-
     xs, ys, pixels = [], [], []
     row.update(error="", permanent=True, shards=[], shard_bytes=0)
     try:
         for sample in iter_shard_samples(row["shard"]):
-            x, y = sample["__key__"].rsplit("/", 1)[1].split("_")
-            image = sample.get("jpg") or sample.get("png")
-            tile = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
-            xs.append(int(x))
-            ys.append(int(y))
+            x, y = tile_position(sample["__key__"])
+            tile = decode_sample(sample)
+            xs.append(x)
+            ys.append(y)
             pixels.append(tile if tile.shape[0] == input_px else resize_tile(tile, input_px))
     except Exception as exc:
         error = classify(f"cannot read shard {row['shard'].rsplit('/', 1)[-1]}", exc)
@@ -248,12 +241,9 @@ def read_shard_tiles(row: dict[str, Any], input_px: int) -> dict[str, Any]:
 def make_views(row: dict[str, Any], views: tuple[int, int], input_px: int, seed: int) -> list[dict[str, Any]]:
     """One row per Giga-SSL augmentation of a slide: NT tiles drawn with replacement from its committed
     shards, all augmented with one parameter draw (`pipelines.gigassl_views`)."""
-    import io
 
-    from PIL import Image
-
+    # Imported here: torchvision is needed only by the tasks that make views.
     from pipelines.gigassl_views import apply_view, draw_params, sample_views, slide_rng
-    from pipelines.shards import iter_shard_samples
 
     naug, nt = views
     base = {k: row[k] for k in ("slide_id", "fingerprint", "node_id")}
@@ -262,23 +252,23 @@ def make_views(row: dict[str, Any], views: tuple[int, int], input_px: int, seed:
         rng = slide_rng(seed, row["slide_id"])
         picks = sample_views(row["n_tiles"], naug, nt, rng)
         needed = set(np.concatenate(picks).tolist())
-        kept: dict[int, tuple[str, bytes]] = {}  # only the sampled tiles' encoded bytes are held
+        kept: dict[int, dict] = {}  # only the sampled tiles' (still encoded) samples are held
         samples = (s for uri in row["shard_uris"] for s in iter_shard_samples(uri))
         for index, sample in enumerate(samples):
             if index in needed:
-                kept[index] = (sample["__key__"], sample.get("jpg") or sample["png"])
+                kept[index] = sample
         rows = []
         for aug, chosen in enumerate(picks):
             params = draw_params(rng)
-            tiles = np.stack([np.asarray(Image.open(io.BytesIO(kept[i][1])).convert("RGB")) for i in chosen])
-            coords = [kept[i][0].rsplit("/", 1)[1].split("_") for i in chosen]
+            tiles = np.stack([decode_sample(kept[i]) for i in chosen])
+            coords = [tile_position(kept[i]["__key__"]) for i in chosen]
             rows.append(
                 {
                     **base,
                     "chunk": aug,
                     "aug": aug,
-                    "xs": [int(c[0]) for c in coords],
-                    "ys": [int(c[1]) for c in coords],
+                    "xs": [c[0] for c in coords],
+                    "ys": [c[1] for c in coords],
                     "n_tiles": nt,
                     "pixels": apply_view(tiles, params, input_px),
                 }

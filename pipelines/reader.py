@@ -11,7 +11,7 @@ from PIL import Image
 from tiffslide import TiffSlide
 
 from cluster.storage import filesystem, is_local, scrub_secrets, storage_options
-from pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, supports
+from pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, on_white, supports
 from pipelines.slides import fingerprint_of
 from pipelines.tiling import ReadPlan
 
@@ -97,10 +97,7 @@ def read_tile(slide: TiffSlide, x: int, y: int, plan: ReadPlan) -> np.ndarray:
     )
     if region.ndim == 2:
         region = np.repeat(region[..., None], 3, axis=2)
-    if region.shape[2] == 4:  # composite transparent pixels onto white glass
-        alpha = region[..., 3:4].astype(np.float32) / 255.0
-        region = (region[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-    return np.ascontiguousarray(_to_tile(region, plan))
+    return np.ascontiguousarray(_to_tile(on_white(region), plan))
 
 
 def read_tiles(

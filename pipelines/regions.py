@@ -39,6 +39,14 @@ class Rect:
     size: int
 
 
+def on_white(pixels: np.ndarray) -> np.ndarray:
+    """RGB pixels; an alpha channel is composited onto white glass."""
+    if pixels.shape[2] != 4:
+        return pixels
+    alpha = pixels[..., 3:4].astype(np.float32) / 255.0
+    return (pixels[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
+
+
 def level_page(slide: TiffSlide, level: int) -> TiffPage:
     series = slide.ts_tifffile.series[slide.properties["tiffslide.series-index"]]
     return series.levels[level].keyframe
@@ -108,10 +116,7 @@ class RegionReader:
         except Exception as exc:
             ty, tx = divmod(index, self.across)
             raise UnreadableRegion(tx * self.tile_w, ty * self.tile_h, exc) from None
-        if pixels.shape[2] == 4:  # composite onto white glass
-            alpha = pixels[..., 3:4].astype(np.float32) / 255.0
-            pixels = (pixels[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
-        return pixels
+        return on_white(pixels)
 
     def _cut(self, rect: Rect, decoded: dict[int, np.ndarray]) -> np.ndarray:
         out = np.empty((rect.size, rect.size, 3), np.uint8)

@@ -36,6 +36,18 @@ def tile_key(slide_id: str, x: int, y: int) -> str:
     return f"{slide_id}/{x}_{y}"
 
 
+def tile_position(key: str) -> tuple[int, int]:
+    """Level-0 (x, y) of a sample key made by `tile_key`."""
+    x, y = key.rsplit("/", 1)[1].split("_")
+    return int(x), int(y)
+
+
+def decode_sample(sample: dict) -> np.ndarray:
+    """The tile of a shard sample as RGB uint8 (H, W, 3)."""
+    data = sample.get("jpg") or sample["png"]
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
 def encode_image(pixels: np.ndarray, cfg: ShardConfig) -> bytes:
     buffer = io.BytesIO()
     if cfg.image_format == "jpg":

@@ -151,44 +151,36 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
 # Paper recipes (MHIM-MIL, ICCV 2023). ``mask_ratio_h_decay``: cosine decay of h to 0 over training;
 # ``momentum_cosine``: EMA momentum follows a cosine from ``momentum`` to 1.0. TCGA-ABMIL states no hr,
 # so it uses hr = 1 (plain top-h).
+_COMMON = {"mask_ratio_h_decay": True, "tau_s": 1.0, "tau_t": 0.1, "momentum": 0.9999}
 PRESETS: dict[str, dict] = {
     "C16-ABMIL": {
+        **_COMMON,
         "model": "abmil",
         "mask_ratio": 0.5,
         "mask_ratio_l": 0.0,
         "mask_ratio_h": 0.01,
         "mask_ratio_hr": 0.5,
-        "mask_ratio_h_decay": True,
         "alpha": 0.1,
-        "tau_s": 1.0,
-        "tau_t": 0.1,
-        "momentum": 0.9999,
         "momentum_cosine": False,
     },
     "C16-TransMIL": {
+        **_COMMON,
         "model": "transmil",
         "mask_ratio": 0.0,
         "mask_ratio_l": 0.8,
         "mask_ratio_h": 0.03,
         "mask_ratio_hr": 0.5,
-        "mask_ratio_h_decay": True,
         "alpha": 0.1,
-        "tau_s": 1.0,
-        "tau_t": 0.1,
-        "momentum": 0.9999,
         "momentum_cosine": True,
     },
     "TCGA-ABMIL": {
+        **_COMMON,
         "model": "abmil",
         "mask_ratio": 0.7,
         "mask_ratio_l": 0.2,
         "mask_ratio_h": 0.02,
         "mask_ratio_hr": 1.0,
-        "mask_ratio_h_decay": True,
         "alpha": 0.5,
-        "tau_s": 1.0,
-        "tau_t": 0.1,
-        "momentum": 0.9999,
         "momentum_cosine": True,
     },
 }

@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from trainers.mhim import PRESETS, consistency_loss, cosine_decay, cosine_value, ema_update, mask_instances
-from trainers.models.abmil import ABMIL, InstanceEmbedding, init_weights
+from trainers.models.abmil import ABMIL
+from trainers.models.layers import InstanceEmbedding, init_weights
 
 
 def _golden_attn() -> torch.Tensor:

@@ -1,1 +1,28 @@
-"""MIL aggregator models (instance embedding + attention pooling + linear head)."""
+"""MIL aggregator models (instance embedding + pooling + linear head) and a registry by name."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from trainers.models.base import MILModel
+
+__all__ = ["MODELS", "MILModel", "build_model"]
+
+# name → (module, class). Imported on demand so that one model's import cost is paid only when used.
+MODELS: dict[str, tuple[str, str]] = {
+    "abmil": ("trainers.models.abmil", "ABMIL"),
+    "transmil": ("trainers.models.transmil", "TransMIL"),
+    "dsmil": ("trainers.models.dsmil", "DSMIL"),
+    "clam_sb": ("trainers.models.clam", "CLAMSB"),
+    "dtfd": ("trainers.models.dtfd", "DTFDMIL"),
+}
+
+
+def build_model(name: str, in_dim: int, n_classes: int, **options: Any) -> MILModel:
+    """A fresh model by registry name, for ``in_dim``-d features and ``n_classes`` classes."""
+    if name not in MODELS:
+        raise ValueError(f"unknown MIL model {name!r}; choose one of {', '.join(MODELS)}")
+    module_name, class_name = MODELS[name]
+    cls = getattr(importlib.import_module(module_name), class_name)
+    return cls(in_dim, n_classes, **options)

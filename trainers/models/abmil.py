@@ -5,28 +5,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ABMIL", "InstanceEmbedding", "init_weights"]
+from trainers.models.base import MILModel, as_bag
+from trainers.models.layers import InstanceEmbedding, init_weights
+
+__all__ = ["ABMIL"]
 
 
-def init_weights(module: nn.Module) -> None:
-    """Xavier-normal weights and zero biases for every ``nn.Linear`` inside ``module``."""
-    for sub in module.modules():
-        if isinstance(sub, nn.Linear):
-            nn.init.xavier_normal_(sub.weight)
-            if sub.bias is not None:
-                nn.init.zeros_(sub.bias)
-
-
-class InstanceEmbedding(nn.Sequential):
-    """Per-instance projection: Linear(D→hidden) + ReLU + Dropout."""
-
-    def __init__(self, in_dim: int, hidden: int = 512, dropout: float = 0.25) -> None:
-        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
-        self.in_dim = in_dim
-        self.hidden = hidden
-
-
-class ABMIL(nn.Module):
+class ABMIL(MILModel):
     """ABMIL aggregator.
 
     Plain attention: ``a = softmax_N(W2 · ReLU(W1 · h))`` with bias-free ``W1: 512→128``, ``W2: 128→1``.
@@ -37,6 +22,7 @@ class ABMIL(nn.Module):
     def __init__(self, in_dim: int, n_classes: int = 2, gated: bool = False, dropout: float = 0.25) -> None:
         super().__init__()
         self.embed = InstanceEmbedding(in_dim, 512, dropout)
+        self.n_classes = n_classes
         self.gated = gated
         if gated:
             self.attn_v = nn.Linear(512, 128, bias=False)
@@ -60,13 +46,7 @@ class ABMIL(nn.Module):
 
         Returns ``logits`` (1, C), ``bag_feature`` (1, 512) and ``scores`` (N,), the softmaxed attention.
         """
-        if x.dim() == 3:
-            if x.shape[0] != 1:
-                raise ValueError(f"ABMIL takes one bag at a time, got batch of {x.shape[0]}")
-            x = x[0]
-        if x.dim() != 2:
-            raise ValueError(f"expected (N, D) or (1, N, D), got shape {tuple(x.shape)}")
-        h = self.embed(x)
+        h = self.embed(as_bag(x, "ABMIL"))
         scores = self.attention(h)
         bag = (scores.unsqueeze(-1) * h).sum(dim=0, keepdim=True)
         return {"logits": self.head(bag), "bag_feature": bag, "scores": scores}

@@ -91,6 +91,50 @@ class EmbedConfig(_Section):
     cpu_threads: int | None = Field(default=None, ge=1)  # torch threads of a CPU actor (None: cores ÷ actors)
 
 
+
+class MHIMConfig(_Section):
+    """MHIM-MIL options. A null value comes from the preset; `preset: auto` is the paper's CAMELYON16
+    recipe for the model (C16-ABMIL for models without one of their own)."""
+
+    preset: str = "auto"  # auto, C16-ABMIL, C16-TransMIL or TCGA-ABMIL
+    mask_ratio: float | None = Field(default=None, ge=0, le=1)  # random drop ratio r
+    mask_ratio_l: float | None = Field(default=None, ge=0, le=1)  # low-score drop ratio l
+    mask_ratio_h: float | None = Field(default=None, ge=0, le=1)  # high-score drop ratio h
+    mask_ratio_hr: float | None = Field(default=None, gt=0, le=1)  # h is drawn from the top h/hr
+    mask_ratio_h_decay: bool | None = None  # cosine decay of h to 0 over training
+    alpha: float | None = Field(default=None, ge=0)  # weight of the consistency loss
+    tau_s: float | None = Field(default=None, gt=0)
+    tau_t: float | None = Field(default=None, gt=0)
+    momentum: float | None = Field(default=None, ge=0, le=1)  # EMA momentum of the teacher
+    momentum_cosine: bool | None = None  # cosine schedule of the momentum to 1.0
+    teacher_init: str = "auto"  # auto: train the baseline of the same fold/seed first; none; or a path
+
+
+class TrainConfig(_Section):
+    """MIL training and its protocol (folds, validation, seeds, workers)."""
+
+    model: Literal["abmil", "transmil", "dsmil", "clam_sb", "dtfd"] = "abmil"
+    model_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {gated: true}
+    epochs: int = Field(default=50, ge=1)
+    lr: float = Field(default=2e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    min_epochs: int = Field(default=10, ge=0)  # no early stop before this many epochs
+    patience: int = Field(default=20, ge=1)  # epochs without validation improvement before stopping
+    monitor: Literal["val_loss", "val_auc"] = "val_loss"
+    folds: int = Field(default=5, ge=2)  # ignored when the labels file has a fold or split column
+    val_frac: float = Field(default=0.2, gt=0, lt=1)  # validation part of each training part
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    protocol: Literal["standard", "c16_reproduction"] = "standard"  # c16_reproduction selects on test
+    classes: list[str] | None = None  # class order (binary: [negative, positive]); default: sorted labels
+    workers: int = Field(default=1, ge=0)  # Ray Train workers per fold (0: in the driver, for debugging)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
+    parallel_folds: int | None = Field(default=None, ge=1)  # null: as many as the cluster's CPUs allow
+    max_failures: int = Field(default=2, ge=0)  # worker restarts per fold before giving up
+    cache_mb: int = Field(default=2048, ge=0)  # bags kept in memory per worker
+    mhim: MHIMConfig = Field(default_factory=MHIMConfig)
+
+
 class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
@@ -98,6 +142,7 @@ class Config(_Section):
     shards: ShardConfig = Field(default_factory=ShardConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

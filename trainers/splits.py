@@ -1,0 +1,104 @@
+"""Fold plans: stratified k-fold at patient level, with a validation part carved from each training part.
+
+A slide's patient never straddles train / validation / test. A `fold` column in the labels file gives
+the test folds; a `split` column (train / val / test) gives one fixed split. Every part must hold every
+class, or the fold cannot be trained and judged: that is an error naming the fold and the part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold
+
+from trainers.data import LabelledBags, TrainDataError
+
+__all__ = ["FoldSplit", "make_splits"]
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """Slide ids of one fold's parts, for one seed."""
+
+    seed: int
+    fold: int
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+    @property
+    def name(self) -> str:
+        return f"s{self.seed}-f{self.fold}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _group_kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str) -> list[np.ndarray]:
+    """Test-part indices of a stratified group k-fold; an error when there are too few patients."""
+    n_groups = len(set(groups.tolist()))
+    if n_groups < k:
+        raise TrainDataError(f"{what}: {k} folds need at least {k} patients, have {n_groups}")
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
+
+
+def _carve_val(data: LabelledBags, train: np.ndarray, val_frac: float, seed: int, fold: int) -> np.ndarray:
+    y = np.asarray(data.targets)[train]
+    groups = np.asarray(data.patients)[train]
+    k = max(2, round(1.0 / val_frac))
+    return train[_group_kfold(y, groups, k, seed, f"validation split of fold {fold}")[0]]
+
+
+def _check(data: LabelledBags, split: FoldSplit) -> None:
+    target = data.target_of()
+    for part in SPLIT_NAMES:
+        ids = getattr(split, part)
+        present = {target[s] for s in ids}
+        if len(present) < len(data.classes):
+            missing = [data.classes[c] for c in range(len(data.classes)) if c not in present]
+            raise TrainDataError(
+                f"fold {split.fold} (seed {split.seed}): the {part} part ({len(ids)} slides) has no slide "
+                f"of class(es) {missing}; use fewer folds, more slides, or a labels file with folds"
+            )
+
+
+def make_splits(
+    data: LabelledBags, folds: int, seeds: list[int], val_frac: float, protocol: str = "standard"
+) -> list[FoldSplit]:
+    """One FoldSplit per (seed, fold). `c16_reproduction` validates on the test fold, as the paper did."""
+    ids = np.asarray(data.slide_ids)
+    y = np.asarray(data.targets)
+    groups = np.asarray(data.patients)
+    plans: list[FoldSplit] = []
+    for seed in seeds:
+        if data.splits is not None:
+            parts = np.asarray(data.splits)
+            unknown = sorted(set(parts.tolist()) - set(SPLIT_NAMES))
+            if unknown:
+                raise TrainDataError(
+                    f"labels file {data.labels}: split values must be train/val/test, got {unknown}"
+                )
+            tests = [np.flatnonzero(parts == "test")]
+        elif data.folds is not None:
+            fold_col = np.asarray(data.folds)
+            tests = [np.flatnonzero(fold_col == f) for f in sorted(set(fold_col.tolist()))]
+        else:
+            tests = _group_kfold(y, groups, folds, seed, f"labels file {data.labels}")
+        for fold, test in enumerate(tests):
+            rest = np.setdiff1d(np.arange(len(ids)), test)
+            if data.splits is not None and "val" in data.splits:
+                val = np.flatnonzero(np.asarray(data.splits) == "val")
+                rest = np.setdiff1d(rest, val)
+            elif protocol == "c16_reproduction":
+                val = test
+            else:
+                val = _carve_val(data, rest, val_frac, seed, fold)
+                rest = np.setdiff1d(rest, val)
+            split = FoldSplit(seed, fold, ids[rest].tolist(), ids[val].tolist(), ids[test].tolist())
+            _check(data, split)
+            plans.append(split)
+    return plans

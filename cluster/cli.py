@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="slidestream-demo", help="output directory (default: ./slidestream-demo)"
     )
-    demo.add_argument("--n-slides", type=int, default=6)
+    demo.add_argument("--n-slides", type=int, default=16)
 
     synth = commands.add_parser("synth", parents=[common], help="write synthetic H&E-like slides")
     synth.add_argument("--out", required=True, help="directory or s3:// prefix")
@@ -112,11 +112,44 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--stage", help="ledger stage, e.g. tiles/mpp0.50_px256 (default: from the config)")
     _tiling_flags(status)
+
+    train = commands.add_parser("train", parents=[common], help="train a slide classifier on feature bags")
+    train.add_argument("kind", choices=["mil", "mhim"], help="mil: baseline MIL; mhim: MHIM-MIL")
+    train.add_argument(
+        "--name", required=True, help="run name: OUT/runs/NAME (rerun the same name to resume)"
+    )
+    train.add_argument("--out", required=True, help="output root (dir or s3://)")
+    train.add_argument("--features", help="feature-bag directory (default: the only one under OUT/features)")
+    train.add_argument(
+        "--labels", required=True, help="labels CSV/Parquet: slide_id,label[,patient_id][,fold]"
+    )
+    train.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd"])
+    train.add_argument("--folds", type=int, help="cross-validation folds (train.folds)")
+    train.add_argument("--workers", type=int, help="Ray Train workers per fold (train.workers)")
+    train.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
+    train.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (train.seeds)")
+    train.add_argument(
+        "--teacher-init", help="MHIM teacher: auto (train the baseline first), none, or a path"
+    )
+
+    predict = commands.add_parser("predict", parents=[common], help="apply a trained run to feature bags")
+    predict.add_argument("--run", required=True, help="the run directory, OUT/runs/NAME")
+    predict.add_argument("--features", required=True, help="feature-bag directory")
+    predict.add_argument("--output", help="where predictions (and heatmaps) go (default: RUN/predict)")
+    predict.add_argument("--heatmaps", action="store_true", help="attention heatmaps over slide thumbnails")
+    predict.add_argument("--slides", help="slide prefix or list for the heatmaps (default: from the ledger)")
     return parser
 
 
 # The demo runs on 2 CPU cores in minutes: smaller tiles and encoder input (`--set` still wins).
-DEMO_DEFAULTS = ("tiling.tile_px=128", "embed.input_px=64")
+DEMO_DEFAULTS = (
+    "tiling.tile_px=128",
+    "embed.input_px=64",
+    "train.folds=3",
+    "train.epochs=25",
+    "train.min_epochs=10",
+    "train.patience=10",
+)
 
 
 def _config_from(args: argparse.Namespace) -> Config:
@@ -126,11 +159,18 @@ def _config_from(args: argparse.Namespace) -> Config:
         "tile_px": "tiling.tile_px",
         "mpp_override": "tiling.mpp_override",
         "address": "ray.address",
+        "model": "train.model",
+        "folds": "train.folds",
+        "workers": "train.workers",
+        "epochs": "train.epochs",
+        "teacher_init": "train.mhim.teacher_init",
     }
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:
             overrides.append(f"{key}={value}")
+    if getattr(args, "seeds", None):
+        overrides.append(f"train.seeds=[{args.seeds}]")
     return load_config(args.config, overrides)
 
 

@@ -124,6 +124,53 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _features_dir(args: argparse.Namespace) -> str:
+    """`--features`, or the single feature directory under OUT/features (an error when it is ambiguous)."""
+    if args.features:
+        return args.features
+    fs, root = filesystem(join(args.out, "features"))
+    found = (
+        sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory")
+        if fs.exists(root)
+        else []
+    )
+    if len(found) != 1:
+        names = ", ".join(p.rsplit("/", 1)[-1] for p in found) or "none"
+        raise ValueError(
+            f"pass --features: {join(args.out, 'features')} holds {len(found)} feature sets ({names})"
+        )
+    return join(args.out, "features", found[0].rsplit("/", 1)[-1])
+
+
+def cmd_train(args: argparse.Namespace, config: Config) -> int:
+    from trainers.runner import TrainingError, format_table, run_training
+
+    features = _features_dir(args)
+    print(f"train {args.kind}: {config.train.model} on {features} → {join(args.out, 'runs', args.name)}")
+    try:
+        summary = run_training(args.kind, args.name, args.out, features, args.labels, config)
+    except TrainingError as exc:
+        print(f"slidestream train: {exc}")
+        return 1
+    print(format_table(summary.metrics))
+    print(f"  metrics: {join(summary.run_dir, 'metrics.json')}")
+    print(f"  predictions: {join(summary.run_dir, 'predictions.parquet')}")
+    print(f"  curves: {join(summary.run_dir, 'curves.png')}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, config: Config) -> int:
+    from trainers.predict import predict_run
+
+    report = predict_run(
+        args.run, args.features, output=args.output, heatmaps=args.heatmaps, slides=args.slides
+    )
+    print(f"predicted {report.n_slides} slides → {report.predictions}")
+    if args.heatmaps:
+        print(f"  heatmaps: {len(report.heatmaps)} written, {len(report.heatmap_failures)} skipped")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     """The embedded default: synthetic slides on local disk → tiles + features in one pass → summary."""
     slides = join(args.out, "slides")
@@ -137,6 +184,14 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
     print(report.summary())
     _check_labels(join(slides, "labels.csv"), report, args.out)
     cmd_status(argparse.Namespace(out=args.out, json=False, stage=report.stage), config)
-    bags = FeatureBags(join(args.out, embed.stage), join(slides, "labels.csv"))
-    print(f"feature bags: {len(bags)} slides, {bags.dim}-d, in {join(args.out, embed.stage)}")
-    return 0
+    features = join(args.out, embed.stage)
+    bags = FeatureBags(features, join(slides, "labels.csv"))
+    print(f"feature bags: {len(bags)} slides, {bags.dim}-d, in {features}")
+    print("demo: MHIM-MIL on ABMIL (teacher = a baseline trained first on each fold)")
+    train_args = argparse.Namespace(kind="mhim", name="demo-mhim-abmil", out=args.out, features=features,
+                                    labels=join(slides, "labels.csv"))  # fmt: skip
+    if status := cmd_train(train_args, config):
+        return status
+    run_dir = join(args.out, "runs", "demo-mhim-abmil")
+    predict_args = argparse.Namespace(run=run_dir, features=features, output=None, heatmaps=True, slides=None)
+    return cmd_predict(predict_args, config)

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -280,6 +281,7 @@ def train_fold(config: dict[str, Any]) -> None:
             break
         gen.manual_seed(job.seed * 1000 + rank + 7919 * epoch)  # a resumed epoch draws the same masks
         torch.manual_seed(job.seed * 1000 + rank + 7919 * epoch + 1)
+        started = time.perf_counter()
         model.train()
         losses = []
         for i, slide_id in enumerate(shard_with_padding(job.train_ids, job.seed, epoch, rank, world)):
@@ -300,6 +302,7 @@ def train_fold(config: dict[str, Any]) -> None:
         metrics = _val_metrics(job, val_probs, val_loss)
         metrics["train_loss"] = float(np.mean([x for part in gather_objects(losses) for x in part]))
         metrics["epoch"] = epoch
+        metrics["epoch_s"] = time.perf_counter() - started  # training and validation, not checkpointing
         if stopper.update(epoch, metrics):
             best_state = copy.deepcopy(model.state_dict())
         history.append(metrics)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from trainers.data import LabelledBags, TrainDataError
 
@@ -38,19 +38,30 @@ class FoldSplit:
 
 
 def _group_kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str) -> list[np.ndarray]:
-    """Test-part indices of a stratified group k-fold; an error when there are too few patients."""
+    """Test-part indices of a stratified k-fold that keeps each patient in one part (exactly stratified
+    when every patient has one slide); an error when there are too few patients."""
     n_groups = len(set(groups.tolist()))
     if n_groups < k:
         raise TrainDataError(f"{what}: {k} folds need at least {k} patients, have {n_groups}")
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    if n_groups == len(groups):
+        splitter: StratifiedKFold | StratifiedGroupKFold = StratifiedKFold(k, shuffle=True, random_state=seed)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
 
 
 def _carve_val(data: LabelledBags, train: np.ndarray, val_frac: float, seed: int, fold: int) -> np.ndarray:
+    """A validation part of about `val_frac` of the training part: the first candidate holding every class
+    (small data sets can leave a class out of some candidates)."""
     y = np.asarray(data.targets)[train]
     groups = np.asarray(data.patients)[train]
     k = max(2, round(1.0 / val_frac))
-    return train[_group_kfold(y, groups, k, seed, f"validation split of fold {fold}")[0]]
+    candidates = _group_kfold(y, groups, k, seed, f"validation split of fold {fold}")
+    n_classes = len(data.classes)
+    for part in candidates:
+        if len(set(y[part].tolist())) == n_classes:
+            return train[part]
+    return train[candidates[0]]  # `_check` names the missing class
 
 
 def _check(data: LabelledBags, split: FoldSplit) -> None:

@@ -132,6 +132,7 @@ class TrainConfig(_Section):
     parallel_folds: int | None = Field(default=None, ge=1)  # null: as many as the cluster's CPUs allow
     max_failures: int = Field(default=2, ge=0)  # worker restarts per fold before giving up
     cache_mb: int = Field(default=2048, ge=0)  # bags kept in memory per worker
+    standardize: bool = True  # centre and scale features by the training part's statistics (see yaml)
     mhim: MHIMConfig = Field(default_factory=MHIMConfig)
 
 

@@ -178,6 +178,24 @@ class MHIMStep:
             ema_update(self.teacher, student, self.momentum(step))
 
 
+def feature_statistics(ids: list[str], cache: BagCache) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and ONE scale (the root mean variance over dimensions) over every instance of the
+    given (training) bags. A single scale fixes the features' magnitude without amplifying near-constant
+    dimensions (per-dimension z-scores blow float16 noise up into features the model memorises)."""
+    total = squares = None
+    count = 0
+    for slide_id in ids:
+        x = cache.get(slide_id).features.double()
+        total = x.sum(0) if total is None else total + x.sum(0)
+        squares = (x * x).sum(0) if squares is None else squares + (x * x).sum(0)
+        count += x.shape[0]
+    assert total is not None and squares is not None
+    mean = total / count
+    var = (squares / count - mean * mean).clamp_min(0.0)
+    scale = var.mean().sqrt()
+    return mean.float(), torch.full_like(mean, float(scale)).float()
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         try:
@@ -253,6 +271,8 @@ def train_fold(config: dict[str, Any]) -> None:
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
     stopper = EarlyStopping(cfg["monitor"], cfg["patience"], cfg["min_epochs"])
     cache = BagCache(FeatureBags(job.features), cfg["cache_mb"])
+    if cfg["standardize"]:
+        model.embed.set_statistics(*feature_statistics(job.train_ids, cache))
     steps_per_epoch = len(shard_with_padding(job.train_ids, job.seed, 0, rank, world))
     mhim = None
     if job.kind == "mhim":

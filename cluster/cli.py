@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--out", default="slidestream-demo", help="output directory (default: ./slidestream-demo)"
     )
-    demo.add_argument("--n-slides", type=int, default=16)
+    demo.add_argument("--n-slides", type=int, default=24)
 
     synth = commands.add_parser("synth", parents=[common], help="write synthetic H&E-like slides")
     synth.add_argument("--out", required=True, help="directory or s3:// prefix")

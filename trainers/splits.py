@@ -44,10 +44,14 @@ def _group_kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str
     if n_groups < k:
         raise TrainDataError(f"{what}: {k} folds need at least {k} patients, have {n_groups}")
     if n_groups == len(groups):
-        splitter: StratifiedKFold | StratifiedGroupKFold = StratifiedKFold(k, shuffle=True, random_state=seed)
-    else:
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [test for _, test in splitter.split(np.zeros(len(y)), y, groups)]
+        counts = np.bincount(y)
+        smallest = int(counts[counts > 0].min())
+        if smallest < k:
+            raise TrainDataError(f"{what}: {k} folds need {k} slides of each class, one class has {smallest}")
+        splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
+        return [test for _, test in splitter.split(np.zeros(len(y)), y)]
+    group_splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [test for _, test in group_splitter.split(np.zeros(len(y)), y, groups)]
 
 
 def _carve_val(data: LabelledBags, train: np.ndarray, val_frac: float, seed: int, fold: int) -> np.ndarray:
@@ -55,7 +59,8 @@ def _carve_val(data: LabelledBags, train: np.ndarray, val_frac: float, seed: int
     (small data sets can leave a class out of some candidates)."""
     y = np.asarray(data.targets)[train]
     groups = np.asarray(data.patients)[train]
-    k = max(2, round(1.0 / val_frac))
+    counts = np.bincount(y)
+    k = max(2, min(round(1.0 / val_frac), int(counts[counts > 0].min())))  # small sets: a larger val part
     candidates = _group_kfold(y, groups, k, seed, f"validation split of fold {fold}")
     n_classes = len(data.classes)
     for part in candidates:

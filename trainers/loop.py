@@ -63,6 +63,7 @@ class FoldJob:
     mhim: dict[str, Any] | None = None  # resolved MHIM parameters (kind == "mhim")
     teacher_weights: str | None = None  # weights file of the baseline that initialises the teacher
     depends_on: list[str] = field(default_factory=list)  # jobs whose results must exist first
+    reporter: str = "train"  # "train": inside a TorchTrainer; "tune": a sweep trial running the loop itself
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
@@ -237,22 +238,31 @@ def _val_metrics(job: FoldJob, probs: np.ndarray, loss: float) -> dict[str, floa
     return {"val_loss": loss, "val_auc": classification_metrics(y, probs, job.classes)["auc"]}
 
 
-def _report(metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-    """Report an epoch to Ray Train; rank 0 attaches the checkpoint (a barrier: every rank calls it)."""
+def _session(reporter: str) -> Any:
+    """The module whose `report` / `get_checkpoint` / `Checkpoint` serve this loop: Ray Train in a
+    TorchTrainer, Ray Tune when a sweep trial runs the loop itself (per-epoch results feed its scheduler)."""
+    if reporter == "tune":
+        import ray.tune
+
+        return ray.tune
     import ray.train
 
+    return ray.train
+
+
+def _report(reporter: str, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+    """Report an epoch; rank 0 attaches the checkpoint (a barrier: every rank calls it)."""
+    session = _session(reporter)
     if state is None:
-        ray.train.report(metrics)
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory(prefix="slidestream-ckpt-") as tmp:
         torch.save(state, os.path.join(tmp, _STATE_FILE))
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, checkpoint=session.Checkpoint.from_directory(tmp))
 
 
-def _restore() -> dict[str, Any] | None:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
+def _restore(reporter: str) -> dict[str, Any] | None:
+    checkpoint = _session(reporter).get_checkpoint()
     if checkpoint is None:
         return None
     with checkpoint.as_directory() as path:
@@ -282,7 +292,7 @@ def train_fold(config: dict[str, Any]) -> None:
         mhim.teacher.to(device)
 
     start, history, best_state = 0, [], copy.deepcopy(model.state_dict())
-    saved = _restore()
+    saved = _restore(job.reporter)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -348,7 +358,7 @@ def train_fold(config: dict[str, Any]) -> None:
                 "history": history,
                 "teacher": mhim.teacher.state_dict() if mhim else None,
             }
-        _report(dict(metrics), state)
+        _report(job.reporter, dict(metrics), state)
 
     model.load_state_dict(best_state)
     _finish(job, model, cache, device, history, stopper.best_epoch)

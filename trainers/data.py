@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-from pipelines.features import Bag, FeatureBags
+from pipelines.features import Bag, FeatureBagError, FeatureBags
 
 __all__ = ["BagCache", "LabelledBags", "TrainDataError"]
+
+_CHECK_THREADS = 8
+_PROBLEMS_SHOWN = 5
 
 
 class TrainDataError(ValueError):
@@ -40,7 +44,8 @@ class LabelledBags:
 
     @classmethod
     def open(cls, features: str, labels: str, classes: list[str] | None = None) -> LabelledBags:
-        """Join a bag directory with a labels file; every labelled slide needs a bag (else an error)."""
+        """Join a bag directory with a labels file; every labelled slide needs a bag (else an error), and
+        every bag must be readable, non-empty and finite (checked here, before a run writes anything)."""
         bags = FeatureBags(features, labels)
         table = bags.label_table()
         slide_ids = [str(s) for s in table.column("slide_id").to_pylist()]
@@ -70,6 +75,7 @@ class LabelledBags:
             return [str(v).strip() for v in values]
 
         patients = column("patient_id") or list(slide_ids)
+        _check_bags(bags, slide_ids)
         return cls(
             features=features,
             labels=labels,
@@ -84,6 +90,28 @@ class LabelledBags:
 
     def target_of(self) -> dict[str, int]:
         return dict(zip(self.slide_ids, self.targets, strict=True))
+
+
+def _check_bags(bags: FeatureBags, slide_ids: list[str]) -> None:
+    """Read every bag once (a few at a time): an empty, non-finite or unreadable bag is refused up front
+    instead of failing, after the run's files are written, every fold that meets it."""
+
+    def problem(slide_id: str) -> str | None:
+        try:
+            bags.load(slide_id)  # checks rows, nulls, D and NaN/inf
+        except FeatureBagError as exc:
+            return str(exc)
+        return None
+
+    with ThreadPoolExecutor(max(1, min(_CHECK_THREADS, len(slide_ids)))) as pool:
+        problems = [p for p in pool.map(problem, slide_ids) if p is not None]
+    if problems:
+        more = len(problems) - _PROBLEMS_SHOWN
+        raise TrainDataError(
+            f"{len(problems)} feature bag(s) in {bags.root} cannot be trained: "
+            + "; ".join(problems[:_PROBLEMS_SHOWN])
+            + (f"; … and {more} more" if more > 0 else "")
+        )
 
 
 class BagCache:

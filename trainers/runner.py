@@ -121,7 +121,7 @@ class Run:
         plan = self.plan()
         if fs.exists(path):
             saved = json.loads(read_bytes(join(self.run_dir, RUN_FILE)))
-            changed = sorted(k for k in plan if saved.get(k) != plan[k])
+            changed = _changed_settings(saved, plan)
             if changed:
                 raise TrainDataError(
                     f"run {self.name!r} already exists in {self.run_dir} with different "
@@ -227,6 +227,22 @@ class Run:
         training_curves({name: r["history"] for name, r in results.items()}, join(self.run_dir, "curves.png"))
         write_bytes_atomic(join(self.run_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())
         return RunSummary(self.name, self.run_dir, metrics)
+
+
+def _changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the plan entries that differ (e.g. `train.model ('abmil' → 'dsmil')`)."""
+    changed = []
+    for key in sorted(set(saved) | set(plan)):
+        old, new = saved.get(key), plan.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += _changed_settings(old, new, f"{prefix}{key}.")
+        elif isinstance(old, list | dict) or isinstance(new, list | dict):
+            changed.append(prefix + key)
+        else:
+            changed.append(f"{prefix}{key} ({old!r} → {new!r})")
+    return changed
 
 
 def _done(job: FoldJob) -> bool:

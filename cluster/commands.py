@@ -159,6 +159,24 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace, config: Config) -> int:
+    from trainers.tune import run_sweep
+
+    features = _features_dir(args)
+    space, trials = args.space, args.trials
+    summary = run_sweep(args.kind, args.name, args.out, features, args.labels, space, config, trials)
+    monitor = config.train.monitor
+    keys = list(summary.best_params)
+    print(f"{'trial':<22} " + " ".join(f"{k[-18:]:>18}" for k in keys) + f" {monitor:>10} {'epochs':>6}")
+    for row in sorted(summary.table, key=lambda r: str(r["trial"])):
+        cells = " ".join(f"{str(row[k])[:18]:>18}" for k in keys)
+        print(f"{str(row['trial'])[-22:]:<22} {cells} {row[monitor]:>10.4f} {row['epochs']:>6}")
+    print(f"best: {summary.best_params}")
+    print(f"  best config: {summary.best_config}  (slidestream train … --config {summary.best_config})")
+    print(f"  results: {join(summary.sweep_dir, 'results.csv')}, {join(summary.sweep_dir, 'results.png')}")
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     from trainers.predict import predict_run
 
@@ -169,6 +187,12 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     if args.heatmaps:
         print(f"  heatmaps: {len(report.heatmaps)} written, {len(report.heatmap_failures)} skipped")
     return 0
+
+
+def cmd_submit(args: argparse.Namespace, config: Config) -> int:
+    from cluster.submit import submit
+
+    return submit(args)
 
 
 def cmd_demo(args: argparse.Namespace, config: Config) -> int:

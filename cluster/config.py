@@ -168,18 +168,33 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _apply_override(raw: dict[str, Any], assignment: str) -> None:
-    key, sep, value = assignment.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for depth, part in enumerate(parts[:-1]):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a section")
+            raise ConfigError(f"{where} {key}: {'.'.join(parts[: depth + 1])} is not a section")
         node = child
-    node[parts[-1]] = _parse_scalar(value)
+    node[parts[-1]] = value
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    _set_dotted(raw, key, _parse_scalar(value), "--set")
+
+
+def with_values(config: Config, values: dict[str, Any], where: str = "setting") -> Config:
+    """A copy of `config` with dotted keys set to (already parsed) values, validated like `--set`."""
+    raw = config.model_dump(mode="json")
+    for key, value in values.items():
+        _set_dotted(raw, key, value, where)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
 
 
 def _describe(error: ValidationError) -> str:

@@ -146,28 +146,17 @@ class Run:
 
     def jobs(self) -> list[FoldJob]:
         """Every fold job in dependency order (an MHIM fold after the baseline that seeds its teacher)."""
-        train = self.train.model_dump(mode="json")
-        targets = self.data.target_of()
+        jobs_dir = join(self.run_dir, "jobs")
         jobs: list[FoldJob] = []
-
-        def job(kind: str, split: FoldSplit, **extra: Any) -> FoldJob:
-            name = f"{kind}-{split.name}"
-            return FoldJob(
-                name=name, kind=kind, seed=split.seed, fold=split.fold, train_ids=split.train,
-                val_ids=split.val, test_ids=split.test,
-                targets={s: targets[s] for s in (*split.train, *split.val, *split.test)},
-                classes=self.data.classes, features=self.features, dim=self.data.dim,
-                result_dir=join(self.run_dir, "jobs", name), train=train, **extra,
-            )  # fmt: skip
-
         for split in self.splits:
             if self.kind == "mil":
-                jobs.append(job("mil", split))
+                jobs.append(make_job("mil", split, self.data, self.train, jobs_dir))
                 continue
             weights, needs = self._teacher_weights(split)
             if needs:
-                jobs.append(job("mil", split))
-            jobs.append(job("mhim", split, mhim=self.mhim, teacher_weights=weights, depends_on=needs))
+                jobs.append(make_job("mil", split, self.data, self.train, jobs_dir))
+            extra = {"mhim": self.mhim, "teacher_weights": weights, "depends_on": needs}
+            jobs.append(make_job("mhim", split, self.data, self.train, jobs_dir, **extra))
         return jobs
 
     # -- execution ----------------------------------------------------------------------------------------
@@ -245,6 +234,20 @@ def _changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str =
     return changed
 
 
+def make_job(
+    kind: str, split: FoldSplit, data: LabelledBags, train: TrainConfig, jobs_dir: str, **extra: Any
+) -> FoldJob:
+    """The FoldJob that trains `kind` on one split; its results go to `jobs_dir/<kind>-<split>`."""
+    name = f"{kind}-{split.name}"
+    targets = data.target_of()
+    return FoldJob(
+        name=name, kind=kind, seed=split.seed, fold=split.fold, train_ids=split.train, val_ids=split.val,
+        test_ids=split.test, targets={s: targets[s] for s in (*split.train, *split.val, *split.test)},
+        classes=data.classes, features=data.features, dim=data.dim, result_dir=join(jobs_dir, name),
+        train=train.model_dump(mode="json"), **extra,
+    )  # fmt: skip
+
+
 def _done(job: FoldJob) -> bool:
     fs, path = filesystem(join(job.result_dir, RESULT_FILE))
     return fs.exists(path)
@@ -306,7 +309,7 @@ def _describe(exc: BaseException) -> str:
     return text[-1] if text else type(exc).__name__
 
 
-def _storage(path: str) -> tuple[str, Any]:
+def train_storage(path: str) -> tuple[str, Any]:
     """Ray Train `storage_path` and `storage_filesystem` for a local path or an s3:// URI."""
     if is_local(path):
         return filesystem(path)[1], None
@@ -324,7 +327,7 @@ def fit_job(job: FoldJob, train: TrainConfig, storage: str) -> None:
 
     use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and train.gpus_per_worker > 0
     resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
-    storage_path, storage_fs = _storage(storage)
+    storage_path, storage_fs = train_storage(storage)
     trainer = TorchTrainer(
         train_fold,
         train_loop_config=job.to_config(),

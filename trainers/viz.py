@@ -35,6 +35,7 @@ __all__ = [
     "rank_normalise",
     "slide_heatmap",
     "slide_thumbnail",
+    "sweep_plot",
     "training_curves",
 ]
 
@@ -296,3 +297,31 @@ def training_curves(
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
     write_bytes_atomic(out_uri, _png(fig))
     return drawn
+
+
+def sweep_plot(
+    rows: Sequence[Mapping[str, object]], params: Sequence[str], metric: str, out_uri: str
+) -> None:
+    """One panel per swept parameter: each trial's best `metric` against the parameter's value (log axis
+    when the values span more than two decades; categories spread along the axis); PNG to `out_uri`."""
+    fig = Figure(figsize=(3.6 * max(1, len(params)), 3.2), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, max(1, len(params)), squeeze=False)[0]
+    ys = np.asarray([float(r[metric]) for r in rows])  # type: ignore[arg-type]
+    best = int(np.nanargmin(ys) if metric.endswith("loss") else np.nanargmax(ys))
+    for ax, param in zip(axes, params, strict=False):
+        values = [r[param] for r in rows]
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            xs = np.asarray(values, dtype=float)
+            if xs.min() > 0 and xs.max() / xs.min() > 100:
+                ax.set_xscale("log")
+        else:
+            labels = sorted({str(v) for v in values})
+            xs = np.asarray([labels.index(str(v)) for v in values], dtype=float)
+            ax.set_xticks(range(len(labels)), labels)
+        ax.scatter(xs, ys, s=24, color="tab:blue", alpha=0.8)
+        ax.scatter(xs[best], ys[best], s=80, facecolors="none", edgecolors="tab:red", label="best")
+        ax.set_xlabel(param)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    write_bytes_atomic(out_uri, _png(fig))

@@ -185,7 +185,8 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
     )
     print(f"predicted {report.n_slides} slides → {report.predictions}")
     if args.heatmaps:
-        print(f"  heatmaps: {len(report.heatmaps)} written, {len(report.heatmap_failures)} skipped")
+        where = report.heatmaps[0].rsplit("/", 1)[0] if report.heatmaps else "-"
+        print(f"  heatmaps: {len(report.heatmaps)} written, {len(report.heatmap_failures)} skipped → {where}")
     return 0
 
 

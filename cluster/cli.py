@@ -171,6 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--wait-nodes-s", type=float, default=900, help="how long --gpus/--cpus wait for nodes (seconds)"
     )
     submit.add_argument(
+        "--no-working-dir",
+        action="store_true",
+        help="do not upload the project: the nodes run the slidestream they have installed",
+    )
+    submit.add_argument(
         "--no-credentials",
         action="store_true",
         help="pass only the endpoint/region, not the access keys (the cluster has its own role/identity)",

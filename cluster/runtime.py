@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -18,6 +19,8 @@ log = logging.getLogger(__name__)
 # Ray's default makes short epochs (small MIL data sets) spend most of their time waiting.
 TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 TRAIN_POLL_DEFAULT_S = "0.2"
+# Set by Ray for the driver of a submitted job: the job's config, runtime env included.
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def runtime_env_vars() -> dict[str, str]:
@@ -27,12 +30,26 @@ def runtime_env_vars() -> dict[str, str]:
     return env
 
 
+def driver_runtime_env() -> dict | None:
+    """The runtime env a driver asks for. Inside a Ray job (`slidestream submit`, `ray job submit`) the
+    job's runtime env already applies to every worker, and Ray refuses a variable set in both: only the
+    variables the job does not set are added."""
+    env = runtime_env_vars()
+    if job_config := os.environ.get(JOB_CONFIG_ENV):
+        try:
+            job_vars = (json.loads(job_config).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):
+            job_vars = {}
+        env = {name: value for name, value in env.items() if name not in job_vars}
+    return {"env_vars": env} if env else None
+
+
 def ensure_ray(config: RayConfig) -> None:
     """Connect to `config.address`, or start a local instance; a no-op when Ray is already up."""
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS")
         kwargs: dict = {
-            "runtime_env": {"env_vars": runtime_env_vars()},
+            "runtime_env": driver_runtime_env(),
             "include_dashboard": False,
             "log_to_driver": True,
             "configure_logging": False,

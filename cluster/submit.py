@@ -180,8 +180,10 @@ def exit_code(info) -> int:
 def submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
-    if not args.verbose:  # Ray's packaging chatter (which files it skips, upload names)
-        logging.getLogger("ray").setLevel(logging.ERROR)
+    if not args.verbose:  # Ray's chatter (files skipped, upload names, websocket closed)
+        for name in ["ray", *logging.root.manager.loggerDict]:
+            if name == "ray" or name.startswith("ray."):
+                logging.getLogger(name).setLevel(logging.ERROR)
 
     address = resolve_address(args.address)
     command = args.job_command[1:] if args.job_command[:1] == ["--"] else list(args.job_command)
@@ -193,7 +195,7 @@ def submit(args: argparse.Namespace) -> int:
     try:
         client = JobSubmissionClient(address, headers=auth_headers())
         job_id = client.submit_job(entrypoint=entry, runtime_env=env, submission_id=args.job_id)
-    except (ConnectionError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # unreachable, refused (auth), rejected runtime env: say why, in one line
         _say(f"cannot submit to {address}: {exc}")
         return EXIT_NOT_SUBMITTED
     forwarded = ", ".join(sorted(env["env_vars"])) or "none"
@@ -208,7 +210,7 @@ def submit(args: argparse.Namespace) -> int:
     try:
         try:
             asyncio.run(_follow(client, job_id, sink))
-        except RuntimeError as exc:  # the log stream broke: poll, then print what was missed
+        except Exception as exc:  # the log stream broke: poll, then print what was missed
             _say(f"log stream interrupted ({exc}); waiting for the job to end")
             info = _wait_terminal(client, job_id, timeout=float("inf"))
             sink.write(client.get_job_logs(job_id)[sink.seen :])
@@ -220,6 +222,8 @@ def submit(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     code = exit_code(info)
     detail = f" (exit code {code})" if code else ""
-    message = f": {info.message}" if code and info.message else ""
+    message = ""
+    if code and info.message:  # Ray's message repeats the end of the log, already shown: its first part
+        message = ": " + info.message.split(", last available logs")[0].splitlines()[0]
     _say(f"job {job_id} {info.status}{detail}{message}")
     return code

@@ -18,6 +18,7 @@ from support.localhead import LocalHead, free_port
 from cluster import job_entry, submit
 from cluster.cli import build_parser, main
 from cluster.runtime import JOB_CONFIG_ENV, driver_runtime_env
+from cluster.storage import STORAGE_ENV_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SECRET = "fake-secret-Zq8yXv2Lr5"  # a test value that must never be printed
@@ -75,6 +76,8 @@ def test_runtime_env_carries_project_and_storage_variables(monkeypatch):
 
 def test_driver_inside_a_job_does_not_repeat_the_jobs_variables(monkeypatch):
     """Ray refuses a driver runtime env that sets a variable the job's runtime env sets too."""
+    for name in STORAGE_ENV_VARS:  # an S3 server fixture earlier in the session may have set some
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://s3.local:9000")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     assert driver_runtime_env()["env_vars"]["AWS_ENDPOINT_URL"] == "http://s3.local:9000"

@@ -34,6 +34,7 @@ __all__ = [
     "RunSummary",
     "TrainingError",
     "fit_job",
+    "fit_loop",
     "format_table",
     "resolve_mhim",
     "run_training",
@@ -86,19 +87,35 @@ class RunSummary:
 class Run:
     """One named training run under an output root."""
 
-    def __init__(self, kind: str, name: str, out: str, features: str, labels: str, config: Config) -> None:
+    def __init__(
+        self,
+        kind: str,
+        name: str,
+        out: str,
+        features: str,
+        labels: str,
+        config: Config,
+        run_dir: str | None = None,
+        fold: int | None = None,
+    ) -> None:
+        """`run_dir` places the run elsewhere than OUT/runs/NAME; `fold` keeps only that split of the first
+        seed (ICMIL trains one split per round)."""
         if kind not in KINDS:
             raise TrainDataError(f"unknown training kind {kind!r}; choose one of {KINDS}")
         if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise TrainDataError(f"--name must be a plain name (no slashes), got {name!r}")
         self.kind, self.name, self.config = kind, name, config
         self.train = config.train
-        self.run_dir = join(out, "runs", name)
+        self.run_dir = run_dir or join(out, "runs", name)
         self.features, self.labels = features, labels
         self.data = LabelledBags.open(features, labels, self.train.classes)
         self.splits = make_splits(
             self.data, self.train.folds, self.train.seeds, self.train.val_frac, self.train.protocol
         )
+        if fold is not None:
+            self.splits = [s for s in self.splits if s.seed == self.train.seeds[0] and s.fold == fold]
+            if not self.splits:
+                raise TrainDataError(f"fold {fold} does not exist in the fold plan of {labels}")
         self.mhim = resolve_mhim(self.train) if kind == "mhim" else None
 
     # -- plan ---------------------------------------------------------------------------------------------
@@ -319,32 +336,39 @@ def train_storage(path: str) -> tuple[str, Any]:
     return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def fit_job(job: FoldJob, train: TrainConfig, storage: str) -> None:
-    """Train one fold with Ray Train (resuming from its last checkpoint when there is one)."""
+def fit_loop(loop: Any, loop_config: dict[str, Any], name: str, resources: Any, storage: str) -> None:
+    """Run `loop(loop_config)` on Ray Train workers as run `name` under `storage` (resuming from its last
+    checkpoint when there is one). `resources`: any settings object with workers, cpus_per_worker,
+    gpus_per_worker and max_failures (TrainConfig, ICMILConfig)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and train.gpus_per_worker > 0
-    resources = {"CPU": train.cpus_per_worker, **({"GPU": train.gpus_per_worker} if use_gpu else {})}
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     storage_path, storage_fs = train_storage(storage)
     trainer = TorchTrainer(
-        train_fold,
-        train_loop_config=job.to_config(),
+        loop,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=train.workers,
+            num_workers=resources.workers,
             use_gpu=use_gpu,
-            resources_per_worker=resources if train.workers else None,
+            resources_per_worker=per_worker if resources.workers else None,
         ),
         run_config=RunConfig(
-            name=job.name,
+            name=name,
             storage_path=storage_path,
             storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=train.max_failures),
+            failure_config=FailureConfig(max_failures=resources.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
     trainer.fit()
+
+
+def fit_job(job: FoldJob, train: TrainConfig, storage: str) -> None:
+    """Train one fold with Ray Train (resuming from its last checkpoint when there is one)."""
+    fit_loop(train_fold, job.to_config(), job.name, train, storage)
     if not _done(job):
         raise TrainingError(f"{job.name}: training ended without writing {RESULT_FILE}")
 

@@ -33,6 +33,7 @@ from pipelines.regions import on_white
 __all__ = [
     "attention_heatmap",
     "rank_normalise",
+    "round_metrics",
     "slide_heatmap",
     "slide_thumbnail",
     "sweep_plot",
@@ -324,4 +325,26 @@ def sweep_plot(
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    write_bytes_atomic(out_uri, _png(fig))
+
+
+def round_metrics(rows: Sequence[Mapping[str, object]], metrics: Sequence[str], out_uri: str) -> None:
+    """Rounds side by side (ICMIL): one group of bars per metric, one bar per round, values printed on
+    the bars; PNG to `out_uri`."""
+    fig = Figure(
+        figsize=(1.6 + 1.2 * len(metrics) * max(1, len(rows)) / 2, 3.4), dpi=_DPI, layout="constrained"
+    )
+    ax = fig.subplots()
+    width = 0.8 / max(1, len(rows))
+    palette = colormaps["tab10"]
+    for k, row in enumerate(rows):
+        values = [float(row.get(m, math.nan)) for m in metrics]  # type: ignore[arg-type]
+        xs = np.arange(len(metrics)) + (k - (len(rows) - 1) / 2) * width
+        bars = ax.bar(xs, values, width, color=palette(k % palette.N), label=f"round {row['round']}")
+        ax.bar_label(bars, fmt="%.3f", fontsize=7)
+    ax.set_xticks(range(len(metrics)), list(metrics))
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("test")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
     write_bytes_atomic(out_uri, _png(fig))

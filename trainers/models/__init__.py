@@ -16,6 +16,7 @@ MODELS: dict[str, tuple[str, str]] = {
     "dsmil": ("trainers.models.dsmil", "DSMIL"),
     "clam_sb": ("trainers.models.clam", "CLAMSB"),
     "dtfd": ("trainers.models.dtfd", "DTFDMIL"),
+    "maxpool": ("trainers.models.maxpool", "MaxPoolMIL"),
 }
 
 

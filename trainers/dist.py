@@ -13,7 +13,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["average_gradients", "gather_objects", "rank_and_world", "shard_with_padding"]
+__all__ = [
+    "average_gradients",
+    "gather_objects",
+    "gather_with_grad",
+    "rank_and_world",
+    "shard_with_padding",
+    "sum_over_ranks",
+]
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -49,6 +56,44 @@ def gather_objects(value: Any) -> list[Any]:
     out: list[Any] = [None] * world
     dist.all_gather_object(out, value)
     return out
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gathered gradient over ranks and keeps this rank's
+    slice (torch.distributed.all_gather alone carries no gradient back to the other ranks' inputs)."""
+
+    @staticmethod
+    def forward(ctx: Any, part: torch.Tensor) -> torch.Tensor:
+        rank, world = rank_and_world()
+        ctx.rank, ctx.rows = rank, part.shape[0]
+        parts = [torch.empty_like(part) for _ in range(world)]
+        dist.all_gather(parts, part.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(part: torch.Tensor) -> torch.Tensor:
+    """Every rank's `part` (same shape on all ranks) concatenated in rank order, differentiable: the
+    gradient reaching this rank's `part` is the sum over ranks of the gradients of its gathered copy."""
+    _, world = rank_and_world()
+    if world == 1:
+        return part
+    return _GatherWithGrad.apply(part)
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The sum of a (detached) tensor over ranks; the value itself in a single process."""
+    _, world = rank_and_world()
+    if world == 1:
+        return value
+    total = value.detach().clone()
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total
 
 
 def shard_with_padding(items: list[str], seed: int, epoch: int, rank: int, world: int) -> list[str]:

@@ -298,6 +298,13 @@ def _needs_work(slide: SlideRef, previous: LedgerEntry | None) -> bool:
     return previous.status == "failed" and not previous.permanent
 
 
+def slides_to_do(
+    slides: list[SlideRef], state: dict[tuple[str, str], LedgerEntry], stages: list[str]
+) -> list[SlideRef]:
+    """The ledger diff: slides that are new, changed, or failed transiently in any of `stages`."""
+    return [s for s in slides if any(_needs_work(s, state.get((st, s.slide_id))) for st in stages)]
+
+
 def committed_shards(out: str, tiling: TilingConfig) -> dict[str, list[str]]:
     """URIs of the committed shards per ingested slide: what readers of the tiles should open."""
     stage = tiles_stage(tiling)
@@ -331,17 +338,20 @@ def run_ingest(
     config: Config,
     embed: EmbedStage | None = None,
     progress_callback: Any = None,
+    discovery: Discovery | None = None,
 ) -> IngestReport:
     """Ingest every new or changed slide under `slides` into `out`; returns what happened.
 
     With `embed`, the same stream also feeds the embedding actors: each tile is read once, and a slide's
-    shards and feature bag are committed together.
+    shards and feature bag are committed together. `discovery` replaces listing `slides` (a caller that
+    has already chosen the slides, e.g. `watch`).
     """
     started = time.monotonic()
     stage = tiles_stage(config.tiling)
     stage_uri = join(out, stage)
     report = IngestReport(stage=stage, out=out)
-    discovery: Discovery = discover_slides(slides, config.ingest.slide_extensions)
+    if discovery is None:
+        discovery = discover_slides(slides, config.ingest.slide_extensions)
     report.discovered = len(discovery.slides) + len(discovery.missing)
     report.ignored_files = len(discovery.ignored)
 
@@ -361,7 +371,7 @@ def run_ingest(
     report.failed.update({e.slide_id: e.error or "" for e in missing})
 
     stages = [stage] if embed is None else [stage, embed.stage]
-    todo = [s for s in discovery.slides if any(_needs_work(s, state.get((st, s.slide_id))) for st in stages)]
+    todo = slides_to_do(discovery.slides, state, stages)
     report.skipped_unchanged = len(discovery.slides) - len(todo)
     if todo:
         ensure_ray(config.ray)

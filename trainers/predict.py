@@ -24,7 +24,7 @@ from trainers.loop import RESULT_FILE, WEIGHTS_FILE, load_weights
 from trainers.models import MILModel, build_model
 from trainers.runner import RUN_FILE
 
-__all__ = ["PredictReport", "load_run_models", "predict_run"]
+__all__ = ["PredictReport", "load_run_models", "predict_run", "predict_table", "write_table"]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,6 @@ def _slide_uris(features: str, slides: str | None) -> dict[str, str]:
     return {e.slide_id: e.uri for e in Ledger(out).entries(f"features/{key}") if e.status == "ok"}
 
 
-@torch.no_grad()
 def predict_run(
     run_dir: str,
     features: str,
@@ -79,6 +78,34 @@ def predict_run(
     slides: str | None = None,
 ) -> PredictReport:
     """Predict every bag in `features` with the run's models; write predictions (and heatmaps)."""
+    output = output or join(run_dir, "predict")
+    table, written, failures = predict_table(
+        run_dir, features, heatmaps_dir=join(output, "heatmaps") if heatmaps else None, slides=slides
+    )
+    predictions = join(output, "predictions.parquet")
+    write_table(predictions, table)
+    return PredictReport(predictions, table.num_rows, written, failures)
+
+
+def write_table(uri: str, table: pa.Table) -> None:
+    """One Parquet object, written atomically."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(uri, buffer.getvalue())
+
+
+@torch.no_grad()
+def predict_table(
+    run_dir: str,
+    features: str,
+    *,
+    slide_ids: list[str] | None = None,
+    heatmaps_dir: str | None = None,
+    slides: str | None = None,
+) -> tuple[pa.Table, list[str], dict[str, str]]:
+    """Predictions of the bags in `features` (all, or `slide_ids`) as a table `slide_id, prediction,
+    prob_<class>…`; with `heatmaps_dir`, a heatmap PNG per slide there. Returns the table, the heatmaps
+    written and the heatmaps skipped (slide → reason)."""
     plan, models = load_run_models(run_dir)
     bags = FeatureBags(features)
     if bags.dim != plan["dim"]:
@@ -86,12 +113,11 @@ def predict_run(
             f"features in {features} are {bags.dim}-d but run {run_dir} was trained on {plan['dim']}-d"
         )
     classes = plan["classes"]
-    output = output or join(run_dir, "predict")
-    uris = _slide_uris(features, slides) if heatmaps else {}
+    uris = _slide_uris(features, slides) if heatmaps_dir else {}
     rows: dict[str, list] = {"slide_id": [], "prediction": [], **{f"prob_{c}": [] for c in classes}}
     written: list[str] = []
     failures: dict[str, str] = {}
-    for slide_id in bags.slide_ids:
+    for slide_id in bags.slide_ids if slide_ids is None else slide_ids:
         bag = bags.load(slide_id)
         outs = [m(bag.features) for m in models]
         probs = (
@@ -101,20 +127,16 @@ def predict_run(
         rows["prediction"].append(classes[int(np.argmax(probs))])
         for c, name in enumerate(classes):
             rows[f"prob_{name}"].append(float(probs[c]))
-        if heatmaps:
+        if heatmaps_dir:
             scores = torch.stack([m.heatmap_scores(o) for m, o in zip(models, outs, strict=True)]).mean(0)
-            target = join(output, "heatmaps", f"{slide_id}.png")
+            target = join(heatmaps_dir, f"{slide_id}.png")
             try:
                 _heatmap(slide_id, uris, bags, bag.coords.numpy(), scores.numpy(), target, probs, classes)
                 written.append(target)
             except (SlideError, TrainDataError, OSError) as exc:
                 failures[slide_id] = str(exc)
                 log.warning("heatmap for slide %s skipped: %s", slide_id, exc)
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(rows), buffer)
-    predictions = join(output, "predictions.parquet")
-    write_bytes_atomic(predictions, buffer.getvalue())
-    return PredictReport(predictions, len(rows["slide_id"]), written, failures)
+    return pa.table(rows), written, failures
 
 
 def _heatmap(

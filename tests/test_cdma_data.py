@@ -1,0 +1,142 @@
+"""CDMA data: masks rasterised onto tiles (mask images, QuPath GeoJSON), the slide split, half-labelled
+batches, augmentations, segmentation metrics and the GeoJSON written from a predicted mask."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.annotations import AnnotationError, GeoJSONMask, MaskImage, Region, find_annotation
+from trainers.cdma_data import augment, half_batches, split_slides, steps_per_epoch
+from trainers.data import TrainDataError
+from trainers.seg_infer import mask_polygons
+from trainers.seg_metrics import segmentation_metrics
+
+CLASSES = ["background", "tumour"]
+
+
+def _png(path: Path, mask: np.ndarray) -> str:
+    Image.fromarray(mask.astype(np.uint8)).save(path)
+    return str(path)
+
+
+def test_mask_image_rasterised_onto_a_tile(tmp_path: Path) -> None:
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 3:6] = 255  # level-0 x 96..192, y 64..128 at downsample 32
+    source = MaskImage(_png(tmp_path / "s.tumour.png", mask), 32, "s", 2)
+    assert source.has_foreground()
+    tile = source.region(Region(64, 64, 16, 16, 8.0))  # a 128-px level-0 tile at 16 px
+    expected = np.zeros((16, 16), np.uint8)
+    expected[0:8, 4:16] = 1
+    np.testing.assert_array_equal(tile, expected)
+    outside = source.region(Region(1000, 1000, 4, 4, 8.0))
+    assert not outside.any()
+
+
+def test_mask_image_with_bad_class_values_names_the_slide(tmp_path: Path) -> None:
+    with pytest.raises(AnnotationError, match=r"slide_7.*value 3"):
+        MaskImage(_png(tmp_path / "m.png", np.array([[0, 3], [1, 0]])), 32, "slide_7", 2)
+
+
+def _square(x0: float, y0: float, side: float) -> list[list[float]]:
+    return [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side], [x0, y0]]
+
+
+def test_geojson_polygons_with_holes_and_classes(tmp_path: Path) -> None:
+    doc = {
+        "type": "FeatureCollection",
+        "features": [
+            {
+                "type": "Feature",
+                "geometry": {"type": "Polygon", "coordinates": [_square(0, 0, 64), _square(16, 16, 32)]},
+                "properties": {"classification": {"name": "tumour"}},
+            },
+            {"type": "Feature", "geometry": {"type": "MultiPolygon", "coordinates": [[_square(96, 0, 32)]]}},
+        ],
+    }
+    (tmp_path / "s.geojson").write_text(json.dumps(doc))
+    source = find_annotation(str(tmp_path), "s", ".tumour.png", 32, CLASSES)
+    assert isinstance(source, GeoJSONMask) and source.has_foreground()
+    grid = source.region(Region(0, 0, 16, 8, 8.0))
+    assert grid[0:8, 0:2].all() and grid[0:2, 0:8].all()  # the ring
+    assert not grid[3:5, 3:5].any()  # the hole
+    assert grid[0:4, 12:16].all() and not grid[5:8, 12:16].any()  # the unclassified polygon = class 1
+    doc["features"][0]["properties"]["classification"]["name"] = "stroma"
+    (tmp_path / "s.geojson").write_text(json.dumps(doc))
+    with pytest.raises(AnnotationError, match=r"s\.geojson feature 0.*'stroma'"):
+        find_annotation(str(tmp_path), "s", ".tumour.png", 32, CLASSES)
+    assert find_annotation(str(tmp_path), "other", ".tumour.png", 32, CLASSES) is None
+
+
+def test_predicted_polygons_rasterise_back_to_the_mask(tmp_path: Path) -> None:
+    mask = np.zeros((40, 50), np.uint8)
+    yy, xx = np.mgrid[:40, :50]
+    mask[(yy - 20) ** 2 + (xx - 18) ** 2 < 120] = 1
+    mask[(yy - 20) ** 2 + (xx - 18) ** 2 < 12] = 0  # a hole
+    mask[5:10, 35:45] = 1  # a second region
+    doc = mask_polygons(mask, 32.0, CLASSES)
+    assert len(doc["features"]) == 2
+    assert all(f["properties"]["classification"]["name"] == "tumour" for f in doc["features"])
+    assert max(len(f["geometry"]["coordinates"]) for f in doc["features"]) == 2  # outer ring + hole
+    (tmp_path / "p.geojson").write_text(json.dumps(doc))
+    back = GeoJSONMask(str(tmp_path / "p.geojson"), "p", CLASSES).region(Region(0, 0, 50, 40, 32.0))
+    assert segmentation_metrics(back == 1, mask == 1)["dice"] > 0.95
+
+
+def test_segmentation_metrics_by_hand() -> None:
+    truth = np.zeros((20, 20), bool)
+    truth[5:15, 5:15] = True
+    pred = np.zeros((20, 20), bool)
+    pred[5:15, 7:17] = True  # shifted two pixels right
+    m = segmentation_metrics(pred, truth, spacing=2.0)
+    assert m["dice"] == pytest.approx(2 * 80 / 200)
+    assert m["jaccard"] == pytest.approx(80 / 120)
+    assert m["hd95"] == pytest.approx(4.0)  # 2 px × 2 µm on the shifted edges
+    assert 0 < m["asd"] < 4.0
+    assert segmentation_metrics(truth, truth) == {"dice": 1.0, "jaccard": 1.0, "hd95": 0.0, "asd": 0.0}
+    empty = segmentation_metrics(np.zeros_like(truth), truth)
+    assert empty["dice"] == 0 and math.isnan(empty["hd95"])
+
+
+def test_split_is_stratified_and_keeps_roles_apart() -> None:
+    foreground = {f"s{i:02d}": i % 2 == 0 for i in range(12)}
+    split = split_slides(foreground, ["u0", "u1", "u2"], 0.1, test_frac=0.2, val_slides=1, seed=0)
+    assert len(split.test) == 2 and len(split.val) == 1 and len(split.labelled) == 1
+    assert any(foreground[s] for s in split.test) and foreground[split.labelled[0]]
+    roles = [split.labelled, split.unlabelled, split.val, split.test]
+    everything = [s for role in roles for s in role]
+    assert sorted(everything) == sorted([*foreground, "u0", "u1", "u2"])
+    assert split_slides(foreground, ["u0", "u1", "u2"], 0.1, 0.2, 1, 0) == split
+    with pytest.raises(TrainDataError, match="2 annotated slide"):
+        split_slides({"a": True, "b": False}, [], 0.1, 0.5, 1, 0)
+
+
+def test_half_batches_cover_both_parts_and_ranks_differ() -> None:
+    steps = steps_per_epoch(6, 20, 4, 2, None)
+    assert steps == 3
+    ranks = [list(half_batches(6, 20, 4, steps, 0, 1, r, 2)) for r in range(2)]
+    seen = np.concatenate([u for rank in ranks for _, u in rank])
+    assert len(set(seen.tolist())) == 20  # one pass over the unlabelled part per epoch
+    for lab, unl in ranks[0]:
+        assert len(lab) == 4 and len(unl) == 4 and lab.max() < 6
+    assert not np.array_equal(ranks[0][0][1], ranks[1][0][1])
+    again = list(half_batches(6, 20, 4, steps, 0, 1, 0, 2))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again, ranks[0], strict=True))
+
+
+def test_augment_moves_mask_with_image() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    y = x[:, 0].long()  # the mask equals channel 0, so any geometric change must match
+    xa, ya = augment(x, y, gen, noise_std=0.0, noise_p=0.0)
+    assert torch.equal(xa[:, 0].long(), ya)
+    changed = [not torch.equal(augment(x, y, gen, 0.0, 0.0)[0], x) for _ in range(10)]
+    assert any(changed)
+    noisy, _ = augment(x, None, gen, noise_std=0.1, noise_p=1.0)
+    assert 0.05 < (noisy - noisy.round()).abs().mean() < 0.2 or not torch.equal(noisy.round(), noisy)

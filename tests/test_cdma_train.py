@@ -1,0 +1,104 @@
+"""`slidestream train cdma` end to end on real synthetic slides: ingest → 2-worker Ray Train (gloo) for CDMA
+and the supervised-only run → slide inference on the held-out slide → metrics.json, masks, overlays,
+GeoJSON; a rerun resumes (nothing retrained), a changed setting is refused by name."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from support.helpers import make_config
+
+from cluster.cli import main
+from pipelines.annotations import GeoJSONMask, Region
+from pipelines.ingest import run_ingest
+from trainers.cdma import CDMAJob, make_optimizer, set_learning_rate
+from trainers.models.mtnet import build_mtnet
+
+TILING = ("tiling.mpp=2.0", "tiling.tile_px=64")
+SETTINGS = (
+    *TILING,
+    "ray.num_cpus=2",
+    "cdma.network=light",
+    "cdma.epochs=2",
+    "cdma.steps_per_epoch=2",
+    "cdma.batch_size=4",
+    "cdma.unsup_start_epoch=1",
+    "cdma.milestones=[1]",
+    "cdma.labelled_frac=0.5",
+    "cdma.test_frac=0.25",
+    "cdma.val_slides=1",
+    "cdma.workers=2",
+    "cdma.max_failures=0",
+)
+
+
+def test_learning_rate_groups_and_step_schedule() -> None:
+    cfg = make_config("cdma.lr=0.001", "cdma.milestones=[2,4]").cdma
+    optimizer = make_optimizer(build_mtnet(2, "light"), cfg)
+    lrs = {g["name"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs == pytest.approx(
+        {"pretrained_weight": 1e-3, "pretrained_bias": 2e-3, "new_weight": 1e-2, "new_bias": 2e-2}
+    )
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["weight_decay"] == 5e-4
+    assert [set_learning_rate(optimizer, cfg, e) for e in (0, 1, 2, 4)] == pytest.approx(
+        [1e-3, 1e-3, 1e-4, 1e-5]
+    )
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(2e-4)  # new biases: 20 × 1e-5
+
+
+@pytest.fixture(scope="module")
+def ingested(slide_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("cdma") / "out"
+    report = run_ingest(str(slide_root), str(out), make_config(*TILING))
+    assert not report.failed
+    return str(out)
+
+
+def test_train_cdma_end_to_end_with_resume(ray_local, slide_root: Path, ingested: str) -> None:
+    argv = ["train", "cdma", "--name", "seg", "--out", ingested, "--annotations", str(slide_root / "masks")]
+    overrides = [x for s in SETTINGS for x in ("--set", s)]
+    assert main([*argv, *overrides]) == 0
+    run = Path(ingested) / "runs" / "seg"
+    metrics = json.loads((run / "metrics.json").read_text())
+    split = metrics["split"]
+    assert len(split["test"]) == 1 and len(split["val"]) == 1 and len(split["labelled"]) == 1
+    assert set(metrics["runs"]) == {"cdma", "supervised"}
+    test_slide = split["test"][0]
+    for name, result in metrics["runs"].items():
+        (row,) = result["slides"]
+        assert row["slide_id"] == test_slide and row["windows"] > 0
+        assert 0 <= row["dice"] <= 1 and 0 <= row["jaccard"] <= row["dice"] + 1e-9
+        assert set(result["mean"]) >= {"dice", "jaccard"} and "dice" in result["std"]
+        history = result["history"]
+        assert [h["epoch"] for h in history] == [0, 1]
+        assert history[1]["lr"] == pytest.approx(history[0]["lr"] * 0.1)
+        # the unsupervised terms count from unsup_start_epoch, and never in the supervised-only run
+        assert "loss_kd" not in history[0]
+        assert ("loss_kd" in history[1]) == (name == "cdma")
+        base = run / "slides" / name / test_slide
+        mask = np.asarray(Image.open(f"{base}.mask.png"))
+        assert mask.shape == (6144 // 32, 8192 // 32)
+        assert Image.open(f"{base}.overlay.png").size[0] > 0
+        polygons = GeoJSONMask(f"{base}.geojson", test_slide, ["background", "tumour"])
+        back = polygons.region(Region(0, 0, mask.shape[1], mask.shape[0], 32.0))
+        assert np.mean(back == mask) > 0.95
+        weights = torch.load(run / "jobs" / name / "weights.pt", weights_only=True)
+        assert "decoders.0.tail.5.weight" in weights
+        assert list((run / "ray" / name).glob("checkpoint_*"))
+    tiles = json.loads((run / "jobs" / "cdma" / "result.json").read_text())["tiles"]
+    assert tiles["unlabelled"] > 0
+
+    before = (run / "jobs" / "cdma" / "weights.pt").stat().st_mtime_ns
+    assert main([*argv, *overrides]) == 0  # resumes: finished jobs are kept, only inference reruns
+    assert (run / "jobs" / "cdma" / "weights.pt").stat().st_mtime_ns == before
+    assert main([*argv, *overrides, "--set", "cdma.epochs=3"]) == 2  # refused, names the setting
+
+
+def test_job_config_round_trips() -> None:
+    job = CDMAJob("cdma", True, "/o", {}, {}, ["a"], ["b"], [], 3, "/o/r")
+    assert CDMAJob(**job.to_config()) == job

@@ -348,3 +348,29 @@ def round_metrics(rows: Sequence[Mapping[str, object]], metrics: Sequence[str], 
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     write_bytes_atomic(out_uri, _png(fig))
+
+
+def embedding_map(points: Mapping[str, np.ndarray], labels: Sequence[str], out_uri: str) -> None:
+    """Slide embeddings side by side (e.g. Giga-SSL and a baseline): each panel is the embedding's first
+    two principal components, one colour per label; PNG to `out_uri`."""
+    from sklearn.decomposition import PCA
+
+    classes = sorted(set(labels))
+    palette = colormaps["tab10" if len(classes) <= 10 else "tab20"]
+    fig = Figure(figsize=(4.0 * len(points) + 1.2, 3.6), dpi=_DPI, layout="constrained")
+    axes = fig.subplots(1, len(points), squeeze=False)[0]
+    handles = {}
+    for ax, (name, matrix) in zip(axes, points.items(), strict=True):
+        pca = PCA(n_components=2).fit(matrix)
+        xy = pca.transform(matrix)
+        for k, label in enumerate(classes):
+            rows = np.array([lab == label for lab in labels])
+            handles[label] = ax.scatter(xy[rows, 0], xy[rows, 1], s=22, alpha=0.85, label=str(label),
+                                        color=palette(k % palette.N))  # fmt: skip
+        share = pca.explained_variance_ratio_
+        ax.set_title(name)
+        ax.set_xlabel(f"PC1 ({share[0]:.0%})")
+        ax.set_ylabel(f"PC2 ({share[1]:.0%})")
+        ax.grid(alpha=0.3)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8)
+    write_bytes_atomic(out_uri, _png(fig))

@@ -1,0 +1,125 @@
+"""Giga-SSL training, export and probing: the run's protocol on small view bags in-process (resume,
+refused changes and inputs, export, LARS, schedule), and the learning test on slides made by our own
+pipeline (synthetic slides → tiles → Giga-SSL views) with a real 2-worker Ray Train run: the embeddings
+separate the synthetic classes (probe AUC ≥ 0.85), reported beside the mean-pooled-features baseline."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from support.helpers import make_config
+
+from cluster.cli import main
+from pipelines.features import BagMeta, bag_table, write_bag
+from trainers.data import TrainDataError
+from trainers.gigassl import GigaSSLRun, export_embeddings, global_batch, read_embeddings
+from trainers.optim import LARS, warmup_cosine
+from trainers.probe import run_probe
+
+SMALL = ("gigassl.workers=0", "gigassl.epochs=3", "gigassl.batch_size=4", "gigassl.dim=32",
+         "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.export_chunks=4")  # fmt: skip
+
+
+def _write_views(root: Path, n: int, seed: int = 0, dim: int = 16) -> None:
+    """Small view bags: 3 augmentations × 10 tiles on a 512-px grid; odd slides shifted features."""
+    rng = np.random.default_rng(seed)
+    meta = BagMeta("synthetic", dim, 0.5, 256, "test")
+    for i in range(n):
+        xy = rng.integers(0, 12, size=(30, 2)) * 512
+        feats = rng.normal(size=(30, dim)) + (i % 2)
+        table = bag_table(xy[:, 0], xy[:, 1], feats, meta, aug=np.repeat(np.arange(3), 10), dtype="float32")
+        write_bag(str(root / f"s{i}.parquet"), table)
+
+
+@pytest.fixture()
+def small_views(tmp_path: Path) -> Path:
+    _write_views(tmp_path / "views", 8)
+    return tmp_path / "views"
+
+
+def test_schedule_and_batch_rules():
+    factors = [warmup_cosine(s, 4, 20) for s in range(21)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0] and factors[4] == 1.0
+    assert factors[12] == pytest.approx(0.5) and factors[20] == pytest.approx(0.0)
+    assert all(a >= b for a, b in itertools.pairwise(factors[4:]))
+    assert global_batch(10, 256, 2) == 10 and global_batch(11, 4, 2) == 4 and global_batch(7, 256, 2) == 6
+    with pytest.raises(TrainDataError, match="1 slides"):
+        global_batch(1, 256, 1)
+
+
+def test_lars_scales_weight_steps_by_the_trust_ratio():
+    w = torch.nn.Parameter(torch.tensor([[3.0, 4.0]]))  # ‖w‖ = 5
+    b = torch.nn.Parameter(torch.tensor([1.0]))
+    w.grad, b.grad = torch.tensor([[0.0, 2.0]]), torch.tensor([0.5])  # ‖g‖ = 2
+    LARS([w, b], lr=0.1, momentum=0.9, eta=0.001).step()
+    assert torch.allclose(w, torch.tensor([[3.0, 4.0 - 0.1 * 0.001 * 5 / 2 * 2]]))
+    assert torch.allclose(b, torch.tensor([1.0 - 0.1 * 0.5]))  # 1-D: plain SGD
+
+
+def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path):
+    out = str(tmp_path / "out")
+    config = make_config(*SMALL)
+    summary = GigaSSLRun("r", out, str(small_views), config).execute()
+    run = Path(summary.run_dir)
+    assert [h["epoch"] for h in summary.history] == [0, 1, 2]
+    assert all(np.isfinite(h["train_loss"]) for h in summary.history)
+    ids, emb = read_embeddings(summary.embeddings)
+    assert sorted(ids) == [f"s{i}" for i in range(8)] and emb.shape == (8, 32)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    state = torch.load(run / "weights.pt", weights_only=True)
+    assert "pool.conv1.weight" in state and (run / "curves.png").stat().st_size > 1000
+
+    with pytest.raises(TrainDataError, match=r"gigassl\.tau \(0\.05 → 0\.1\)"):
+        GigaSSLRun("r", out, str(small_views), make_config(*SMALL, "gigassl.tau=0.1")).execute()
+
+    # export for other slides (plain feature bags work too: one augmentation each)
+    other = tmp_path / "other"
+    meta = BagMeta("synthetic", 16, 0.5, 256, "test")
+    write_bag(str(other / "new.parquet"), bag_table([0, 512, 0], [0, 0, 512], np.ones((3, 16)), meta))
+    target = export_embeddings(str(run), str(other), str(tmp_path / "new.parquet"))
+    new_ids, new_emb = read_embeddings(target)
+    assert new_ids == ["new"] and new_emb.shape == (1, 32)
+    meta8 = BagMeta("synthetic", 8, 0.5, 256, "test")
+    write_bag(str(tmp_path / "d8" / "x.parquet"), bag_table([0], [0], np.ones((1, 8)), meta8))
+    with pytest.raises(TrainDataError, match="8-d features"):
+        export_embeddings(str(run), str(tmp_path / "d8"))
+
+
+def test_too_few_slides_are_refused_before_anything_is_written(tmp_path):
+    _write_views(tmp_path / "views", 1)
+    with pytest.raises(TrainDataError, match="1 slides cannot fill a batch"):
+        GigaSSLRun("r", str(tmp_path / "out"), str(tmp_path / "views"), make_config(*SMALL))
+    assert not (tmp_path / "out").exists()
+
+
+def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = [f"s{i}" for i in range(40)]
+    labels = ["tumour" if i % 2 else "normal" for i in range(40)]
+    emb = rng.normal(size=(40, 8)) + np.array([[1.5 * (i % 2)] + [0] * 7 for i in range(40)])
+    import pyarrow as pa
+
+    pq.write_table(pa.table({"slide_id": ids, "embedding": emb.tolist()}), tmp_path / "emb.parquet")
+    (tmp_path / "labels.csv").write_text(
+        "slide_id,label\n" + "".join(f"{s},{y}\n" for s, y in zip(ids, labels, strict=True))
+    )
+    report = run_probe(str(tmp_path / "emb.parquet"), str(tmp_path / "labels.csv"), sizes=(10, 50), repeats=5)
+    stats = report.results["gigassl"]
+    assert set(stats) == {"full", "10"}  # 50 is not smaller than the training part (28 slides)
+    assert stats["full"]["n_train"] == 28 and stats["10"]["n_train"] == 10
+    assert stats["full"]["auc_mean"] > 0.8 and stats["full"]["repeats"] == 5
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["results"]["gigassl"]["full"]["auc_mean"] == stats["full"]["auc_mean"]
+    with Image.open(tmp_path / "embedding_map.png") as image:
+        assert image.width > 300
+
+    (tmp_path / "bad.csv").write_text("slide_id,label\nother,1\n")
+    assert main(["probe", "--embeddings", str(tmp_path / "emb.parquet"), "--labels",
+                 str(tmp_path / "bad.csv")]) == 2  # fmt: skip

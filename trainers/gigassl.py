@@ -1,0 +1,317 @@
+"""Giga-SSL training on Ray Train and the export of per-slide embeddings (`specs/gigassl.md`).
+
+A step takes the GLOBAL batch of `gigassl.batch_size` slides, split evenly across the workers; every
+worker draws two views of each of its slides (T tiles of one stored augmentation, augmented
+coordinates), encodes both with the sparse ResNet layer4 + projector, and the NT-Xent over all 2B views
+is computed with the projections gathered across workers with autograd (`trainers.ntxent`).
+
+Run layout `OUT/runs/<name>/`: `run.json` (the plan: a rerun with other settings is refused, the same
+settings resume from the last epoch checkpoint), `config.yaml`, `ray/` (Ray Train checkpoints),
+`weights.pt` + `result.json` (written last: the run is complete), `curves.png`, `embeddings.parquet`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from cluster.config import Config, GigaSSLConfig
+from cluster.runtime import ensure_ray
+from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
+from pipelines.features import Bag, FeatureBags
+from trainers.data import BagCache, TrainDataError
+from trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
+from trainers.loop import _autocast, _device, _report, _restore, _save_bytes, load_weights
+from trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
+from trainers.ntxent import backward_global, global_ntxent
+from trainers.optim import build_optimizer, warmup_cosine
+from trainers.runner import TrainingError, _changed_settings, fit_loop
+from trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
+
+__all__ = ["GigaSSLJob", "GigaSSLRun", "export_embeddings", "read_embeddings", "train_gigassl"]
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.pt"
+RESULT_FILE = "result.json"
+EMBEDDINGS_FILE = "embeddings.parquet"
+RUN_FILE = "run.json"
+# Settings that may change between a run and its resumption (resources and export, not training).
+_FREE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "cache_mb", "export_chunks")
+
+
+@dataclass
+class GigaSSLJob:
+    """What every worker needs (plain data: it travels to the workers)."""
+
+    name: str
+    views: str  # directory of Giga-SSL view bags (or plain feature bags: one augmentation each)
+    slide_ids: list[str]
+    in_dim: int
+    run_dir: str
+    cfg: dict[str, Any]  # GigaSSLConfig as a dict
+    reporter: str = "train"
+
+
+def learning_rate(cfg: dict[str, Any]) -> float:
+    """The configured lr, or the paper's 0.03 × batch / 256."""
+    return cfg["lr"] if cfg["lr"] is not None else 0.03 * cfg["batch_size"] / 256
+
+
+def global_batch(n_slides: int, batch_size: int, world: int) -> int:
+    """Slides per step: the configured batch, at most the number of slides, a multiple of the workers."""
+    size = min(batch_size, n_slides) // world * world
+    if size < max(2, world):
+        raise TrainDataError(
+            f"gigassl: {n_slides} slides cannot fill a batch of at least 2 slides over {world} worker(s)"
+        )
+    return size
+
+
+class ViewMaker:
+    """Views of slides as sparse-map inputs: bags from a cache, the cell size per slide."""
+
+    def __init__(self, cache: BagCache, cfg: dict[str, Any]) -> None:
+        self.cache, self.cfg = cache, cfg
+        self._cells: dict[str, float] = {}
+
+    def cell(self, bag: Bag) -> float:
+        if self.cfg["cell_px"]:
+            return float(self.cfg["cell_px"])
+        if bag.slide_id not in self._cells:
+            self._cells[bag.slide_id] = grid_step(bag.coords.numpy(), bag.slide_id)
+        return self._cells[bag.slide_id]
+
+    def view(self, slide_id: str, rng: np.random.Generator) -> tuple[np.ndarray, torch.Tensor]:
+        """One augmented view: map cells and features of T tiles of one stored augmentation."""
+        bag = self.cache.get(slide_id)
+        cell = self.cell(bag)
+        xy, feats = draw_view(bag, self.cfg["n_tiles"], rng)
+        return to_cells(augment_coords(xy, rng, cell), cell), feats
+
+
+def build_net(cfg: dict[str, Any], in_dim: int) -> GigaSSLNet:
+    net = GigaSSLNet(in_dim, cfg["dim"], cfg["proj_dim"])
+    if cfg["init_weights"]:
+        load_resnet18_layer4(net.pool, cfg["init_weights"])
+    return net
+
+
+def train_gigassl(config: dict[str, Any]) -> None:
+    """The Ray Train loop (every worker runs it)."""
+    job = GigaSSLJob(**config)
+    cfg = job.cfg
+    rank, world = rank_and_world()
+    device = _device()
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+    net = build_net(cfg, job.in_dim).to(device)
+    lr = learning_rate(cfg)
+    optimizer = build_optimizer(cfg["optimizer"], net, lr, cfg["weight_decay"], cfg["momentum"])
+    batch = global_batch(len(job.slide_ids), cfg["batch_size"], world)
+    local = batch // world
+    steps = len(job.slide_ids) // batch
+    total, warmup = cfg["epochs"] * steps, cfg["warmup_epochs"] * steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
+    views = ViewMaker(BagCache(FeatureBags(job.views, require_labels=False), cfg["cache_mb"]), cfg)
+
+    start, history = 0, []
+    saved = _restore(job.reporter)
+    if saved is not None:
+        net.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        history, start = saved["history"], saved["epoch"] + 1
+        log.info("%s: resumed after epoch %d", job.name, start)
+
+    for epoch in range(start, cfg["epochs"]):
+        started = time.perf_counter()
+        net.train()
+        mine = shard_with_padding(job.slide_ids, cfg["seed"], epoch, rank, world)
+        losses = []
+        for step in range(steps):
+            rng = np.random.default_rng([cfg["seed"], epoch, step, rank])
+            ids = mine[step * local : (step + 1) * local]
+            maps = [views.view(s, rng) for s in ids] + [views.view(s, rng) for s in ids]
+            x = build_batch(maps).tensor(device)
+            _, z = net(x)
+            with _autocast(device):
+                loss = global_ntxent(z[:local].float(), z[local:].float(), cfg["tau"])
+            optimizer.zero_grad(set_to_none=True)
+            backward_global(loss, net)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        elapsed = float(sum_over_ranks(torch.tensor(time.perf_counter() - started)) / world)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(np.mean(losses)),
+            "lr": scheduler.get_last_lr()[0],
+            "epoch_s": elapsed,
+            "slides_per_s": steps * batch / elapsed,
+        }
+        history.append(metrics)
+        state = None
+        if rank == 0:
+            log.info("%s epoch %d/%d  loss %.4f  lr %.2e  %.1f slides/s", job.name, epoch + 1, cfg["epochs"],
+                     metrics["train_loss"], metrics["lr"], metrics["slides_per_s"])  # fmt: skip
+            state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history}  # fmt: skip
+        _report(job.reporter, dict(metrics), state)
+
+    if rank == 0:
+        cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+        write_bytes_atomic(join(job.run_dir, WEIGHTS_FILE), _save_bytes(cpu_state))
+        result = {"name": job.name, "in_dim": job.in_dim, "gigassl": cfg, "history": history,
+                  "batch": batch, "workers": world}  # fmt: skip
+        write_bytes_atomic(join(job.run_dir, RESULT_FILE), json.dumps(result, indent=1).encode())
+
+
+# -- export -------------------------------------------------------------------------------------------------
+
+
+def _chunks(bag: Bag, n_tiles: int, limit: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Row indices of up to `limit` chunks of T tiles, each from one augmentation (all rows used once
+    when they fit), taken from the augmentations in turn."""
+    augs = np.zeros(len(bag.features), dtype=np.int64) if bag.aug is None else bag.aug.numpy()
+    per_aug = []
+    for a in np.unique(augs):
+        rows = rng.permutation(np.flatnonzero(augs == a))
+        per_aug.append([rows[i : i + n_tiles] for i in range(0, len(rows), n_tiles)])
+    longest = max(len(group) for group in per_aug)
+    chunks = [group[i] for i in range(longest) for group in per_aug if i < len(group)]
+    return chunks[:limit]
+
+
+@torch.no_grad()
+def slide_embedding(net: GigaSSLNet, bag: Bag, cfg: dict[str, Any], cell: float, device: torch.device):
+    """h averaged over chunks of T tiles (no coordinate augmentation), L2-normalised."""
+    rng = np.random.default_rng([cfg["seed"], len(bag.features)])
+    chunks = _chunks(bag, cfg["n_tiles"], cfg["export_chunks"], rng)
+    coords = bag.coords.numpy().astype(np.float64)
+    maps = [(to_cells(coords[c], cell), bag.features[torch.from_numpy(c)]) for c in chunks]
+    h = net.pool(build_batch(maps).tensor(device)).float().mean(0)
+    return F.normalize(h, dim=0).cpu().numpy()
+
+
+def export_embeddings(run_dir: str, views: str, output: str | None = None,
+                      export_chunks: int | None = None) -> str:  # fmt: skip
+    """Per-slide embeddings of a finished run for every bag in `views` → Parquet `slide_id, embedding`."""
+    fs, path = filesystem(join(run_dir, RESULT_FILE))
+    if not fs.exists(path):
+        raise TrainDataError(f"{run_dir} has no finished Giga-SSL run ({RESULT_FILE} missing)")
+    result = json.loads(read_bytes(join(run_dir, RESULT_FILE)))
+    cfg = dict(result["gigassl"])
+    if export_chunks is not None:
+        cfg["export_chunks"] = export_chunks
+    bags = FeatureBags(views, require_labels=False)
+    if bags.dim != result["in_dim"]:
+        raise TrainDataError(f"{views} holds {bags.dim}-d features; run {run_dir} was trained on "
+                             f"{result['in_dim']}-d features")  # fmt: skip
+    device = _device()
+    net = GigaSSLNet(result["in_dim"], cfg["dim"], cfg["proj_dim"])
+    net.load_state_dict(load_weights(join(run_dir, WEIGHTS_FILE)))
+    net.to(device).eval()
+    maker = ViewMaker(BagCache(bags, 0), cfg)
+    ids, rows = [], []
+    for bag in bags:
+        ids.append(bag.slide_id)
+        rows.append(slide_embedding(net, bag, cfg, maker.cell(bag), device))
+    values = np.stack(rows).astype(np.float32)
+    table = pa.table(
+        {"slide_id": pa.array(ids, pa.string()),
+         "embedding": pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), values.shape[1])},
+    ).replace_schema_metadata({"slidestream.run": run_dir, "slidestream.views": views})  # fmt: skip
+    target = output or join(run_dir, EMBEDDINGS_FILE)
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes_atomic(target, buffer.getvalue())
+    return target
+
+
+def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
+    """slide ids and the (N, D) embeddings of an embeddings Parquet file (`slide_id`, `embedding`)."""
+    try:
+        table = pq.read_table(io.BytesIO(read_bytes(uri)))
+    except (OSError, pa.ArrowException) as exc:
+        raise TrainDataError(f"cannot read embeddings {uri}: {exc}") from None
+    for column in ("slide_id", "embedding"):
+        if column not in table.column_names:
+            raise TrainDataError(f"embeddings {uri}: missing column {column!r} (has {table.column_names})")
+    values = table.column("embedding").to_pylist()
+    if not values or len({len(v) for v in values}) != 1:
+        raise TrainDataError(f"embeddings {uri}: column 'embedding' is empty or has rows of unequal length")
+    matrix = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(matrix).all():
+        raise TrainDataError(f"embeddings {uri}: column 'embedding' has NaN/inf values")
+    return [str(s) for s in table.column("slide_id").to_pylist()], matrix
+
+
+# -- driver -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GigaSSLSummary:
+    name: str
+    run_dir: str
+    history: list[dict[str, float]]
+    embeddings: str
+
+
+class GigaSSLRun:
+    """One named Giga-SSL run under an output root: plan, Ray Train fit (resumable), export."""
+
+    def __init__(self, name: str, out: str, views: str, config: Config) -> None:
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
+            raise TrainDataError(f"--name must be a plain name (no slashes), got {name!r}")
+        self.name, self.views, self.config = name, views, config
+        self.cfg: GigaSSLConfig = config.gigassl
+        self.run_dir = join(out, "runs", name)
+        bags = FeatureBags(views, require_labels=False)
+        self.slide_ids, self.in_dim = list(bags.slide_ids), bags.dim
+        global_batch(len(self.slide_ids), self.cfg.batch_size, max(1, self.cfg.workers))
+
+    def plan(self) -> dict[str, Any]:
+        cfg = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _FREE_KEYS}
+        return {"kind": "gigassl", "views": self.views, "slides": self.slide_ids, "in_dim": self.in_dim,
+                "gigassl": cfg}  # fmt: skip
+
+    def _write_or_check_plan(self) -> None:
+        fs, path = filesystem(join(self.run_dir, RUN_FILE))
+        plan = self.plan()
+        if fs.exists(path):
+            changed = _changed_settings(json.loads(read_bytes(join(self.run_dir, RUN_FILE))), plan)
+            if changed:
+                raise TrainDataError(
+                    f"run {self.name!r} already exists in {self.run_dir} with different "
+                    f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
+                )
+            return
+        write_bytes_atomic(join(self.run_dir, RUN_FILE), json.dumps(plan, indent=1).encode())
+        write_bytes_atomic(join(self.run_dir, "config.yaml"), self.config.to_yaml().encode())
+
+    def execute(self) -> GigaSSLSummary:
+        ensure_ray(self.config.ray)
+        self._write_or_check_plan()
+        fs, path = filesystem(join(self.run_dir, RESULT_FILE))
+        if not fs.exists(path):
+            job = GigaSSLJob(self.name, self.views, self.slide_ids, self.in_dim, self.run_dir,
+                             self.cfg.model_dump(mode="json"))  # fmt: skip
+            fit_loop(train_gigassl, asdict(job), self.name, self.cfg, join(self.run_dir, "ray"))
+            if not fs.exists(path):
+                raise TrainingError(f"{self.name}: training ended without writing {RESULT_FILE}")
+        history = json.loads(read_bytes(join(self.run_dir, RESULT_FILE)))["history"]
+        from trainers.viz import training_curves
+
+        training_curves({self.name: history}, join(self.run_dir, "curves.png"), metrics=("train_loss",))
+        embeddings = export_embeddings(self.run_dir, self.views, export_chunks=self.cfg.export_chunks)
+        return GigaSSLSummary(self.name, self.run_dir, history, embeddings)

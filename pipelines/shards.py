@@ -111,8 +111,13 @@ def register_object_store_openers() -> None:
 
 
 def iter_shard_samples(uri: str) -> Iterator[dict]:
-    """Samples of one shard (local or object storage) read with webdataset, each member as raw bytes."""
+    """Samples of one shard (local or object storage) read with webdataset, each member as raw bytes.
+
+    Callers choose the shards each process reads, so webdataset's own splitting is off (its default
+    refuses to run inside a multi-process torch.distributed group, e.g. a Ray Train worker)."""
     import webdataset as wds  # imported here: webdataset pulls in torch, which writers do not need
 
     register_object_store_openers()
-    yield from wds.WebDataset(uri, shardshuffle=False, empty_check=False)
+    yield from wds.WebDataset(
+        uri, shardshuffle=False, empty_check=False, nodesplitter=None, workersplitter=None
+    )

@@ -113,6 +113,9 @@ def test_split_is_stratified_and_keeps_roles_apart() -> None:
     everything = [s for role in roles for s in role]
     assert sorted(everything) == sorted([*foreground, "u0", "u1", "u2"])
     assert split_slides(foreground, ["u0", "u1", "u2"], 0.1, 0.2, 1, 0) == split
+    small = split_slides({"a": True, "b": False, "c": True, "d": False}, [], 0.5, 0.25, 1, 0)
+    assert len(small.test) == len(small.labelled) == len(small.val) == 1
+    assert small.test[0] in "ac" and small.labelled[0] in "ac"  # foreground slides go where they teach
     with pytest.raises(TrainDataError, match="2 annotated slide"):
         split_slides({"a": True, "b": False}, [], 0.1, 0.5, 1, 0)
 

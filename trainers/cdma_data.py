@@ -70,9 +70,10 @@ def split_slides(
             "and at least one labelled slide; annotate more slides or lower cdma.test_frac / cdma.val_slides"
         )
     test = take(n_test)
+    annotated_pool = len(pos) + len(neg) - val_slides  # labelled slides come before validation ones
+    pool = annotated_pool + len(unannotated)
+    labelled = take(min(annotated_pool, max(1, round(labelled_frac * pool))))
     val = take(val_slides)
-    pool = len(pos) + len(neg) + len(unannotated)
-    labelled = take(min(len(pos) + len(neg), max(1, round(labelled_frac * pool))))
     return SegSplit(labelled, sorted(pos + neg + list(unannotated)), val, test)
 
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 from cluster.storage import filesystem, join, write_bytes_atomic
 
 LEDGER_FORMAT = 1
+_READ_ATTEMPTS = 5
 Status = Literal["ok", "failed", "skipped"]
 
 
@@ -77,6 +78,16 @@ class Ledger:
         return dict(self._state)
 
     def _read_state(self) -> dict[tuple[str, str], LedgerEntry]:
+        """A reader racing a writer's `compact` may list a commit that is deleted before it is read: the
+        snapshot that replaced it was written first, so listing again finds it."""
+        for _ in range(_READ_ATTEMPTS - 1):
+            try:
+                return self._read_listed()
+            except FileNotFoundError:
+                continue
+        return self._read_listed()
+
+    def _read_listed(self) -> dict[tuple[str, str], LedgerEntry]:
         names = self._names()
         snapshots = [n for n in names if _is_snapshot(n)]
         start = snapshots[-1] if snapshots else None

@@ -26,8 +26,9 @@ LOCK_NAME = "writer.lock"
 _SETTLE_S = 0.3  # wait between writing the lock and reading it back (a concurrent writer shows up)
 
 
-class WriterLockError(RuntimeError):
-    """The output root is held by another live writer (the message says which)."""
+class WriterLockError(ValueError):
+    """The output root is held by another live writer (the message says which); a ValueError, like other
+    unusable command-line arguments."""
 
 
 def _alive_here(host: str, pid: int) -> bool:

@@ -22,6 +22,7 @@ from support.bags import write_bags
 from support.helpers import committed_samples, make_config
 from support.s3server import start_s3_server, stop_s3_server
 
+from cluster.cli import main
 from pipelines.embed import EmbedStage
 from pipelines.features import FeatureBags
 from pipelines.ingest import tiles_stage
@@ -203,20 +204,21 @@ def _slidestream(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_watch_refuses_bad_input_before_starting(small_slides, tmp_path):
-    common = ("--encoder", "resnet18_trunc", "--weights", "random", "--out", str(tmp_path / "out"))
-    missing = _slidestream("watch", "--slides", str(tmp_path / "nowhere"), *common)
-    assert missing.returncode == 2 and "slide source not found" in missing.stderr
-    interval = _slidestream("watch", "--slides", str(small_slides), *common, "--interval", "0")
-    assert interval.returncode == 2 and "watch.interval_s" in interval.stderr
-    not_a_run = _slidestream("watch", "--slides", str(small_slides), *common, "--model", str(tmp_path))
-    assert not_a_run.returncode == 2 and "is not a training run" in not_a_run.stderr
-    weights = _slidestream(
-        "watch", "--slides", str(small_slides), "--encoder", "resnet18_trunc", "--weights",
-        str(tmp_path / "absent.pt"), "--out", str(tmp_path / "out"),
-    )  # fmt: skip
-    assert weights.returncode == 2 and "absent.pt" in weights.stderr
-    assert not (tmp_path / "out" / "ledger").exists(), "refused runs write nothing"
+def test_watch_refuses_bad_input_before_starting(small_slides, tmp_path, capsys):
+    def refused(*args: str) -> str:
+        assert main(["watch", "--out", str(tmp_path / "out"), *args]) == 2
+        return capsys.readouterr().err
+
+    common = ("--encoder", "resnet18_trunc", "--weights", "random")
+    assert "slide source not found" in refused("--slides", str(tmp_path / "nowhere"), *common)
+    assert "watch.interval_s" in refused("--slides", str(small_slides), *common, "--interval", "0")
+    not_a_run = refused("--slides", str(small_slides), *common, "--model", str(tmp_path))
+    assert "is not a training run" in not_a_run
+    absent = str(tmp_path / "absent.pt")
+    assert "absent.pt" in refused(
+        "--slides", str(small_slides), "--encoder", "resnet18_trunc", "--weights", absent
+    )
+    assert not (tmp_path / "out").exists(), "refused runs write nothing"
 
 
 # ------------------------------------------------------------------------------ the command, end to end

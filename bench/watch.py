@@ -1,0 +1,232 @@
+"""Watch load benchmark: N small synthetic slides arrive in bursts while `slidestream watch` runs.
+
+The slides are written ahead of time into a pool, then copied into the watched prefix in bursts (each file
+is copied under a temporary name and renamed, so its arrival is one instant). Measured from outside the
+watcher: slides/minute, latency from arrival to the committed feature bag (the ledger's `committed_at`),
+and the resident memory of the watcher's whole process tree (driver, raylet, Ray workers) over time, as
+the peak in each quarter of the run (flat = the last quarter is not above the first).
+
+Baseline in the same run: one `slidestream run` over all N slides at once (no arrivals to wait for), with
+the same settings; the ratio is watch throughput ÷ batch throughput.
+
+    python bench/watch.py [--slides 200] [--burst 20] [--gap 5] [--size mini|tiny] [--no-baseline]
+
+`mini` slides are 4096 × 3072 px at 0.25 µm/px (~48 tiles of 256 px at 0.5 µm/px); `tiny` is the
+synthetic generator's 8192 × 6144. CPU only (no GPU on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cluster.config import load_config  # noqa: E402
+from pipelines.embed import EmbedStage  # noqa: E402
+from pipelines.ledger import Ledger  # noqa: E402
+from pipelines.synthetic import SIZES, SlideSpec, write_slide  # noqa: E402
+
+SETTINGS = (
+    "tiling.tile_px=256",
+    "embed.input_px=32",
+    "ray.num_cpus=2",
+    "ray.object_store_mb=512",
+    "watch.status_every_s=1",
+)
+MINI = (4096, 3072)
+
+
+class TreeMemory:
+    """RSS of a process and its descendants, sampled every `interval` seconds: (time, bytes) pairs."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        self.root, self.interval = psutil.Process(pid), interval
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            total = 0
+            with contextlib.suppress(psutil.Error):
+                for proc in [self.root, *self.root.children(recursive=True)]:
+                    with contextlib.suppress(psutil.Error):
+                        total += proc.memory_info().rss
+            if total:
+                self.samples.append((time.time(), total))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def write_pool(pool: Path, n: int, size: str) -> list[Path]:
+    pool.mkdir(parents=True, exist_ok=True)
+    width, height = MINI if size == "mini" else SIZES[size]
+    paths = []
+    for i in range(n):
+        path = pool / f"s{i:04d}.svs"
+        if not path.exists():
+            write_slide(path, SlideSpec(width, height, positive=i % 2 == 1, seed=1000 + i))
+        paths.append(path)
+    return paths
+
+
+def _command(*args: str) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "cluster.cli",
+        *args,
+        "--encoder",
+        "resnet18_trunc",
+        "--weights",
+        "random",
+    ]
+    for setting in SETTINGS:
+        command += ["--set", setting]
+    return command
+
+
+def _committed(out: Path, stage: str) -> dict[str, float]:
+    return {e.slide_id: e.committed_at for e in Ledger(str(out)).entries(stage) if e.status == "ok"}
+
+
+def run_watch(pool: list[Path], work: Path, stage: str, burst: int, gap: float, interval: float) -> dict:
+    slides, out = work / "watched", work / "watch-out"
+    slides.mkdir()
+    status = work / "status.json"
+    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
+    command = _command("watch", "--slides", str(slides), "--out", str(out), "--interval", str(interval))
+    with open(work / "watch.log", "wb") as log:
+        proc = subprocess.Popen(
+            [*command, "--json-status", str(status)], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    memory = TreeMemory(proc.pid)
+    arrivals: dict[str, float] = {}
+    try:
+        while not status.exists():  # the watcher is up (Ray started, lock taken)
+            assert proc.poll() is None, (work / "watch.log").read_text()[-3000:]
+            time.sleep(0.2)
+        for start in range(0, len(pool), burst):
+            for path in pool[start : start + burst]:
+                tmp = slides / f".{path.stem}.part"
+                shutil.copyfile(path, tmp)
+                os.replace(tmp, slides / path.name)
+                arrivals[path.stem] = time.time()
+            time.sleep(gap)
+        while len(_committed(out, stage)) < len(pool):
+            assert proc.poll() is None, (work / "watch.log").read_text()[-3000:]
+            time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=300)
+        memory.stop()
+    committed = _committed(out, stage)
+    latencies = np.array([committed[s] - arrivals[s] for s in arrivals])
+    first, last = min(arrivals.values()), max(committed.values())
+    final = json.loads(status.read_text())
+    return {
+        "seconds": last - first,
+        "slides_per_min": 60 * len(pool) / (last - first),
+        "p50": float(np.percentile(latencies, 50)),
+        "p95": float(np.percentile(latencies, 95)),
+        "memory": memory.samples,
+        "status": final,
+    }
+
+
+def run_batch(pool: list[Path], work: Path) -> float:
+    """Seconds for one `slidestream run` over all slides (the process's own start excluded as far as the
+    log allows: measured from the first line it prints to its exit)."""
+    slides = work / "batch-in"
+    slides.mkdir()
+    for path in pool:
+        os.link(path, slides / path.name)
+    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
+    started = time.time()
+    done = subprocess.run(
+        _command("run", "--slides", str(slides), "--out", str(work / "batch-out")),
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return time.time() - started
+
+
+def quarters(samples: list[tuple[float, int]]) -> list[float]:
+    """Peak RSS (MB) in each quarter of the sampled period."""
+    if not samples:
+        return []
+    values = np.array([v for _, v in samples]) / 2**20
+    return [float(part.max()) for part in np.array_split(values, 4) if len(part)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--slides", type=int, default=200)
+    parser.add_argument("--burst", type=int, default=20, help="slides per burst")
+    parser.add_argument("--gap", type=float, default=5.0, help="seconds between bursts")
+    parser.add_argument("--interval", type=float, default=1.0, help="watch poll interval")
+    parser.add_argument("--size", choices=["mini", "tiny"], default="mini")
+    parser.add_argument("--pool", default=str(Path(tempfile.gettempdir()) / "slidestream-bench-watch-pool"))
+    parser.add_argument("--no-baseline", action="store_true")
+    args = parser.parse_args()
+
+    config = load_config(None, list(SETTINGS))
+    stage = EmbedStage("resnet18_trunc", "random", config.tiling, config.embed).stage
+    t0 = time.time()
+    pool = write_pool(Path(args.pool) / args.size, args.slides, args.size)
+    print(f"pool: {len(pool)} {args.size} slides ready in {time.time() - t0:.0f} s ({args.pool})", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
+        work = Path(tmp)
+        result = run_watch(pool, work, stage, args.burst, args.gap, args.interval)
+        batch = None if args.no_baseline else run_batch(pool, work)
+
+    peaks = quarters(result["memory"])
+    print()
+    print(f"watch: {args.slides} {args.size} slides in bursts of {args.burst} every {args.gap:g} s, "
+          f"poll every {args.interval:g} s; resnet18_trunc (random), tile 256 px @ 0.5 µm/px, input 32 px; "
+          f"CPU only ({os.cpu_count()} cores), load average at end {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"| {'measure':<40} | {'value':>12} |")
+    print(f"|{'-' * 42}|{'-' * 14}|")
+    rows = [
+        ("slides/minute (first arrival → last commit)", f"{result['slides_per_min']:.1f}"),
+        ("latency p50, arrival → committed (s)", f"{result['p50']:.1f}"),
+        ("latency p95, arrival → committed (s)", f"{result['p95']:.1f}"),
+        ("bursts processed by the watcher", str(result["status"]["bursts"])),
+        (
+            "slides committed / failed",
+            f"{result['status']['slides']['committed']} / {result['status']['slides']['failed']}",
+        ),
+        ("peak RSS per quarter of the run (MB)", " / ".join(f"{p:.0f}" for p in peaks)),
+    ]
+    if batch is not None:
+        batch_rate = 60 * args.slides / batch
+        rows.append(("baseline: one `run` over all, slides/minute", f"{batch_rate:.1f}"))
+        rows.append(("ratio watch ÷ batch throughput", f"{result['slides_per_min'] / batch_rate:.2f}"))
+    for name, value in rows:
+        print(f"| {name:<40} | {value:>12} |")
+    if len(peaks) == 4:
+        print(f"memory flat: last quarter ÷ first = {peaks[-1] / peaks[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -107,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
     _views_flag(embed)
     _tiling_flags(embed)
 
+    watch = commands.add_parser(
+        "watch",
+        parents=[common],
+        help="keep OUT in step with a growing slide prefix: new slides are ingested and embedded",
+    )
+    watch.add_argument("--slides", required=True, help="slide prefix (dir or s3://) to watch")
+    watch.add_argument("--out", required=True, help="output root (dir or s3://); one watcher per root")
+    watch.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
+    watch.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
+    watch.add_argument("--interval", type=float, help="seconds between polls (watch.interval_s)")
+    watch.add_argument(
+        "--model", dest="score_run", help="a trained run (OUT/runs/NAME): score each new slide with it"
+    )
+    watch.add_argument("--json-status", help="where the JSON status goes (default: OUT/watch/status.json)")
+    _tiling_flags(watch)
+
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
     status.add_argument("--out", required=True)
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -209,6 +225,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         "workers": "train.workers",
         "epochs": "train.epochs",
         "teacher_init": "train.mhim.teacher_init",
+        "interval": "watch.interval_s",
     }
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)

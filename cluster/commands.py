@@ -14,7 +14,9 @@ from pipelines.features import FeatureBags
 from pipelines.ingest import IngestReport, run_ingest, tiles_stage
 from pipelines.labels import read_labels
 from pipelines.ledger import Ledger, LedgerEntry
+from pipelines.slides import discover_slides
 from pipelines.synthetic import write_dataset
+from pipelines.writer_lock import WriterLock
 
 log = logging.getLogger("slidestream")
 
@@ -52,7 +54,8 @@ def _check_labels(labels_uri: str, report: IngestReport, out: str) -> None:
 def _ingest(args: argparse.Namespace, config: Config, embed: EmbedStage | None) -> int:
     if args.labels:
         read_labels(args.labels)  # fail before any work when the labels file is unusable
-    report = run_ingest(args.slides, args.out, config, embed=embed)
+    with WriterLock(args.out, args.command, config.watch.lock_ttl_s):
+        report = run_ingest(args.slides, args.out, config, embed=embed)
     print(report.summary())
     if embed is not None:
         print(f"  features: {join(args.out, embed.stage)} ({embed.info.dim}-d, weights {embed.weights})")
@@ -85,11 +88,37 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 def cmd_embed(args: argparse.Namespace, config: Config) -> int:
     stage = EmbedStage(args.encoder, args.weights, config.tiling, config.embed)
-    report = run_embed(args.out, config, stage)
+    with WriterLock(args.out, "embed", config.watch.lock_ttl_s):
+        report = run_embed(args.out, config, stage)
     print(report.summary())
     print(f"  features: {join(args.out, stage.stage)} ({stage.info.dim}-d, weights {stage.weights})")
     status = EXIT_FAILED_SLIDES if args.strict and report.failed else 0
     return _views(args, config) or status
+
+
+def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+    from pipelines.watch import Watcher
+
+    discover_slides(args.slides, config.ingest.slide_extensions)  # a wrong source fails before Ray starts
+    embed = EmbedStage(args.encoder, args.weights, config.tiling, config.embed)
+    features = join(args.out, embed.stage)
+    scorer = None
+    if args.score_run:
+        from trainers.stream_scoring import NewSlideScorer
+
+        name = args.score_run.rstrip("/").rsplit("/", 1)[-1]
+        scorer = NewSlideScorer(args.score_run, features, join(args.out, "watch", "predict", name))
+    watcher = Watcher(args.slides, args.out, config, embed, status_uri=args.json_status, on_committed=scorer)
+    print(f"watching {args.slides} every {config.watch.interval_s:g} s → {features}", flush=True)
+    print(f"  status: {watcher.status_uri}; stop with Ctrl-C or SIGTERM", flush=True)
+    status = watcher.run()
+    lat = status.latency()
+    print(
+        f"watch stopped: {status.committed} committed, {status.failed} failed, {status.seen} seen, "
+        f"{status.bursts} bursts, latency p50 {lat['p50']} s p95 {lat['p95']} s",
+        flush=True,
+    )
+    return 0
 
 
 def status_payload(entries: list[LedgerEntry]) -> dict:

@@ -92,6 +92,13 @@ class EmbedConfig(_Section):
 
 
 
+class WatchConfig(_Section):
+    interval_s: float = Field(default=10.0, gt=0)  # seconds between polls of the slide prefix
+    lock_ttl_s: float = Field(default=120.0, gt=0)  # a writer lock not refreshed for this long is stale
+    max_backoff_s: float = Field(default=300.0, gt=0)  # longest wait after storage errors
+    status_every_s: float = Field(default=2.0, ge=0)  # JSON status written at most this often
+
+
 class MHIMConfig(_Section):
     """MHIM-MIL options. A null value comes from the preset; `preset: auto` is the paper's CAMELYON16
     recipe for the model (C16-ABMIL for models without one of their own)."""
@@ -144,6 +151,7 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -166,14 +166,16 @@ class ICMILRun:
         return {"metrics": row, "weights": weights, "split": split, "dim": run.data.dim,
                 "classes": run.data.classes}  # fmt: skip
 
-    def _distill(self, r: int) -> dict[str, Any]:
+    def distill_job(self, r: int) -> DistillJob:
+        """Round r's fine-tuning: the previous round's encoder and bag classifier, the tiles of the
+        split's training slides (validation slides only score epochs; test slides are never read)."""
         prev, split = self.manifest(r - 1), self.manifest(0)["mil"]["split"]
         shards = committed_shards(self.out, self.config.tiling)
         tiles = {e.slide_id: e.n_tiles for e in Ledger(self.out).entries(tiles_stage(self.config.tiling))}
         if missing := [s for s in split["train"] if s not in shards]:
             raise ICMILError(f"round {r} distill: training slides without committed tiles: {missing[:5]}")
         icmil, train = self.config.icmil, self.config.train
-        job = DistillJob(
+        return DistillJob(
             name=f"distill-r{r}", encoder=self.encoder, encoder_weights=prev["embed"]["weights"],
             encoder_seed=self.config.embed.seed, input_px=self.config.embed.input_px, model=train.model,
             model_options=train.model_options, mil_weights=prev["mil"]["weights"], dim=prev["mil"]["dim"],
@@ -183,6 +185,9 @@ class ICMILRun:
             train_tiles=sum(tiles[s] for s in split["train"]), result_dir=join(self.round_dir(r), "distill"),
             icmil=icmil.model_dump(mode="json"), seed=split["seed"],
         )  # fmt: skip
+
+    def _distill(self, r: int) -> dict[str, Any]:
+        job, icmil = self.distill_job(r), self.config.icmil
         result_uri = join(job.result_dir, RESULT_FILE)
         if _read_json(result_uri) is None:
             fit_loop(finetune_embedder, job.to_config(), job.name, icmil, join(self.run_dir, "ray"))

@@ -344,9 +344,10 @@ def round_metrics(rows: Sequence[Mapping[str, object]], metrics: Sequence[str], 
         ax.bar_label(bars, fmt="%.3f", fontsize=7)
     ax.set_xticks(range(len(metrics)), list(metrics))
     ax.set_ylim(0, 1.1)
-    ax.set_ylabel("test")
+    ax.set_ylabel("test part")
+    ax.set_title("per round", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    fig.legend(fontsize=8, loc="outside right upper")
     write_bytes_atomic(out_uri, _png(fig))
 
 

@@ -130,14 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     _tiling_flags(status)
 
     train = commands.add_parser("train", parents=[common], help="train a slide classifier on feature bags")
-    train.add_argument("kind", choices=["mil", "mhim"], help="mil: baseline MIL; mhim: MHIM-MIL")
+    train.add_argument(
+        "kind",
+        choices=["mil", "mhim", "cdma"],
+        help="mil: baseline MIL; mhim: MHIM-MIL; cdma: semi-supervised tissue segmentation on the tile "
+        "shards",
+    )
     train.add_argument(
         "--name", required=True, help="run name: OUT/runs/NAME (rerun the same name to resume)"
     )
     train.add_argument("--out", required=True, help="output root (dir or s3://)")
     train.add_argument("--features", help="feature-bag directory (default: the only one under OUT/features)")
     train.add_argument(
-        "--labels", required=True, help="labels CSV/Parquet: slide_id,label[,patient_id][,fold]"
+        "--labels", help="labels CSV/Parquet: slide_id,label[,patient_id][,fold] (all kinds but cdma)"
+    )
+    train.add_argument(
+        "--annotations", help="cdma: dir of <slide_id>.tumour.png masks or <slide_id>.geojson (QuPath)"
     )
     train.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd"])
     train.add_argument("--folds", type=int, help="cross-validation folds (train.folds)")
@@ -225,6 +233,7 @@ def _config_from(args: argparse.Namespace) -> Config:
         "workers": "train.workers",
         "epochs": "train.epochs",
         "teacher_init": "train.mhim.teacher_init",
+        "annotations": "cdma.annotations",
         "interval": "watch.interval_s",
     }
     for attr, key in flag_keys.items():

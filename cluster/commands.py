@@ -171,9 +171,25 @@ def _features_dir(args: argparse.Namespace) -> str:
     return join(args.out, "features", found[0].rsplit("/", 1)[-1])
 
 
+def _train_cdma(args: argparse.Namespace, config: Config) -> int:
+    from trainers.cdma import format_cdma_table, run_cdma
+
+    print(f"train cdma: {config.cdma.network} MTNet on {args.out} → {join(args.out, 'runs', args.name)}")
+    metrics = run_cdma(args.name, args.out, config)
+    print(format_cdma_table(metrics))
+    run_dir = join(args.out, "runs", args.name)
+    print(f"  metrics: {join(run_dir, 'metrics.json')}")
+    print(f"  slide masks, overlays, GeoJSON: {join(run_dir, 'slides')}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, config: Config) -> int:
     from trainers.runner import TrainingError, format_table, run_training
 
+    if args.kind == "cdma":
+        return _train_cdma(args, config)
+    if not args.labels:
+        raise ValueError(f"train {args.kind} needs --labels")
     features = _features_dir(args)
     print(f"train {args.kind}: {config.train.model} on {features} → {join(args.out, 'runs', args.name)}")
     try:

@@ -143,6 +143,43 @@ class TrainConfig(_Section):
     mhim: MHIMConfig = Field(default_factory=MHIMConfig)
 
 
+class CDMAConfig(_Section):
+    """CDMA semi-supervised segmentation: data split, MTNet, losses, SGD schedule, slide inference."""
+
+    network: Literal["official", "light"] = "official"  # light: ResNet-18, narrow head (CPU tests, demo)
+    weights: str | None = None  # local ImageNet weights file for the encoder (null: random init)
+    classes: list[str] = Field(default_factory=lambda: ["background", "tumour"], min_length=2)
+    annotations: str | None = None  # dir of <slide_id><mask_suffix> mask images / <slide_id>.geojson
+    mask_suffix: str = ".tumour.png"
+    mask_downsample: float = Field(default=32.0, gt=0)  # level-0 px per mask-image pixel
+    labelled_frac: float = Field(default=0.1, gt=0, le=1)  # labelled slides, of the training pool
+    test_frac: float = Field(default=0.2, gt=0, lt=1)  # held-out annotated slides for the metrics
+    val_slides: int = Field(default=1, ge=0)  # annotated slides for model selection (0: last epoch)
+    split_seed: int = 0
+    min_tissue_frac: float = Field(default=0.5, ge=0, le=1)  # background tiles below this are dropped
+    batch_size: int = Field(default=16, ge=2)  # per worker: half labelled, half unlabelled
+    epochs: int = Field(default=150, ge=1)
+    steps_per_epoch: int | None = Field(default=None, ge=1)  # null: one pass over the larger part
+    lr: float = Field(default=1e-3, gt=0)  # pretrained weights; 2x their biases, 10x/20x new weights/biases
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    milestones: list[int] = Field(default_factory=lambda: [37, 75, 112])  # lr x0.1 at these epochs
+    unsup_start_epoch: int = Field(default=15, ge=0)  # KD and entropy terms from this epoch on
+    kd_weight: float = Field(default=0.1, ge=0)
+    entropy_weight: float = Field(default=0.1, ge=0)
+    temperature: float = Field(default=10.0, gt=0)
+    noise_std: float = Field(default=0.1, ge=0)
+    noise_p: float = Field(default=0.25, ge=0, le=1)
+    supervised_baseline: bool = True  # also train the same labelled slides without unlabelled data
+    infer_overlap: float = Field(default=0.25, ge=0, lt=1)  # sliding-window overlap at inference
+    infer_batch: int = Field(default=16, ge=1)
+    seed: int = 0
+    workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
+    max_failures: int = Field(default=2, ge=0)
+
+
 class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
@@ -152,6 +189,7 @@ class Config(_Section):
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
+    cdma: CDMAConfig = Field(default_factory=CDMAConfig)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,12 @@ from PIL import Image
 from support.helpers import make_config
 
 from cluster.cli import main
+from cluster.runtime import ensure_ray
+from cluster.storage import join
+from pipelines.embed import EmbedStage, run_embed
 from pipelines.features import BagMeta, bag_table, write_bag
+from pipelines.ingest import run_ingest
+from pipelines.synthetic import write_dataset
 from trainers.data import TrainDataError
 from trainers.gigassl import GigaSSLRun, export_embeddings, global_batch, read_embeddings
 from trainers.optim import LARS, warmup_cosine
@@ -123,3 +129,69 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
     (tmp_path / "bad.csv").write_text("slide_id,label\nother,1\n")
     assert main(["probe", "--embeddings", str(tmp_path / "emb.parquet"), "--labels",
                  str(tmp_path / "bad.csv")]) == 2  # fmt: skip
+
+
+# -- learning test: data made by our pipeline, a real 2-worker run ----------------------------------------
+
+ENCODER = "resnet18_trunc"
+# T = 5 tiles per view, batch 8 slides over 2 workers (4 each)
+LEARN = ("gigassl.epochs=10", "gigassl.batch_size=8", "gigassl.warmup_epochs=2", "gigassl.lr=0.0001")
+PIPELINE = ("tiling.mpp=1.0", "tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
+
+
+@dataclass
+class PipelineViews:
+    out: str
+    views: str
+    features: str
+    labels: str
+
+
+@pytest.fixture(scope="session")
+def pipeline_views(tmp_path_factory: pytest.TempPathFactory, s3_server) -> PipelineViews:
+    """16 tiny synthetic slides (8 with tumour) → tiles → light random-encoder features and Giga-SSL views
+    (4 augmentations × 16 tiles), made once per session by `slidestream run --gigassl-views`."""
+    root = tmp_path_factory.mktemp("gigassl")
+    slides, out = root / "slides", root / "out"
+    write_dataset(str(slides), 16, seed=11, size="tiny", fmt="svs")
+    config = make_config(*PIPELINE)
+    ensure_ray(config.ray)
+    run_ingest(
+        str(slides), str(out), config, embed=EmbedStage(ENCODER, "random", config.tiling, config.embed)
+    )
+    views = EmbedStage(ENCODER, "random", config.tiling, config.embed, views=(4, 16))
+    report = run_embed(str(out), config, views)
+    assert len(report.ok) == 16, report.summary()
+    features = EmbedStage(ENCODER, "random", config.tiling, config.embed).stage
+    return PipelineViews(str(out), join(str(out), views.stage), join(str(out), features.stage),
+                         str(slides / "labels.csv"))  # fmt: skip
+
+
+def test_embeddings_of_a_trained_run_separate_the_synthetic_classes(pipeline_views, capsys):
+    data = pipeline_views
+    train = ["train", "gigassl", "--name", "learn", "--out", data.out, "--workers", "2",
+             *itertools.chain.from_iterable(("--set", s) for s in (*PIPELINE, *LEARN))]  # fmt: skip
+    assert main(train) == 0
+    run = Path(data.out) / "runs" / "learn"
+    result = json.loads((run / "result.json").read_text())
+    assert result["workers"] == 2 and result["batch"] == 8
+    losses = [h["train_loss"] for h in result["history"]]
+    # embedded from the slides' un-augmented tile features (the bags beside the views), as at inference
+    meta = pq.read_schema(run / "embeddings.parquet").metadata
+    assert meta[b"slidestream.views"].decode() == data.features
+
+    probe = ["probe", "--embeddings", str(run / "embeddings.parquet"), "--labels", data.labels,
+             "--baseline-features", data.features, "--sizes", "6", "--repeats", "20"]  # fmt: skip
+    assert main(probe) == 0
+    table = capsys.readouterr().out
+    results = json.loads((run / "probe.json").read_text())["results"]
+    with capsys.disabled():
+        print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}):\n{table}")
+    assert results["gigassl"]["full"]["auc_mean"] >= 0.85, table
+    assert "mean-pooled features" in results and (run / "embedding_map.png").stat().st_size > 5000
+
+    # resume: the last epoch checkpoint is the starting point, so no epoch is trained again
+    (run / "result.json").unlink()
+    (run / "weights.pt").unlink()
+    assert main(train) == 0
+    assert json.loads((run / "result.json").read_text())["history"] == result["history"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -38,7 +39,14 @@ from trainers.optim import build_optimizer, warmup_cosine
 from trainers.runner import TrainingError, _changed_settings, fit_loop
 from trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
 
-__all__ = ["GigaSSLJob", "GigaSSLRun", "export_embeddings", "read_embeddings", "train_gigassl"]
+__all__ = [
+    "GigaSSLJob",
+    "GigaSSLRun",
+    "export_embeddings",
+    "read_embeddings",
+    "tile_features_for",
+    "train_gigassl",
+]
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +246,17 @@ def export_embeddings(run_dir: str, views: str, output: str | None = None,
     return target
 
 
+def tile_features_for(views: str) -> str | None:
+    """The plain feature bags made with the same encoder and tiling as a views set
+    (`OUT/gigassl/<key>-vAxB` → `OUT/features/<key>`), when they exist."""
+    match = re.fullmatch(r"(.*)/gigassl/(.+)-v\d+x\d+/?", views)
+    if match is None:
+        return None
+    features = join(match.group(1), "features", match.group(2))
+    fs, path = filesystem(features)
+    return features if fs.exists(path) else None
+
+
 def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
     """slide ids and the (N, D) embeddings of an embeddings Parquet file (`slide_id`, `embedding`)."""
     try:
@@ -270,10 +289,14 @@ class GigaSSLSummary:
 class GigaSSLRun:
     """One named Giga-SSL run under an output root: plan, Ray Train fit (resumable), export."""
 
-    def __init__(self, name: str, out: str, views: str, config: Config) -> None:
+    def __init__(
+        self, name: str, out: str, views: str, config: Config, export_from: str | None = None
+    ) -> None:
         if not name or any(c in name for c in "/\\") or name.startswith("."):
             raise TrainDataError(f"--name must be a plain name (no slashes), got {name!r}")
         self.name, self.views, self.config = name, views, config
+        # embeddings come from the slides' un-augmented tiles when their bags exist (as at inference)
+        self.export_from = export_from or tile_features_for(views) or views
         self.cfg: GigaSSLConfig = config.gigassl
         self.run_dir = join(out, "runs", name)
         bags = FeatureBags(views, require_labels=False)
@@ -313,5 +336,5 @@ class GigaSSLRun:
         from trainers.viz import training_curves
 
         training_curves({self.name: history}, join(self.run_dir, "curves.png"), metrics=("train_loss",))
-        embeddings = export_embeddings(self.run_dir, self.views, export_chunks=self.cfg.export_chunks)
+        embeddings = export_embeddings(self.run_dir, self.export_from, export_chunks=self.cfg.export_chunks)
         return GigaSSLSummary(self.name, self.run_dir, history, embeddings)

@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[common], help="train a slide classifier on feature bags")
     train.add_argument(
         "kind",
-        choices=["mil", "mhim", "cdma"],
-        help="mil: baseline MIL; mhim: MHIM-MIL; cdma: semi-supervised tissue segmentation on the tile "
-        "shards",
+        choices=["mil", "mhim", "icmil", "cdma"],
+        help="mil: baseline MIL; mhim: MHIM-MIL; icmil: bag classifier and tile embedder in turns; "
+        "cdma: semi-supervised tissue segmentation on the tile shards",
     )
     train.add_argument(
         "--name", required=True, help="run name: OUT/runs/NAME (rerun the same name to resume)"
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--annotations", help="cdma: dir of <slide_id>.tumour.png masks or <slide_id>.geojson (QuPath)"
     )
-    train.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd"])
+    train.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"])
     train.add_argument("--folds", type=int, help="cross-validation folds (train.folds)")
     train.add_argument("--workers", type=int, help="Ray Train workers per fold (train.workers)")
     train.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--teacher-init", help="MHIM teacher: auto (train the baseline first), none, or a path"
     )
+    train.add_argument("--rounds", type=int, default=1, help="ICMIL rounds after round 0 (default 1)")
+    train.add_argument("--encoder", help="ICMIL: the starting tile encoder (e.g. resnet50_trunc)")
+    train.add_argument("--weights", help="ICMIL: its local weights file, or 'random' (explicitly)")
 
     tune = commands.add_parser("tune", parents=[common], help="hyperparameter sweep (Ray Tune, ASHA)")
     tune.add_argument("kind", choices=["mil", "mhim"])
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--trials", type=int, default=4, help="samples drawn from the space (× grid values)")
     tune.add_argument("--features", help="feature-bag directory (default: the only one under OUT/features)")
     tune.add_argument("--labels", required=True, help="labels CSV/Parquet")
-    tune.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd"])
+    tune.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"])
     tune.add_argument("--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself)")
     tune.add_argument("--epochs", type=int, help="maximum epochs per trial (train.epochs)")
 

@@ -183,9 +183,29 @@ def _train_cdma(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _train_icmil(args: argparse.Namespace, config: Config) -> int:
+    from trainers.icmil import ICMILError, format_rounds, run_icmil
+
+    if not args.labels or not args.encoder or not args.weights:
+        raise ValueError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
+    run_dir = join(args.out, "runs", args.name)
+    print(f"train icmil: {config.train.model} ⇄ {args.encoder}, {args.rounds} round(s) → {run_dir}")
+    try:
+        summary = run_icmil(args.name, args.out, args.labels, args.encoder, args.weights, config, args.rounds)
+    except ICMILError as exc:
+        print(f"slidestream train: {exc}")
+        return 1
+    print(format_rounds(summary.metrics))
+    print(f"  metrics: {join(run_dir, 'metrics.json')}")
+    print(f"  rounds: {join(run_dir, 'rounds.png')}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, config: Config) -> int:
     from trainers.runner import TrainingError, format_table, run_training
 
+    if args.kind == "icmil":
+        return _train_icmil(args, config)
     if args.kind == "cdma":
         return _train_cdma(args, config)
     if not args.labels:

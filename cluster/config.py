@@ -120,7 +120,7 @@ class MHIMConfig(_Section):
 class TrainConfig(_Section):
     """MIL training and its protocol (folds, validation, seeds, workers)."""
 
-    model: Literal["abmil", "transmil", "dsmil", "clam_sb", "dtfd"] = "abmil"
+    model: Literal["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"] = "abmil"
     model_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {gated: true}
     epochs: int = Field(default=50, ge=1)
     lr: float = Field(default=2e-4, gt=0)
@@ -180,6 +180,29 @@ class CDMAConfig(_Section):
     max_failures: int = Field(default=2, ge=0)
 
 
+class ICMILConfig(_Section):
+    """ICMIL: the bag classifier (train.*) and the tile embedder trained in turns on one fold split."""
+
+    fold: int = Field(default=0, ge=0)  # which split of the fold plan (first seed) every round uses
+    epochs: int = Field(default=1, ge=1)  # embedder fine-tuning epochs per round
+    tiles_per_epoch: int | None = Field(default=None, ge=1)  # null: every tile of the training slides
+    batch_size: int = Field(default=100, ge=2)  # tiles per step and worker
+    lr: float = Field(default=1e-5, gt=0)
+    weight_decay: float = Field(default=1e-4, ge=0)
+    clip: float = Field(default=5.0, gt=0)  # gradient-norm clip of the student reduction + head
+    weight_w1: float = Field(default=0.5, ge=0)  # loss_w1 weight (student head consistency)
+    weight_w2: float = Field(default=0.5, ge=0)  # loss_w2 weight (student reduction consistency)
+    crop_scale_min: float = Field(default=0.5, gt=0, le=1)  # RandomResizedCrop scale range [min, 1]
+    val_tiles: int = Field(default=512, ge=1)  # validation tiles for model selection (per epoch)
+    confidence: bool = False  # journal version: weight loss_c per tile by |2a - 1|^beta
+    beta: float | None = Field(default=None, gt=0)  # null: 6 for abmil, 2 for dtfd
+    shuffle_buffer: int = Field(default=512, ge=1)  # tiles held per worker for streaming shuffling
+    workers: int = Field(default=1, ge=0)  # Ray Train workers of the fine-tuning (0: in the driver)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
+    max_failures: int = Field(default=2, ge=0)
+
+
 class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
@@ -188,6 +211,7 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    icmil: ICMILConfig = Field(default_factory=ICMILConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     cdma: CDMAConfig = Field(default_factory=CDMAConfig)
 

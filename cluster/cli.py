@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[common], help="train a slide classifier on feature bags")
     train.add_argument(
         "kind",
-        choices=["mil", "mhim", "icmil", "cdma"],
+        choices=["mil", "mhim", "icmil", "cdma", "gigassl"],
         help="mil: baseline MIL; mhim: MHIM-MIL; icmil: bag classifier and tile embedder in turns; "
-        "cdma: semi-supervised tissue segmentation on the tile shards",
+        "cdma: semi-supervised tissue segmentation on the tile shards; gigassl: self-supervised slide "
+        "embeddings from Giga-SSL views (--features: the views, default the only set under OUT/gigassl)",
     )
     train.add_argument(
         "--name", required=True, help="run name: OUT/runs/NAME (rerun the same name to resume)"
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rounds", type=int, default=1, help="ICMIL rounds after round 0 (default 1)")
     train.add_argument("--encoder", help="ICMIL: the starting tile encoder (e.g. resnet50_trunc)")
     train.add_argument("--weights", help="ICMIL: its local weights file, or 'random' (explicitly)")
+    train.add_argument(
+        "--export",
+        action="store_true",
+        help="gigassl: no training, export per-slide embeddings of the finished run NAME for --features",
+    )
 
     tune = commands.add_parser("tune", parents=[common], help="hyperparameter sweep (Ray Tune, ASHA)")
     tune.add_argument("kind", choices=["mil", "mhim"])
@@ -170,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"])
     tune.add_argument("--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself)")
     tune.add_argument("--epochs", type=int, help="maximum epochs per trial (train.epochs)")
+
+    probe = commands.add_parser("probe", parents=[common], help="linear probe of slide embeddings (AUC)")
+    probe.add_argument("--embeddings", required=True, help="Parquet slide_id, embedding (train gigassl)")
+    probe.add_argument("--labels", required=True, help="labels CSV/Parquet (slide_id,label)")
+    probe.add_argument("--baseline-features", help="feature bags whose mean-pooled tiles are the baseline")
+    probe.add_argument(
+        "--sizes", default="20,50", help="small training-set sizes besides the full one (default 20,50)"
+    )
+    probe.add_argument("--repeats", type=int, default=20, help="repeated stratified splits (default 20)")
+    probe.add_argument("--test-frac", type=float, default=0.3, help="test part of each split (default 0.3)")
+    probe.add_argument("--output", help="directory for probe.json and embedding_map.png (default: beside)")
 
     predict = commands.add_parser("predict", parents=[common], help="apply a trained run to feature bags")
     predict.add_argument("--run", required=True, help="the run directory, OUT/runs/NAME")
@@ -239,6 +256,8 @@ def _config_from(args: argparse.Namespace) -> Config:
         "annotations": "cdma.annotations",
         "interval": "watch.interval_s",
     }
+    if getattr(args, "kind", None) == "gigassl":  # these flags set the Giga-SSL section
+        flag_keys.update(workers="gigassl.workers", epochs="gigassl.epochs")
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:

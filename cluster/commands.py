@@ -153,11 +153,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _features_dir(args: argparse.Namespace) -> str:
-    """`--features`, or the single feature directory under OUT/features (an error when it is ambiguous)."""
+def _features_dir(args: argparse.Namespace, under: str = "features") -> str:
+    """`--features`, or the single feature directory under OUT/<under> (an error when it is ambiguous);
+    `under="gigassl"`: the Giga-SSL view sets."""
     if args.features:
         return args.features
-    fs, root = filesystem(join(args.out, "features"))
+    fs, root = filesystem(join(args.out, under))
     found = (
         sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory")
         if fs.exists(root)
@@ -166,21 +167,9 @@ def _features_dir(args: argparse.Namespace) -> str:
     if len(found) != 1:
         names = ", ".join(p.rsplit("/", 1)[-1] for p in found) or "none"
         raise ValueError(
-            f"pass --features: {join(args.out, 'features')} holds {len(found)} feature sets ({names})"
+            f"pass --features: {join(args.out, under)} holds {len(found)} feature sets ({names})"
         )
-    return join(args.out, "features", found[0].rsplit("/", 1)[-1])
-
-
-def _train_cdma(args: argparse.Namespace, config: Config) -> int:
-    from trainers.cdma import format_cdma_table, run_cdma
-
-    print(f"train cdma: {config.cdma.network} MTNet on {args.out} → {join(args.out, 'runs', args.name)}")
-    metrics = run_cdma(args.name, args.out, config)
-    print(format_cdma_table(metrics))
-    run_dir = join(args.out, "runs", args.name)
-    print(f"  metrics: {join(run_dir, 'metrics.json')}")
-    print(f"  slide masks, overlays, GeoJSON: {join(run_dir, 'slides')}")
-    return 0
+    return join(args.out, under, found[0].rsplit("/", 1)[-1])
 
 
 def _train_icmil(args: argparse.Namespace, config: Config) -> int:
@@ -201,6 +190,67 @@ def _train_icmil(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
+def _train_cdma(args: argparse.Namespace, config: Config) -> int:
+    from trainers.cdma import format_cdma_table, run_cdma
+
+    print(f"train cdma: {config.cdma.network} MTNet on {args.out} → {join(args.out, 'runs', args.name)}")
+    metrics = run_cdma(args.name, args.out, config)
+    print(format_cdma_table(metrics))
+    run_dir = join(args.out, "runs", args.name)
+    print(f"  metrics: {join(run_dir, 'metrics.json')}")
+    print(f"  slide masks, overlays, GeoJSON: {join(run_dir, 'slides')}")
+    return 0
+
+
+def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
+    from trainers.gigassl import GigaSSLRun, export_embeddings, tile_features_for
+
+    views = _features_dir(args, "gigassl")
+    run_dir = join(args.out, "runs", args.name)
+    if args.export:  # --features: the bags to embed; default: the un-augmented tiles of the views' slides
+        bags = args.features or tile_features_for(views) or views
+        target = export_embeddings(run_dir, bags, export_chunks=config.gigassl.export_chunks)
+        print(f"embeddings of {bags} with run {args.name} → {target}")
+        return 0
+    cfg = config.gigassl
+    print(
+        f"train gigassl: {cfg.epochs} epochs, batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
+        f"over {max(1, cfg.workers)} worker(s), on {views} → {run_dir}"
+    )
+    summary = GigaSSLRun(args.name, args.out, views, config).execute()
+    last = summary.history[-1]
+    print(f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)")
+    print(f"  embeddings: {summary.embeddings}")
+    print(f"  curves: {join(summary.run_dir, 'curves.png')}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace, config: Config) -> int:
+    from trainers.probe import format_probe, run_probe
+
+    try:
+        sizes = tuple(int(v) for v in args.sizes.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--sizes expects comma-separated integers, got {args.sizes!r}") from None
+    report = run_probe(
+        args.embeddings,
+        args.labels,
+        args.baseline_features,
+        sizes,
+        args.repeats,
+        args.test_frac,
+        output=args.output,
+    )
+    print(
+        f"linear probe (logistic regression C=10, balanced; ROC-AUC over {args.repeats} stratified "
+        f"splits) of {report.n_slides} slides, classes {report.classes}"
+    )
+    print(format_probe(report))
+    print(f"  results: {report.report}")
+    print(f"  embedding map: {report.picture}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace, config: Config) -> int:
     from trainers.runner import TrainingError, format_table, run_training
 
@@ -208,6 +258,8 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
         return _train_icmil(args, config)
     if args.kind == "cdma":
         return _train_cdma(args, config)
+    if args.kind == "gigassl":
+        return _train_gigassl(args, config)
     if not args.labels:
         raise ValueError(f"train {args.kind} needs --labels")
     features = _features_dir(args)

@@ -203,6 +203,31 @@ class ICMILConfig(_Section):
     max_failures: int = Field(default=2, ge=0)
 
 
+class GigaSSLConfig(_Section):
+    """Giga-SSL self-supervised slide embeddings (`slidestream train gigassl`, `specs/gigassl.md`)."""
+
+    epochs: int = Field(default=100, ge=1)
+    batch_size: int = Field(default=256, ge=2)  # slides per step, the GLOBAL batch split across workers
+    n_tiles: int = Field(default=5, ge=1)  # T: tiles per view, drawn from one stored augmentation
+    tau: float = Field(default=0.05, gt=0)  # NT-Xent temperature
+    lr: float | None = Field(default=None, gt=0)  # null: 0.03 × batch_size / 256
+    warmup_epochs: int = Field(default=10, ge=0)  # linear warm-up, then cosine to 0
+    optimizer: Literal["adam", "lars"] = "adam"
+    weight_decay: float = Field(default=0.0, ge=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)  # LARS only
+    cell_px: float | None = Field(default=None, gt=0)  # level-0 px per map cell; null: the tile grid step
+    init_weights: str | None = None  # local torchvision ResNet-18 weights: initialise layer4 from them
+    dim: int = Field(default=512, ge=1)  # slide embedding size
+    proj_dim: int = Field(default=256, ge=1)  # projection size (the loss's space)
+    export_chunks: int = Field(default=32, ge=1)  # chunks of T tiles averaged per slide at export
+    seed: int = 0
+    workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
+    max_failures: int = Field(default=2, ge=0)
+    cache_mb: int = Field(default=2048, ge=0)  # view bags kept in memory per worker
+
+
 class Config(_Section):
     ray: RayConfig = Field(default_factory=RayConfig)
     tiling: TilingConfig = Field(default_factory=TilingConfig)
@@ -211,6 +236,7 @@ class Config(_Section):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    gigassl: GigaSSLConfig = Field(default_factory=GigaSSLConfig)
     icmil: ICMILConfig = Field(default_factory=ICMILConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     cdma: CDMAConfig = Field(default_factory=CDMAConfig)

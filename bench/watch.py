@@ -1,7 +1,9 @@
 """Watch load benchmark: N small synthetic slides arrive in bursts while `slidestream watch` runs.
 
-The slides are written ahead of time into a pool, then copied into the watched prefix in bursts (each file
-is copied under a temporary name and renamed, so its arrival is one instant). Measured from outside the
+The slides are written ahead of time into a pool (`--distinct` different slides; slide N is a copy of pool
+slide N mod distinct under its own name, which keeps the set-up short on a slow machine), then copied into
+the watched prefix in bursts (each file is copied under a temporary name and renamed, so its arrival is one
+instant). Measured from outside the
 watcher: slides/minute, latency from arrival to the committed feature bag (the ledger's `committed_at`),
 and the resident memory of the watcher's whole process tree (driver, raylet, Ray workers) over time, as
 the peak in each quarter of the run (flat = the last quarter is not above the first).
@@ -76,12 +78,12 @@ class TreeMemory:
         self._thread.join()
 
 
-def write_pool(pool: Path, n: int, size: str) -> list[Path]:
+def write_pool(pool: Path, distinct: int, size: str) -> list[Path]:
     pool.mkdir(parents=True, exist_ok=True)
     width, height = MINI if size == "mini" else SIZES[size]
     paths = []
-    for i in range(n):
-        path = pool / f"s{i:04d}.svs"
+    for i in range(distinct):
+        path = pool / f"p{i:04d}.svs"
         if not path.exists():
             write_slide(path, SlideSpec(width, height, positive=i % 2 == 1, seed=1000 + i))
         paths.append(path)
@@ -108,7 +110,9 @@ def _committed(out: Path, stage: str) -> dict[str, float]:
     return {e.slide_id: e.committed_at for e in Ledger(str(out)).entries(stage) if e.status == "ok"}
 
 
-def run_watch(pool: list[Path], work: Path, stage: str, burst: int, gap: float, interval: float) -> dict:
+def run_watch(
+    pool: list[Path], n: int, work: Path, stage: str, burst: int, gap: float, interval: float
+) -> dict:
     slides, out = work / "watched", work / "watch-out"
     slides.mkdir()
     status = work / "status.json"
@@ -124,14 +128,14 @@ def run_watch(pool: list[Path], work: Path, stage: str, burst: int, gap: float, 
         while not status.exists():  # the watcher is up (Ray started, lock taken)
             assert proc.poll() is None, (work / "watch.log").read_text()[-3000:]
             time.sleep(0.2)
-        for start in range(0, len(pool), burst):
-            for path in pool[start : start + burst]:
-                tmp = slides / f".{path.stem}.part"
-                shutil.copyfile(path, tmp)
-                os.replace(tmp, slides / path.name)
-                arrivals[path.stem] = time.time()
+        for start in range(0, n, burst):
+            for i in range(start, min(start + burst, n)):
+                name = f"s{i:04d}"
+                shutil.copyfile(pool[i % len(pool)], slides / f".{name}.part")
+                os.replace(slides / f".{name}.part", slides / f"{name}.svs")
+                arrivals[name] = time.time()
             time.sleep(gap)
-        while len(_committed(out, stage)) < len(pool):
+        while len(_committed(out, stage)) < n:
             assert proc.poll() is None, (work / "watch.log").read_text()[-3000:]
             time.sleep(1.0)
     finally:
@@ -144,7 +148,7 @@ def run_watch(pool: list[Path], work: Path, stage: str, burst: int, gap: float, 
     final = json.loads(status.read_text())
     return {
         "seconds": last - first,
-        "slides_per_min": 60 * len(pool) / (last - first),
+        "slides_per_min": 60 * n / (last - first),
         "p50": float(np.percentile(latencies, 50)),
         "p95": float(np.percentile(latencies, 95)),
         "memory": memory.samples,
@@ -152,13 +156,13 @@ def run_watch(pool: list[Path], work: Path, stage: str, burst: int, gap: float, 
     }
 
 
-def run_batch(pool: list[Path], work: Path) -> float:
+def run_batch(pool: list[Path], n: int, work: Path) -> float:
     """Seconds for one `slidestream run` over all slides (the process's own start excluded as far as the
     log allows: measured from the first line it prints to its exit)."""
     slides = work / "batch-in"
     slides.mkdir()
-    for path in pool:
-        os.link(path, slides / path.name)
+    for i in range(n):
+        shutil.copyfile(pool[i % len(pool)], slides / f"s{i:04d}.svs")
     env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
     started = time.time()
     done = subprocess.run(
@@ -185,6 +189,7 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=20, help="slides per burst")
     parser.add_argument("--gap", type=float, default=5.0, help="seconds between bursts")
     parser.add_argument("--interval", type=float, default=1.0, help="watch poll interval")
+    parser.add_argument("--distinct", type=int, default=10, help="different slides in the pool")
     parser.add_argument("--size", choices=["mini", "tiny"], default="mini")
     parser.add_argument("--pool", default=str(Path(tempfile.gettempdir()) / "slidestream-bench-watch-pool"))
     parser.add_argument("--no-baseline", action="store_true")
@@ -193,39 +198,40 @@ def main() -> None:
     config = load_config(None, list(SETTINGS))
     stage = EmbedStage("resnet18_trunc", "random", config.tiling, config.embed).stage
     t0 = time.time()
-    pool = write_pool(Path(args.pool) / args.size, args.slides, args.size)
+    pool = write_pool(Path(args.pool) / args.size, args.distinct, args.size)
     print(f"pool: {len(pool)} {args.size} slides ready in {time.time() - t0:.0f} s ({args.pool})", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-watch-") as tmp:
         work = Path(tmp)
-        result = run_watch(pool, work, stage, args.burst, args.gap, args.interval)
-        batch = None if args.no_baseline else run_batch(pool, work)
+        result = run_watch(pool, args.slides, work, stage, args.burst, args.gap, args.interval)
+        report(args, result)
+        if not args.no_baseline:
+            batch_rate = 60 * args.slides / run_batch(pool, args.slides, work)
+            _row("baseline: one `run` over all, slides/minute", f"{batch_rate:.1f}")
+            _row("ratio watch ÷ batch throughput", f"{result['slides_per_min'] / batch_rate:.2f}")
 
+
+def _row(name: str, value: str) -> None:
+    print(f"| {name:<44} | {value:>17} |", flush=True)
+
+
+def report(args: argparse.Namespace, result: dict) -> None:
+    """The watch rows of the table (printed before the baseline runs: it takes as long again)."""
     peaks = quarters(result["memory"])
     print()
     print(f"watch: {args.slides} {args.size} slides in bursts of {args.burst} every {args.gap:g} s, "
           f"poll every {args.interval:g} s; resnet18_trunc (random), tile 256 px @ 0.5 µm/px, input 32 px; "
-          f"CPU only ({os.cpu_count()} cores), load average at end {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print(f"| {'measure':<40} | {'value':>12} |")
-    print(f"|{'-' * 42}|{'-' * 14}|")
-    rows = [
-        ("slides/minute (first arrival → last commit)", f"{result['slides_per_min']:.1f}"),
-        ("latency p50, arrival → committed (s)", f"{result['p50']:.1f}"),
-        ("latency p95, arrival → committed (s)", f"{result['p95']:.1f}"),
-        ("bursts processed by the watcher", str(result["status"]["bursts"])),
-        (
-            "slides committed / failed",
-            f"{result['status']['slides']['committed']} / {result['status']['slides']['failed']}",
-        ),
-        ("peak RSS per quarter of the run (MB)", " / ".join(f"{p:.0f}" for p in peaks)),
-    ]
-    if batch is not None:
-        batch_rate = 60 * args.slides / batch
-        rows.append(("baseline: one `run` over all, slides/minute", f"{batch_rate:.1f}"))
-        rows.append(("ratio watch ÷ batch throughput", f"{result['slides_per_min'] / batch_rate:.2f}"))
-    for name, value in rows:
-        print(f"| {name:<40} | {value:>12} |")
+          f"CPU only ({os.cpu_count()} cores), load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"| {'measure':<44} | {'value':>17} |")
+    print(f"|{'-' * 46}|{'-' * 19}|")
+    slides = result["status"]["slides"]
+    _row("slides/minute (first arrival → last commit)", f"{result['slides_per_min']:.1f}")
+    _row("latency p50, arrival → committed (s)", f"{result['p50']:.1f}")
+    _row("latency p95, arrival → committed (s)", f"{result['p95']:.1f}")
+    _row("bursts processed by the watcher", str(result["status"]["bursts"]))
+    _row("slides committed / failed", f"{slides['committed']} / {slides['failed']}")
+    _row("peak RSS per quarter of the run (MB)", " / ".join(f"{p:.0f}" for p in peaks))
     if len(peaks) == 4:
-        print(f"memory flat: last quarter ÷ first = {peaks[-1] / peaks[0]:.2f}")
+        _row("memory: last quarter ÷ first", f"{peaks[-1] / peaks[0]:.2f}")
 
 
 if __name__ == "__main__":

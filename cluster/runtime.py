@@ -60,6 +60,9 @@ def ensure_ray(config: RayConfig) -> None:
         else:
             cpus = config.num_cpus or os.cpu_count() or 1
             ray.init(
+                # "local": a new instance even when a `ray start` head runs on this machine (Ray would
+                # otherwise connect to the head recorded in /tmp/ray/ray_current_cluster).
+                address="local",
                 num_cpus=cpus,
                 object_store_memory=config.object_store_mb * 1024 * 1024,
                 # Fractional-CPU tasks run more worker processes than cores; by default Ray kills idle

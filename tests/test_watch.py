@@ -204,7 +204,7 @@ def _slidestream(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_watch_refuses_bad_input_before_starting(small_slides, tmp_path, capsys):
+def test_watch_refuses_bad_input_before_starting(small_slides, trained_run, tmp_path, capsys):
     def refused(*args: str) -> str:
         assert main(["watch", "--out", str(tmp_path / "out"), *args]) == 2
         return capsys.readouterr().err
@@ -214,6 +214,8 @@ def test_watch_refuses_bad_input_before_starting(small_slides, tmp_path, capsys)
     assert "watch.interval_s" in refused("--slides", str(small_slides), *common, "--interval", "0")
     not_a_run = refused("--slides", str(small_slides), *common, "--model", str(tmp_path))
     assert "is not a training run" in not_a_run
+    other_encoder = ("--encoder", "resnet50_trunc", "--weights", "random", "--model", trained_run)
+    assert "trained on 256-d features, but the bags" in refused("--slides", str(small_slides), *other_encoder)
     absent = str(tmp_path / "absent.pt")
     assert "absent.pt" in refused(
         "--slides", str(small_slides), "--encoder", "resnet18_trunc", "--weights", absent

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cluster.storage import filesystem, join
+from trainers.data import TrainDataError
 from trainers.predict import load_run_models, predict_table, write_table
 
 VERSION_COLUMN = "slide_version"
@@ -24,8 +25,13 @@ VERSION_COLUMN = "slide_version"
 class NewSlideScorer:
     """`scorer({slide_id: version})` scores the bags not scored yet; returns how many are scored in all."""
 
-    def __init__(self, run_dir: str, features: str, output: str) -> None:
-        load_run_models(run_dir)  # a wrong or unfinished run is an error before watching starts
+    def __init__(self, run_dir: str, features: str, output: str, dim: int | None = None) -> None:
+        plan, _ = load_run_models(run_dir)  # a wrong or unfinished run is an error before watching starts
+        if dim is not None and dim != plan["dim"]:
+            raise TrainDataError(
+                f"run {run_dir} was trained on {plan['dim']}-d features, but the bags in {features} "
+                f"are {dim}-d (use the run's encoder)"
+            )
         self.run_dir, self.features = run_dir, features
         self.predictions = join(output, "predictions")
         self.heatmaps = join(output, "heatmaps")

@@ -107,7 +107,8 @@ def cmd_watch(args: argparse.Namespace, config: Config) -> int:
         from trainers.stream_scoring import NewSlideScorer
 
         name = args.score_run.rstrip("/").rsplit("/", 1)[-1]
-        scorer = NewSlideScorer(args.score_run, features, join(args.out, "watch", "predict", name))
+        output = join(args.out, "watch", "predict", name)
+        scorer = NewSlideScorer(args.score_run, features, output, dim=embed.info.dim)
     watcher = Watcher(args.slides, args.out, config, embed, status_uri=args.json_status, on_committed=scorer)
     print(f"watching {args.slides} every {config.watch.interval_s:g} s → {features}", flush=True)
     print(f"  status: {watcher.status_uri}; stop with Ctrl-C or SIGTERM", flush=True)

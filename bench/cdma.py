@@ -63,27 +63,26 @@ def _config(args: argparse.Namespace, slides: str, *extra: str):
     )
 
 
-def _throughput(args: argparse.Namespace, slides: str, out: str) -> list[tuple[str, float]]:
-    rows = []
+def _throughput(args: argparse.Namespace, slides: str, out: str) -> tuple[list[tuple[str, float]], CDMARun]:
+    """Training patches/s with 1 and 2 workers; the 1-worker run is returned for the inference part."""
+    rows, runs = [], []
     for workers in (1, 2):
         config = _config(
             args, slides, f"cdma.workers={workers}", f"cdma.steps_per_epoch={args.steps}", "cdma.epochs=2",
             "cdma.supervised_baseline=false", "cdma.unsup_start_epoch=0", "cdma.val_slides=0",
+            "cdma.test_frac=0.05",
         )  # fmt: skip
         run = CDMARun(f"bench-w{workers}-{int(time.time())}", out, config)
-        metrics = run.execute()
-        last = metrics["runs"]["cdma"]["history"][-1]
+        last = run.execute()["runs"]["cdma"]["history"][-1]
         patches = args.steps * args.batch * workers
         rows.append((f"train, {workers} worker(s)", patches / last["epoch_s"]))
-    return rows
+        runs.append(run)
+    return rows, runs[0]
 
 
-def _inference(args: argparse.Namespace, slides: str, out: str) -> list[tuple[str, float]]:
-    config = _config(
-        args, slides, "cdma.epochs=1", "cdma.steps_per_epoch=1", "cdma.supervised_baseline=false"
-    )
-    run = CDMARun(f"bench-infer-{int(time.time())}", out, config)
-    run.execute()
+def _inference(args: argparse.Namespace, run: CDMARun) -> list[tuple[str, float]]:
+    """Slide inference tiles/s (windows of the sliding window) at batch 1 and `--infer-batch`."""
+    config = run.config
     model = build_mtnet(len(config.cdma.classes), config.cdma.network)
     model.load_state_dict(load_weights(join(run.run_dir, "jobs", "cdma", WEIGHTS_FILE)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -131,7 +130,8 @@ def main() -> None:
     if args.learning:
         _learning(args, slides, out)
         return
-    rows = _throughput(args, slides, out) + _inference(args, slides, out)
+    rows, run = _throughput(args, slides, out)
+    rows += _inference(args, run)
     device = "cuda" if torch.cuda.is_available() else "cpu (no GPU here)"
     print(f"\nCDMA {args.network} MTNet, {args.tile_px}-px tiles at {args.mpp} µm/px, device {device}")
     print(f"| {'measurement':<34} | {'per second':>10} |")

@@ -29,17 +29,19 @@ from trainers.gigassl import GigaSSLRun, export_embeddings, global_batch, read_e
 from trainers.optim import LARS, warmup_cosine
 from trainers.probe import run_probe
 
-SMALL = ("gigassl.workers=0", "gigassl.epochs=3", "gigassl.batch_size=4", "gigassl.dim=32",
-         "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.export_chunks=4")  # fmt: skip
+SMALL = ("gigassl.workers=0", "gigassl.epochs=12", "gigassl.batch_size=8", "gigassl.dim=32",
+         "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.lr=0.001",
+         "gigassl.export_chunks=4")  # fmt: skip
 
 
 def _write_views(root: Path, n: int, seed: int = 0, dim: int = 16) -> None:
-    """Small view bags: 3 augmentations × 10 tiles on a 512-px grid; odd slides shifted features."""
+    """Small view bags: 3 augmentations × 10 tiles on a 512-px grid; each slide's tiles scatter around a
+    mean of its own, so two views of a slide are alike."""
     rng = np.random.default_rng(seed)
     meta = BagMeta("synthetic", dim, 0.5, 256, "test")
     for i in range(n):
         xy = rng.integers(0, 12, size=(30, 2)) * 512
-        feats = rng.normal(size=(30, dim)) + (i % 2)
+        feats = rng.normal(size=dim) + 0.5 * rng.normal(size=(30, dim))
         table = bag_table(xy[:, 0], xy[:, 1], feats, meta, aug=np.repeat(np.arange(3), 10), dtype="float32")
         write_bag(str(root / f"s{i}.parquet"), table)
 
@@ -74,8 +76,9 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
     config = make_config(*SMALL)
     summary = GigaSSLRun("r", out, str(small_views), config).execute()
     run = Path(summary.run_dir)
-    assert [h["epoch"] for h in summary.history] == [0, 1, 2]
-    assert all(np.isfinite(h["train_loss"]) for h in summary.history)
+    losses = [h["train_loss"] for h in summary.history]
+    assert [h["epoch"] for h in summary.history] == list(range(12)) and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses  # a slide's views are recognised among the others
     ids, emb = read_embeddings(summary.embeddings)
     assert sorted(ids) == [f"s{i}" for i in range(8)] and emb.shape == (8, 32)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -134,8 +137,10 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
 # -- learning test: data made by our pipeline, a real 2-worker run ----------------------------------------
 
 ENCODER = "resnet18_trunc"
-# T = 5 tiles per view, batch 8 slides over 2 workers (4 each)
-LEARN = ("gigassl.epochs=10", "gigassl.batch_size=8", "gigassl.warmup_epochs=2", "gigassl.lr=0.0001")
+# T = 5 tiles per view, batch 8 slides over 2 workers (4 each), a short run at a small learning rate: with a
+# random-weight encoder the augmented views carry little class signal, and longer runs on these 16 slides
+# lose separation (bench/RESULTS.md, Giga-SSL)
+LEARN = ("gigassl.epochs=4", "gigassl.batch_size=8", "gigassl.warmup_epochs=1", "gigassl.lr=0.00001")
 PIPELINE = ("tiling.mpp=1.0", "tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
 
 

@@ -29,7 +29,7 @@ from trainers.gigassl import GigaSSLRun, export_embeddings, global_batch, read_e
 from trainers.optim import LARS, warmup_cosine
 from trainers.probe import run_probe
 
-SMALL = ("gigassl.workers=0", "gigassl.epochs=12", "gigassl.batch_size=8", "gigassl.dim=32",
+SMALL = ("gigassl.workers=0", "gigassl.epochs=30", "gigassl.batch_size=16", "gigassl.dim=32",
          "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.lr=0.001",
          "gigassl.export_chunks=4")  # fmt: skip
 
@@ -48,7 +48,7 @@ def _write_views(root: Path, n: int, seed: int = 0, dim: int = 16) -> None:
 
 @pytest.fixture()
 def small_views(tmp_path: Path) -> Path:
-    _write_views(tmp_path / "views", 8)
+    _write_views(tmp_path / "views", 16)
     return tmp_path / "views"
 
 
@@ -77,10 +77,11 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
     summary = GigaSSLRun("r", out, str(small_views), config).execute()
     run = Path(summary.run_dir)
     losses = [h["train_loss"] for h in summary.history]
-    assert [h["epoch"] for h in summary.history] == list(range(12)) and all(np.isfinite(losses))
-    assert np.mean(losses[-3:]) < 0.5 * losses[0], losses  # a slide's views are recognised among the others
+    assert [h["epoch"] for h in summary.history] == list(range(30)) and all(np.isfinite(losses))
+    # a slide's views are recognised among the others' (the loss at τ = 0.05 is noisy step to step)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), losses
     ids, emb = read_embeddings(summary.embeddings)
-    assert sorted(ids) == [f"s{i}" for i in range(8)] and emb.shape == (8, 32)
+    assert sorted(ids) == sorted(f"s{i}" for i in range(16)) and emb.shape == (16, 32)
     assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
     state = torch.load(run / "weights.pt", weights_only=True)
     assert "pool.conv1.weight" in state and (run / "curves.png").stat().st_size > 1000

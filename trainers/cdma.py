@@ -40,10 +40,10 @@ from trainers.cdma_data import (
 from trainers.cdma_losses import CDMALoss
 from trainers.data import TrainDataError
 from trainers.dist import average_gradients, gather_objects, rank_and_world
-from trainers.loop import _autocast, _device, _report, _restore, load_weights
+from trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
 from trainers.metrics import summarise
 from trainers.models.mtnet import MTNet, build_mtnet
-from trainers.runner import TrainingError, _changed_settings, fit_loop
+from trainers.runner import TrainingError, changed_settings, fit_loop
 from trainers.seg_infer import predict_slide, write_geojson, write_overlay
 from trainers.seg_metrics import segmentation_metrics
 
@@ -127,7 +127,7 @@ def tile_dice(model: MTNet, tiles: TileSet, n_classes: int, batch: int, device: 
     mine = np.arange(rank, len(tiles), world)
     for start in range(0, len(mine), batch):
         idx = mine[start : start + batch]
-        with _autocast(device):
+        with bf16_autocast(device):
             pred = model(normalise(tiles.images[idx], device)).argmax(1).cpu().numpy()
         truth = tiles.masks[idx]
         for c in range(1, n_classes):
@@ -151,7 +151,7 @@ def train_cdma(config: dict[str, Any]) -> None:
     cfg = CDMAConfig(**job.cdma)
     tiling = TilingConfig(**job.tiling)
     rank, world = rank_and_world()
-    device = _device()
+    device = train_device()
     n_classes = len(cfg.classes)
     annotations = annotations_for(cfg, job.labelled + job.val)
     labelled = load_tiles(job.out, tiling, job.labelled, annotations, cfg.min_tissue_frac)
@@ -168,7 +168,7 @@ def train_cdma(config: dict[str, Any]) -> None:
         cfg.kd_weight, cfg.entropy_weight, cfg.unsup_start_epoch, cfg.temperature, job.semi_supervised
     )
     start, history, best, best_state = 0, [], -math.inf, None
-    saved = _restore("train")
+    saved = restore_state("train")
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -194,7 +194,7 @@ def train_cdma(config: dict[str, Any]) -> None:
                     normalise(unlabelled.images[unl_idx], device), None, gen, cfg.noise_std, cfg.noise_p
                 )
                 x = torch.cat([x, xu])
-            with _autocast(device):
+            with bf16_autocast(device):
                 logits = model(x)
             loss, parts = loss_fn([z.float() for z in logits], y, len(lab_idx), epoch)
             optimizer.zero_grad(set_to_none=False)
@@ -226,7 +226,7 @@ def train_cdma(config: dict[str, Any]) -> None:
                 "best": best,
                 "best_model": best_state,
             }
-        _report("train", metrics, state)
+        report_epoch("train", metrics, state)
     if rank == 0:
         buffer = io.BytesIO()
         torch.save(best_state if best_state is not None else _state_dict_copy(model), buffer)
@@ -286,7 +286,7 @@ class CDMARun:
         uri = join(self.run_dir, "run.json")
         plan = self.plan()
         if _exists(uri):
-            if changed := _changed_settings(json.loads(read_bytes(uri)), plan):
+            if changed := changed_settings(json.loads(read_bytes(uri)), plan):
                 raise TrainDataError(
                     f"run {self.name!r} already exists in {self.run_dir} with different "
                     f"{', '.join(changed)}; "

@@ -32,11 +32,18 @@ from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
 from pipelines.features import Bag, FeatureBags
 from trainers.data import BagCache, TrainDataError
 from trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
-from trainers.loop import _autocast, _device, _report, _restore, _save_bytes, load_weights
+from trainers.loop import (
+    bf16_autocast,
+    checkpoint_bytes,
+    load_weights,
+    report_epoch,
+    restore_state,
+    train_device,
+)
 from trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
 from trainers.ntxent import backward_global, global_ntxent
 from trainers.optim import build_optimizer, warmup_cosine
-from trainers.runner import TrainingError, _changed_settings, fit_loop
+from trainers.runner import TrainingError, changed_settings, fit_loop
 from trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
 
 __all__ = [
@@ -120,7 +127,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
     job = GigaSSLJob(**config)
     cfg = job.cfg
     rank, world = rank_and_world()
-    device = _device()
+    device = train_device()
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     net = build_net(cfg, job.in_dim).to(device)
     lr = learning_rate(cfg)
@@ -133,7 +140,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
     views = ViewMaker(BagCache(FeatureBags(job.views, require_labels=False), cfg["cache_mb"]), cfg)
 
     start, history = 0, []
-    saved = _restore(job.reporter)
+    saved = restore_state(job.reporter)
     if saved is not None:
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -152,7 +159,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
             maps = [views.view(s, rng) for s in ids] + [views.view(s, rng) for s in ids]
             x = build_batch(maps).tensor(device)
             _, z = net(x)
-            with _autocast(device):
+            with bf16_autocast(device):
                 loss = global_ntxent(z[:local].float(), z[local:].float(), cfg["tau"])
             optimizer.zero_grad(set_to_none=True)
             backward_global(loss, net)
@@ -174,11 +181,11 @@ def train_gigassl(config: dict[str, Any]) -> None:
                      metrics["train_loss"], metrics["lr"], metrics["slides_per_s"])  # fmt: skip
             state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "history": history}  # fmt: skip
-        _report(job.reporter, dict(metrics), state)
+        report_epoch(job.reporter, dict(metrics), state)
 
     if rank == 0:
         cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        write_bytes_atomic(join(job.run_dir, WEIGHTS_FILE), _save_bytes(cpu_state))
+        write_bytes_atomic(join(job.run_dir, WEIGHTS_FILE), checkpoint_bytes(cpu_state))
         result = {"name": job.name, "in_dim": job.in_dim, "gigassl": cfg, "history": history,
                   "batch": batch, "workers": world}  # fmt: skip
         write_bytes_atomic(join(job.run_dir, RESULT_FILE), json.dumps(result, indent=1).encode())
@@ -225,7 +232,7 @@ def export_embeddings(run_dir: str, views: str, output: str | None = None,
     if bags.dim != result["in_dim"]:
         raise TrainDataError(f"{views} holds {bags.dim}-d features; run {run_dir} was trained on "
                              f"{result['in_dim']}-d features")  # fmt: skip
-    device = _device()
+    device = train_device()
     net = GigaSSLNet(result["in_dim"], cfg["dim"], cfg["proj_dim"])
     net.load_state_dict(load_weights(join(run_dir, WEIGHTS_FILE)))
     net.to(device).eval()
@@ -312,7 +319,7 @@ class GigaSSLRun:
         fs, path = filesystem(join(self.run_dir, RUN_FILE))
         plan = self.plan()
         if fs.exists(path):
-            changed = _changed_settings(json.loads(read_bytes(join(self.run_dir, RUN_FILE))), plan)
+            changed = changed_settings(json.loads(read_bytes(join(self.run_dir, RUN_FILE))), plan)
             if changed:
                 raise TrainDataError(
                     f"run {self.name!r} already exists in {self.run_dir} with different "

@@ -36,7 +36,7 @@ from trainers.data import TrainDataError
 from trainers.icmil_distill import check_model
 from trainers.icmil_finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
 from trainers.loop import WEIGHTS_FILE
-from trainers.runner import _RESOURCE_KEYS, Run, _changed_settings, fit_loop
+from trainers.runner import RESOURCE_KEYS, Run, changed_settings, fit_loop
 
 __all__ = ["ICMILError", "ICMILRun", "ICMILSummary", "format_rounds", "run_icmil"]
 
@@ -100,7 +100,7 @@ class ICMILRun:
     # -- settings and state -------------------------------------------------------------------------------
 
     def plan(self) -> dict[str, Any]:
-        without = lambda d: {k: v for k, v in d.items() if k not in _RESOURCE_KEYS}  # noqa: E731
+        without = lambda d: {k: v for k, v in d.items() if k not in RESOURCE_KEYS}  # noqa: E731
         return {
             "kind": "icmil",
             "labels": self.labels,
@@ -118,7 +118,7 @@ class ICMILRun:
             _write_json(join(self.run_dir, RUN_FILE), plan)
             write_bytes_atomic(join(self.run_dir, "config.yaml"), self.config.to_yaml().encode())
             return
-        if changed := _changed_settings(saved, plan):
+        if changed := changed_settings(saved, plan):
             raise TrainDataError(
                 f"ICMIL run {self.name!r} already exists in {self.run_dir} with different "
                 f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"

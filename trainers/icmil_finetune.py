@@ -33,7 +33,7 @@ from pipelines.encoders import TileEncoder, build_encoder
 from pipelines.shards import decode_sample, iter_shard_samples
 from trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
 from trainers.icmil_distill import DEFAULT_BETA, InstanceTeacher, augmented_view, distill_losses, make_student
-from trainers.loop import _autocast, _device, _report, _restore, load_weights
+from trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
 from trainers.models import build_model
 
 __all__ = ["ENCODER_FILE", "RESULT_FILE", "DistillJob", "finetune_embedder"]
@@ -135,7 +135,7 @@ def validation_mae(teacher: InstanceTeacher, student: Any, views: Views, job: Di
     total, count = 0.0, 0
     for batch in _batches(tiles, cfg["batch_size"]):
         clean, aug = views(batch, generator)
-        with _autocast(views.device):
+        with bf16_autocast(views.device):
             p_t = torch.softmax(teacher.head(teacher.reduction(teacher.encoder(clean))).float(), dim=-1)
             p_s = torch.softmax(student.head(student.reduction(student.encoder(aug))).float(), dim=-1)
         total += float((p_s - p_t).abs().mean(dim=1).sum())
@@ -157,7 +157,7 @@ def finetune_embedder(config: dict[str, Any]) -> None:
     job = DistillJob(**config)
     cfg = job.icmil
     rank, world = rank_and_world()
-    device = _device()
+    device = train_device()
     teacher = build_teacher(job).to(device)
     torch.manual_seed(job.seed)
     student = make_student(teacher).to(device)
@@ -172,7 +172,7 @@ def finetune_embedder(config: dict[str, Any]) -> None:
     steps = max(1, math.ceil(per_epoch / (world * cfg["batch_size"])))
 
     start, history, best = 0, [], (math.inf, -1, copy.deepcopy(student.encoder.state_dict()))
-    saved = _restore("train")
+    saved = restore_state("train")
     if saved is not None:
         student.load_state_dict(saved["student"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -187,7 +187,7 @@ def finetune_embedder(config: dict[str, Any]) -> None:
         student.train()
         for batch in itertools.islice(_batches(tiles, cfg["batch_size"]), steps):
             clean, aug = views(batch, generator)
-            with _autocast(device):
+            with bf16_autocast(device):
                 losses = distill_losses(
                     teacher, student, clean, aug, cfg["weight_w1"], cfg["weight_w2"], beta
                 )
@@ -225,7 +225,7 @@ def finetune_embedder(config: dict[str, Any]) -> None:
                 "best_epoch": best[1],
                 "best_encoder": best[2],
             }
-        _report("train", dict(metrics), state)
+        report_epoch("train", dict(metrics), state)
 
     if rank == 0:
         encoder = {k: v.detach().cpu() for k, v in best[2].items()}

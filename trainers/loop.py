@@ -79,7 +79,7 @@ def load_weights(uri: str) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
 
 
-def _save_bytes(obj: Any) -> bytes:
+def checkpoint_bytes(obj: Any) -> bytes:
     buffer = io.BytesIO()
     torch.save(obj, buffer)
     return buffer.getvalue()
@@ -197,7 +197,8 @@ def feature_statistics(ids: list[str], cache: BagCache) -> tuple[torch.Tensor, t
     return mean.float(), torch.full_like(mean, float(scale)).float()
 
 
-def _device() -> torch.device:
+def train_device() -> torch.device:
+    """The device of this training worker: Ray Train's GPU when there is one, else the CPU."""
     if torch.cuda.is_available():
         try:
             import ray.train.torch
@@ -208,7 +209,8 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(device: torch.device):
+def bf16_autocast(device: torch.device):
+    """bf16 autocast on CUDA; nothing on CPU (CPU bf16 is slower than fp32 here)."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 
@@ -223,7 +225,7 @@ def evaluate(
     for slide_id in ids[rank::world]:
         x = cache.features(slide_id, device)
         y = torch.tensor([job.targets[slide_id]], device=device)
-        with _autocast(device):
+        with bf16_autocast(device):
             out = model(x)
             loss = model.loss(out, y)
         probs = model.probabilities(out).float().cpu().numpy()[0]
@@ -250,7 +252,7 @@ def _session(reporter: str) -> Any:
     return ray.train
 
 
-def _report(reporter: str, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
+def report_epoch(reporter: str, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """Report an epoch; rank 0 attaches the checkpoint (a barrier: every rank calls it)."""
     session = _session(reporter)
     if state is None:
@@ -261,7 +263,7 @@ def _report(reporter: str, metrics: dict[str, Any], state: dict[str, Any] | None
         session.report(metrics, checkpoint=session.Checkpoint.from_directory(tmp))
 
 
-def _restore(reporter: str) -> dict[str, Any] | None:
+def restore_state(reporter: str) -> dict[str, Any] | None:
     checkpoint = _session(reporter).get_checkpoint()
     if checkpoint is None:
         return None
@@ -274,7 +276,7 @@ def train_fold(config: dict[str, Any]) -> None:
     job = FoldJob(**config)
     cfg = job.train
     rank, world = rank_and_world()
-    device = _device()
+    device = train_device()
     torch.manual_seed(job.seed)  # identical initial weights on every rank
     model = model_from_job(job).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -292,7 +294,7 @@ def train_fold(config: dict[str, Any]) -> None:
         mhim.teacher.to(device)
 
     start, history, best_state = 0, [], copy.deepcopy(model.state_dict())
-    saved = _restore(job.reporter)
+    saved = restore_state(job.reporter)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -318,7 +320,7 @@ def train_fold(config: dict[str, Any]) -> None:
             step = epoch * steps_per_epoch + i
             x = cache.features(slide_id, device)
             y = torch.tensor([job.targets[slide_id]], device=device)
-            with _autocast(device):
+            with bf16_autocast(device):
                 loss = mhim.loss(model, x, y, step, gen) if mhim else model.loss(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -358,7 +360,7 @@ def train_fold(config: dict[str, Any]) -> None:
                 "history": history,
                 "teacher": mhim.teacher.state_dict() if mhim else None,
             }
-        _report(job.reporter, dict(metrics), state)
+        report_epoch(job.reporter, dict(metrics), state)
 
     model.load_state_dict(best_state)
     _finish(job, model, cache, device, history, stopper.best_epoch)
@@ -380,7 +382,7 @@ def _finish(
     metrics = classification_metrics(y_test, test_probs, job.classes, threshold)
     metrics.update({"loss": test_loss, "best_epoch": best_epoch, "epochs_run": len(history)})
     cpu_state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    write_bytes_atomic(join(job.result_dir, WEIGHTS_FILE), _save_bytes(cpu_state))
+    write_bytes_atomic(join(job.result_dir, WEIGHTS_FILE), checkpoint_bytes(cpu_state))
     predictions = _predictions(job, test_ids, test_probs, threshold)
     write_bytes_atomic(join(job.result_dir, PREDICTIONS_FILE), predictions)
     result = {

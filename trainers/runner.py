@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 KINDS = ("mil", "mhim")
 RUN_FILE = "run.json"
 # Settings that may change between a run and its resumption (resources, not results).
-_RESOURCE_KEYS = (
+RESOURCE_KEYS = (
     "workers",
     "cpus_per_worker",
     "gpus_per_worker",
@@ -121,7 +121,7 @@ class Run:
     # -- plan ---------------------------------------------------------------------------------------------
 
     def plan(self) -> dict[str, Any]:
-        train = {k: v for k, v in self.train.model_dump(mode="json").items() if k not in _RESOURCE_KEYS}
+        train = {k: v for k, v in self.train.model_dump(mode="json").items() if k not in RESOURCE_KEYS}
         return {
             "kind": self.kind,
             "features": self.features,
@@ -138,7 +138,7 @@ class Run:
         plan = self.plan()
         if fs.exists(path):
             saved = json.loads(read_bytes(join(self.run_dir, RUN_FILE)))
-            changed = _changed_settings(saved, plan)
+            changed = changed_settings(saved, plan)
             if changed:
                 raise TrainDataError(
                     f"run {self.name!r} already exists in {self.run_dir} with different "
@@ -235,7 +235,7 @@ class Run:
         return RunSummary(self.name, self.run_dir, metrics)
 
 
-def _changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str = "") -> list[str]:
+def changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the plan entries that differ (e.g. `train.model ('abmil' → 'dsmil')`)."""
     changed = []
     for key in sorted(set(saved) | set(plan)):
@@ -243,7 +243,7 @@ def _changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str =
         if old == new:
             continue
         if isinstance(old, dict) and isinstance(new, dict):
-            changed += _changed_settings(old, new, f"{prefix}{key}.")
+            changed += changed_settings(old, new, f"{prefix}{key}.")
         elif isinstance(old, list | dict) or isinstance(new, list | dict):
             changed.append(prefix + key)
         else:

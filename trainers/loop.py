@@ -210,7 +210,7 @@ def train_device() -> torch.device:
 
 
 def bf16_autocast(device: torch.device):
-    """bf16 autocast on CUDA; nothing on CPU (CPU bf16 is slower than fp32 here)."""
+    """bf16 autocast on CUDA; full fp32 precision on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
 

@@ -23,9 +23,7 @@ lint: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	bash tests/support/rgw.sh install
-	# Two pytest processes, whole files each (each has its own Ray and S3 server): most of the suite waits
-	# on process start-up and Ray scheduling, so two overlap well on 2 cores.
-	$(PY) -m pytest -q --timeout=900 --durations=25 -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT)

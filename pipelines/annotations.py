@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,14 +39,14 @@ class Region:
     scale: float
 
 
-class SlideAnnotation:
+class SlideAnnotation(ABC):
+    @abstractmethod
     def region(self, region: Region) -> np.ndarray:
         """Class index per output pixel, uint8 (height, width); outside the annotation: 0."""
-        raise NotImplementedError
 
+    @abstractmethod
     def has_foreground(self) -> bool:
         """Whether any pixel of the slide is annotated with a class other than background."""
-        raise NotImplementedError
 
 
 class MaskImage(SlideAnnotation):

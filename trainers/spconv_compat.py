@@ -4,12 +4,18 @@ spconv 2.3.8's CPU wheel runs forward passes, but its backward asks `torch.cuda.
 stream handle and fails on a machine without an NVIDIA driver. On such a machine the handle is unused by
 the CPU kernels, so `spconv.pytorch.ops.get_current_stream` is replaced by one returning 0. With CUDA
 present nothing is patched (GPU runs install the `spconv-cu12x` wheel; see README, "GPU extra").
+
+Its CPU gather/scatter kernels also race when torch runs them on several threads: a 3×3 convolution
+loses about one update in five runs on two cores (seen in CI). Every feature kernel therefore runs on one
+thread when its input is on the CPU; the index-pair kernels are left as they are.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from functools import wraps
 from types import ModuleType
 
 import torch
@@ -21,8 +27,35 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("CUMM_DEBUG", "0")
 
 
+# spconv.pytorch.ops functions that accumulate features; their first argument is the feature tensor.
+_FEATURE_KERNELS = (
+    "indice_conv",
+    "fused_indice_conv",
+    "indice_conv_backward",
+    "implicit_gemm",
+    "implicit_gemm_backward",
+    "indice_maxpool",
+    "indice_maxpool_backward",
+)
+
+
 def _cpu_stream() -> int:
     return 0
+
+
+def _single_threaded_on_cpu(kernel: Callable) -> Callable:
+    @wraps(kernel)
+    def run(features: torch.Tensor, *args, **kwargs):
+        if features.is_cuda:
+            return kernel(features, *args, **kwargs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return kernel(features, *args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
 
 
 def _load() -> tuple[ModuleType, bool]:
@@ -33,6 +66,8 @@ def _load() -> tuple[ModuleType, bool]:
         raise ImportError(
             "Giga-SSL needs spconv: pip install spconv==2.3.8 (CPU) or spconv-cu12x (GPU, see README)"
         ) from exc
+    for name in _FEATURE_KERNELS:
+        setattr(ops, name, _single_threaded_on_cpu(getattr(ops, name)))
     if torch.cuda.is_available():
         return sp, False
     ops.get_current_stream = _cpu_stream

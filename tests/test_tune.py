@@ -35,8 +35,7 @@ def bags(tmp_path_factory):
 def _space(tmp_path: Path) -> Path:
     space = tmp_path / "space.yaml"
     space.write_text(
-        "train.lr: {loguniform: [1.0e-4, 3.0e-3]}\n"
-        "train.model_options.gated: {grid: [true, false]}\n"
+        "train.lr: {loguniform: [1.0e-4, 3.0e-3]}\ntrain.model_options.gated: {grid: [true, false]}\n"
     )
     return space
 

@@ -25,8 +25,14 @@ STORAGE_ENV_VARS = (
     "AWS_PROFILE",
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
     *SECRET_ENV_VARS,
 )
+# botocore's retry policy unless the standard AWS_MAX_ATTEMPTS / AWS_RETRY_MODE variables say otherwise:
+# patient by default (a storage hiccup must not fail a slide), quick to give up where that is wanted.
+DEFAULT_MAX_ATTEMPTS = 8
+DEFAULT_RETRY_MODE = "adaptive"
 
 
 def protocol_of(uri: str) -> str:
@@ -41,7 +47,7 @@ def storage_options(uri: str) -> dict[str, Any]:
     """Non-secret fsspec options for `uri` (endpoint override for S3-compatible servers)."""
     if protocol_of(uri) in ("s3", "s3a"):
         options: dict[str, Any] = {
-            "config_kwargs": {"retries": {"max_attempts": 8, "mode": "adaptive"}},
+            "config_kwargs": {"retries": _retry_policy()},
             # Listings must be fresh: ledgers and shard directories change under other processes.
             "use_listings_cache": False,
         }
@@ -50,6 +56,16 @@ def storage_options(uri: str) -> dict[str, Any]:
             options["client_kwargs"] = {"endpoint_url": endpoint}
         return options
     return {}
+
+
+def _retry_policy() -> dict[str, Any]:
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
+    if not attempts.isdigit() or int(attempts) < 1:
+        raise ValueError(f"AWS_MAX_ATTEMPTS must be a whole number ≥ 1, got {attempts!r}")
+    mode = os.environ.get("AWS_RETRY_MODE", DEFAULT_RETRY_MODE)
+    if mode not in ("legacy", "standard", "adaptive"):
+        raise ValueError(f"AWS_RETRY_MODE must be legacy, standard or adaptive, got {mode!r}")
+    return {"max_attempts": int(attempts), "mode": mode}
 
 
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:

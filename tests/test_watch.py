@@ -342,7 +342,8 @@ def test_watch_on_object_storage_rides_out_an_outage(private_s3, small_slides, t
     s3 = server.client()
     for i in range(2):
         s3.upload_file(str(small_slides / f"w{i}.svs"), "watch-in", f"p/w{i}.svs")
-    env = {**ENV, **server.env()}
+    # Two attempts per request: the outage surfaces in seconds, not after minutes of botocore backoff.
+    env = {**ENV, **server.env(), "AWS_MAX_ATTEMPTS": "2"}
     slides, out, status, log = (
         "s3://watch-in/p",
         "s3://watch-out/o",

@@ -91,7 +91,6 @@ class EmbedConfig(_Section):
     cpu_threads: int | None = Field(default=None, ge=1)  # torch threads of a CPU actor (None: cores ÷ actors)
 
 
-
 class WatchConfig(_Section):
     interval_s: float = Field(default=10.0, gt=0)  # seconds between polls of the slide prefix
     lock_ttl_s: float = Field(default=120.0, gt=0)  # a writer lock not refreshed for this long is stale

@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
 DEMO_DEFAULTS = (
     "tiling.tile_px=128",
     "embed.input_px=64",
-    "train.folds=3",
+    "train.folds=2",
     "train.epochs=25",
     "train.min_epochs=10",
     "train.patience=10",

@@ -22,10 +22,12 @@ import functools
 import io
 import json
 import math
+import multiprocessing
 import os
 import posixpath
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -828,6 +830,15 @@ def _mask_png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _write_slides_in_parallel(paths: list[str], specs: list[SlideSpec]) -> list[SlideTruth]:
+    workers = min(len(paths), os.cpu_count() or 1)
+    if workers <= 1:
+        return [write_slide(path, spec) for path, spec in zip(paths, specs, strict=True)]
+    # spawn, not fork: the caller may hold threads (Ray, s3fs) that a forked child would inherit half-way
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(write_slide, paths, specs))
+
+
 def write_dataset(
     out: str,
     n_slides: int,
@@ -863,39 +874,43 @@ def write_dataset(
     def uri_of(name: str) -> str:
         return posixpath.join(root, name) if local else f"{out.rstrip('/')}/{name}"
 
-    slide_ids, uris, entries = [], [], []
+    specs = []
     for i, label in enumerate(labels.tolist()):
         slide_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
         choice = np.random.default_rng(slide_seed).random(3)
-        spec = SlideSpec(
-            width=width,
-            height=height,
-            mpp=mpp,
-            fmt=fmt,  # type: ignore[arg-type]
-            positive=bool(label),
-            n_pieces=2 + int(choice[0] * 3),
-            pen_marks=pen_marks and choice[1] < 0.35,
-            faint_tissue=choice[2] < 0.25,
-            seed=slide_seed,
+        specs.append(
+            SlideSpec(
+                width=width,
+                height=height,
+                mpp=mpp,
+                fmt=fmt,  # type: ignore[arg-type]
+                positive=bool(label),
+                n_pieces=2 + int(choice[0] * 3),
+                pen_marks=pen_marks and choice[1] < 0.35,
+                faint_tissue=choice[2] < 0.25,
+                seed=slide_seed,
+            )
         )
-        slide_id = f"slide_{i:03d}"
-        name = f"{slide_id}.{fmt}"
-        dest = posixpath.join(root, name)
-        if local:
-            truth = write_slide(dest, spec)
-        else:
-            fd, tmp = tempfile.mkstemp(suffix=f".{fmt}")
-            os.close(fd)
-            try:
-                truth = write_slide(tmp, spec)
-                fs.put(tmp, dest)
-            finally:
-                os.unlink(tmp)
-        fs.pipe_file(posixpath.join(root, "masks", f"{slide_id}.tumour.png"), _mask_png(truth.tumour_mask))
-        fs.pipe_file(posixpath.join(root, "masks", f"{slide_id}.tissue.png"), _mask_png(truth.tissue_mask))
-        slide_ids.append(slide_id)
-        uris.append(uri_of(name))
-        entries.append({"slide_id": slide_id, "file": name, "label": int(label)})
+    names = [f"slide_{i:03d}.{fmt}" for i in range(n_slides)]
+    with tempfile.TemporaryDirectory(prefix="slidestream-synth-") as staging:
+        # Slides are written locally (in place, or staged for upload), one process per core: each slide
+        # is seconds of JPEG encoding. Seeds are per slide, so the files do not depend on the pool.
+        targets = [posixpath.join(root if local else staging, name) for name in names]
+        truths = _write_slides_in_parallel(targets, specs)
+        slide_ids, uris, entries = [], [], []
+        for name, target, truth, label in zip(names, targets, truths, labels.tolist(), strict=True):
+            slide_id = name.rsplit(".", 1)[0]
+            if not local:
+                fs.put(target, posixpath.join(root, name))
+            fs.pipe_file(
+                posixpath.join(root, "masks", f"{slide_id}.tumour.png"), _mask_png(truth.tumour_mask)
+            )
+            fs.pipe_file(
+                posixpath.join(root, "masks", f"{slide_id}.tissue.png"), _mask_png(truth.tissue_mask)
+            )
+            slide_ids.append(slide_id)
+            uris.append(uri_of(name))
+            entries.append({"slide_id": slide_id, "file": name, "label": int(label)})
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from cluster.cli import main
+
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
 
 
@@ -17,21 +19,22 @@ def _slidestream(*args: str, timeout: float = 300) -> subprocess.CompletedProces
     )
 
 
-def test_synth_ingest_strict_and_status(tmp_path: Path, s3_server):
+def test_synth_ingest_strict_and_status(tmp_path: Path, ray_local, capsys):
+    """synth and status in their own processes; the two ingests in this one, on the session's Ray."""
     slides, out = tmp_path / "slides", tmp_path / "out"
     made = _slidestream("synth", "--out", str(slides), "--n-slides", "2", "--seed", "3", "--format", "tiff")
     assert made.returncode == 0, made.stderr
     assert sorted(p.name for p in slides.glob("*.tiff")) == ["slide_000.tiff", "slide_001.tiff"]
     (slides / "broken.svs").write_bytes(b"II*\x00garbage")
 
-    common = ("--slides", str(slides), "--out", str(out), "--set", "ray.num_cpus=2")
-    lenient = _slidestream("ingest", *common, "--labels", str(slides / "labels.csv"))
-    assert lenient.returncode == 0, lenient.stderr
-    assert "2 ingested, 1 failed" in lenient.stdout and "FAILED broken:" in lenient.stdout
+    common = ["ingest", "--slides", str(slides), "--out", str(out)]
+    assert main([*common, "--labels", str(slides / "labels.csv")]) == 0
+    lenient = capsys.readouterr().out
+    assert "2 ingested, 1 failed" in lenient and "FAILED broken:" in lenient
 
     (slides / "broken.svs").write_bytes(b"II*\x00still garbage")  # changed file → retried, fails again
-    strict = _slidestream("ingest", *common, "--strict")
-    assert strict.returncode == 3, strict.stdout + strict.stderr
+    assert main([*common, "--strict"]) == 3
+    assert "2 unchanged (skipped), 0 ingested, 1 failed" in capsys.readouterr().out  # only it was retried
 
     status = _slidestream("status", "--out", str(out), "--json")
     payload = json.loads(status.stdout)

@@ -9,8 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import ray
 from support.helpers import committed_samples, make_config
 
+from cluster.cli import main
 from pipelines.ingest import run_ingest
 from pipelines.ledger import Ledger
 
@@ -34,14 +36,15 @@ def _wait_for_first_commit(ledger_dir: Path, proc: subprocess.Popen, timeout: fl
     raise AssertionError("no slide was committed in time")
 
 
-def test_sigkill_mid_run_then_rerun_commits_exactly_once(ray_local, slide_root, tmp_path):
+def test_sigkill_mid_run_then_rerun_commits_exactly_once(ray_local, slide_root, tmp_path, capsys):
     config = make_config(*SETTINGS)
     reference = tmp_path / "reference"
     run_ingest(str(slide_root), str(reference), config)
     expected = committed_samples(str(reference), config)
 
     out = tmp_path / "killed"
-    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
+    # the killed driver runs on this session's Ray instance, as a driver on a cluster would
+    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 - closed below, after the process is gone
     proc = subprocess.Popen(
         _ingest_command(slide_root, out),
@@ -61,11 +64,8 @@ def test_sigkill_mid_run_then_rerun_commits_exactly_once(ray_local, slide_root, 
     assert 1 <= len(partial) < 4, "the kill must land in the middle of the run"
     assert not any("-snapshot-" in p.name for p in (out / "ledger").iterdir())
 
-    rerun = subprocess.run(
-        _ingest_command(slide_root, out), env=env, capture_output=True, text=True, timeout=600
-    )
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert f"{len(partial)} unchanged (skipped)" in rerun.stdout
+    assert main(_ingest_command(slide_root, out)[3:]) == 0  # the rerun, in this process
+    assert f"{len(partial)} unchanged (skipped)" in capsys.readouterr().out
 
     got = committed_samples(str(out), config)
     assert got.keys() == expected.keys()

@@ -134,10 +134,15 @@ def _submit(head: LocalHead, *args: str, env: dict | None = None, timeout: float
     )
 
 
+# A GPU worker type that starts at 0 nodes (a fake GPU resource: this machine has none).
+GPU_TYPE = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}
+
+
 @pytest.fixture(scope="module")
 def head():
-    """A real head on its own ports, token auth on; the client finds the token in RAY_AUTH_TOKEN."""
-    with LocalHead(num_cpus=2) as started:
+    """A real head on its own ports, token auth on (the client finds the token in RAY_AUTH_TOKEN), with an
+    autoscaler that may add one GPU node; only the autoscaler test asks for a GPU."""
+    with LocalHead(num_cpus=2, worker_node_types={"gpu": GPU_TYPE}) as started:
         yield started
 
 
@@ -181,7 +186,7 @@ def _state(head: LocalHead, what: str) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
-def test_autoscaler_adds_a_gpu_node_for_the_embedding_stage(tmp_path):
+def test_autoscaler_adds_a_gpu_node_for_the_embedding_stage(head, tmp_path):
     """GPU worker type from 0 (fake GPU resource): `submit --gpus 1` asks the autoscaler for a GPU, the node
     joins, `slidestream run` puts its encoder actors (num_gpus=1) there, the job finishes.
 
@@ -192,26 +197,24 @@ def test_autoscaler_adds_a_gpu_node_for_the_embedding_stage(tmp_path):
     """
     from pipelines.synthetic import write_dataset
 
-    gpu_type = {"resources": {"CPU": 1, "GPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 1}
-    with LocalHead(num_cpus=2, worker_node_types={"gpu": gpu_type}) as head:
-        assert not any(n["resources_total"].get("GPU") for n in _state(head, "nodes")), "GPU nodes start at 0"
-        write_dataset(str(tmp_path / "slides"), 1, seed=3, size="tiny")
-        run = _submit(
-            head, "--gpus", "1", "--wait-nodes-s", "180", "--no-working-dir", "--",
-            "slidestream", "run", "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "out"),
-            "--encoder", "resnet18_trunc", "--weights", "random", "--tile-px", "64",
-            "--set", "embed.input_px=32", "--set", "ingest.read_cpus=0.5", "--set", "ingest.plan_cpus=0.25",
-            timeout=360,
-        )  # fmt: skip
-        assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-        assert "1 ingested, 0 failed" in run.stdout
-        assert list((tmp_path / "out" / "features").glob("*/slide_000.parquet"))
+    assert not any(n["resources_total"].get("GPU") for n in _state(head, "nodes")), "GPU nodes start at 0"
+    write_dataset(str(tmp_path / "slides"), 1, seed=3, size="tiny")
+    run = _submit(
+        head, "--gpus", "1", "--wait-nodes-s", "180", "--no-working-dir", "--",
+        "slidestream", "run", "--slides", str(tmp_path / "slides"), "--out", str(tmp_path / "out"),
+        "--encoder", "resnet18_trunc", "--weights", "random", "--tile-px", "64",
+        "--set", "embed.input_px=32", "--set", "ingest.read_cpus=0.5", "--set", "ingest.plan_cpus=0.25",
+        timeout=360,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert "1 ingested, 0 failed" in run.stdout
+    assert list((tmp_path / "out" / "features").glob("*/slide_000.parquet"))
 
-        gpu_nodes = {n["node_id"] for n in _state(head, "nodes") if n["resources_total"].get("GPU")}
-        assert len(gpu_nodes) == 1, "the autoscaler added one GPU node"
-        assert "Adding 1 node(s) of type gpu" in head.monitor_log()
-        encoders = [a for a in _state(head, "actors") if "EmbedActor" in a["class_name"]]
-        assert encoders, "the embedding stage ran"
-        for actor in encoders:
-            assert actor["required_resources"].get("GPU") == 1, actor["required_resources"]
-            assert actor["node_id"] in gpu_nodes
+    gpu_nodes = {n["node_id"] for n in _state(head, "nodes") if n["resources_total"].get("GPU")}
+    assert len(gpu_nodes) == 1, "the autoscaler added one GPU node"
+    assert "Adding 1 node(s) of type gpu" in head.monitor_log()
+    encoders = [a for a in _state(head, "actors") if "EmbedActor" in a["class_name"]]
+    assert encoders, "the embedding stage ran"
+    for actor in encoders:
+        assert actor["required_resources"].get("GPU") == 1, actor["required_resources"]
+        assert actor["node_id"] in gpu_nodes

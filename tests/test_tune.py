@@ -1,5 +1,5 @@
-"""Ray Tune sweeps through the command line: a small real sweep, resume after an interrupt, the best
-configuration trains as is, and bad search spaces are clear errors."""
+"""Ray Tune sweeps through the command line: a small real sweep that is interrupted and resumed, its
+table, plot and best configuration (which trains as is), and bad search spaces as clear errors."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 from support.bags import write_bags
 
+from cluster.cli import main
 from cluster.config import load_config
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
-BASE = ("--set", "ray.num_cpus=2", "--set", "train.folds=3", "--set", "train.min_epochs=2", "--workers", "0")
+BASE = ("--set", "ray.num_cpus=2", "--set", "train.folds=2", "--set", "train.min_epochs=2", "--workers", "0")
 
 
 def _cli(*args: str) -> list[str]:
@@ -45,21 +46,35 @@ def _rows(sweep: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_sweep_writes_table_plot_and_a_best_config_that_trains(s3_server, bags, tmp_path):
+def test_interrupted_sweep_resumes_then_writes_table_plot_and_a_best_config_that_trains(
+    s3_server, bags, tmp_path
+):
+    """One trial at a time (one CPU): Ctrl-C after the first finishes, rerun, the rest is trained."""
     features, labels = bags
     out = tmp_path / "out"
     common = ("--out", str(out), "--features", features, "--labels", labels, *BASE)
-    sweep = subprocess.run(
-        _cli("tune", "mil", "--name", "sw", "--space", str(_space(tmp_path)), "--trials", "2",
-             "--epochs", "4", *common),
-        env=ENV, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
+    args = _cli("tune", "mil", "--name", "sw", "--space", str(_space(tmp_path)), "--trials", "1",
+                "--epochs", "10", *common, "--set", "train.min_epochs=10",
+                "--set", "ray.num_cpus=1")  # fmt: skip
+    first = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     root = out / "tune" / "sw"
+    deadline = time.time() + 300
+    finished: dict[Path, float] = {}
+    while time.time() < deadline and first.poll() is None and not finished:
+        finished = {p: p.stat().st_mtime for p in (root / "trials").glob("*/mil-s0-f0/result.json")}
+        time.sleep(0.5)
+    assert finished, "no trial finished before the deadline"
+    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
+    first.communicate(timeout=120)
+
+    again = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    for path, mtime in finished.items():
+        assert path.stat().st_mtime == mtime, f"{path} was trained again"
     rows = _rows(root)
-    assert len(rows) == 4 and len({r["trial"] for r in rows}) == 4  # 2 samples × 2 grid values
+    assert len(rows) == 2 and len({r["trial"] for r in rows}) == 2  # 1 sample × 2 grid values
     assert {r["train.model_options.gated"] for r in rows} == {"true", "false"}
-    assert all(1 <= int(r["epochs"]) <= 4 for r in rows)
+    assert all(int(r["epochs"]) == 10 for r in rows)
     assert (root / "results.png").stat().st_size > 1000 and (root / "results.parquet").exists()
 
     best_file = root / "best_config.yaml"
@@ -76,32 +91,7 @@ def test_sweep_writes_table_plot_and_a_best_config_that_trains(s3_server, bags, 
     assert (out / "runs" / "from-best" / "metrics.json").exists()
 
 
-def test_interrupted_sweep_resumes_without_rerunning_finished_trials(s3_server, bags, tmp_path):
-    features, labels = bags
-    out = tmp_path / "out"
-    args = _cli("tune", "mil", "--name", "sw", "--space", str(_space(tmp_path)), "--trials", "1", "--epochs",
-                "10", "--out", str(out), "--features", features, "--labels", labels, *BASE,
-                "--set", "train.min_epochs=10", "--set", "ray.num_cpus=1")  # fmt: skip
-    first = subprocess.Popen(args, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    trials = out / "tune" / "sw" / "trials"
-    deadline = time.time() + 300
-    finished: dict[Path, float] = {}
-    while time.time() < deadline and first.poll() is None and not finished:
-        finished = {p: p.stat().st_mtime for p in trials.glob("*/mil-s0-f0/result.json")}
-        time.sleep(0.5)
-    assert finished, "no trial finished before the deadline"
-    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the experiment state and stops
-    first.communicate(timeout=120)
-
-    again = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    rows = _rows(out / "tune" / "sw")
-    assert len(rows) == 2 and len({r["trial"] for r in rows}) == 2
-    for path, mtime in finished.items():
-        assert path.stat().st_mtime == mtime, f"{path} was trained again"
-
-
-def test_bad_search_space_names_the_key(bags, tmp_path):
+def test_bad_search_space_names_the_key(bags, tmp_path, capsys):
     features, labels = bags
     space = tmp_path / "bad.yaml"
     for text, needle in (
@@ -110,10 +100,7 @@ def test_bad_search_space_names_the_key(bags, tmp_path):
         ("train.lr: {loguniform: [0, 1]}\n", "train.lr"),
     ):
         space.write_text(text)
-        done = subprocess.run(
-            _cli("tune", "mil", "--name", "bad", "--space", str(space), "--out", str(tmp_path / "o"),
-                 "--features", features, "--labels", labels),
-            env=ENV, capture_output=True, text=True, timeout=120,
-        )  # fmt: skip
-        assert done.returncode == 2 and needle in done.stderr, done.stderr
+        code = main(["tune", "mil", "--name", "bad", "--space", str(space), "--out", str(tmp_path / "o"),
+                     "--features", features, "--labels", labels])  # fmt: skip
+        assert code == 2 and needle in capsys.readouterr().err
         assert not (tmp_path / "o" / "tune" / "bad").exists()

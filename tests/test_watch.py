@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import ray
 from support.bags import write_bags
 from support.helpers import committed_samples, make_config
 from support.s3server import start_s3_server, stop_s3_server
@@ -279,8 +280,10 @@ def _ok(out: str, stage: str) -> dict[str, LedgerEntry]:
     return {e.slide_id: e for e in Ledger(out).entries(stage) if e.status == "ok"}
 
 
-def test_watch_sigterm_mid_burst_then_restart_commits_every_slide_once(small_slides, tmp_path):
+def test_watch_sigterm_mid_burst_then_restart_commits_every_slide_once(ray_local, small_slides, tmp_path):
     slides, out, status, log = tmp_path / "in", tmp_path / "out", tmp_path / "status.json", tmp_path / "log"
+    # the watchers are drivers on this session's Ray instance, as on a cluster
+    env = {**ENV, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     slides.mkdir()
     for i in range(4):  # the first burst
         shutil.copy(small_slides / f"w{i}.svs", slides / f"w{i}.svs")
@@ -289,7 +292,7 @@ def test_watch_sigterm_mid_burst_then_restart_commits_every_slide_once(small_sli
     )
     features = out / stage.stage
 
-    with _watching(str(slides), str(out), status, log) as proc:
+    with _watching(str(slides), str(out), status, log, env) as proc:
         _wait_for(lambda: _status(status).get("slides", {}).get("committed", 0) >= 1, proc, "a first commit")
         _sigterm(proc, log)  # mid-burst: the slides not yet committed are left for the next start
     first = _status(status)
@@ -300,7 +303,7 @@ def test_watch_sigterm_mid_burst_then_restart_commits_every_slide_once(small_sli
     assert not (out / "writer.lock").exists()
 
     shutil.copy(small_slides / "w4.svs", slides / "w4.svs")  # arrives while nobody watches
-    with _watching(str(slides), str(out), status, log) as proc:
+    with _watching(str(slides), str(out), status, log, env) as proc:
         _wait_for(lambda: len(_ok(str(out), stage.stage)) == 5, proc, "every slide committed")
         second_writer = _slidestream(*_watch_command(str(slides), str(out), tmp_path / "s2.json")[3:])
         assert (

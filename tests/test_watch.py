@@ -282,8 +282,9 @@ def _ok(out: str, stage: str) -> dict[str, LedgerEntry]:
 
 def test_watch_sigterm_mid_burst_then_restart_commits_every_slide_once(ray_local, small_slides, tmp_path):
     slides, out, status, log = tmp_path / "in", tmp_path / "out", tmp_path / "status.json", tmp_path / "log"
-    # the watchers are drivers on this session's Ray instance, as on a cluster
-    env = {**ENV, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # the watchers are drivers on this session's Ray instance, as on a cluster (the environment is read
+    # now: it holds the instance's auth token since Ray started)
+    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
     slides.mkdir()
     for i in range(4):  # the first burst
         shutil.copy(small_slides / f"w{i}.svs", slides / f"w{i}.svs")

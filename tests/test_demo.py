@@ -14,13 +14,18 @@ import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.slow
+DEMO = [sys.executable, "-m", "cluster.cli", "demo"]
 
 
 def test_demo_trains_mhim_abmil_and_draws_heatmaps(tmp_path: Path, s3_server):
     out = tmp_path / "demo"
     env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
     done = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "demo", "--out", str(out), "--set", "ray.num_cpus=2"],
+        # The newcomer's command, lighter: 256-px tiles (a quarter of the tiles to embed and train on), and
+        # each fold trained inside its Ray task (Ray Train's local mode, `train.workers=0`) instead of on a
+        # Ray Train worker group, whose start-up costs more than these trainings themselves. Worker groups,
+        # their failures and resumption are tested in test_mil_training.py.
+        [*DEMO, "--out", str(out), "--set", "tiling.tile_px=256", "--set", "train.workers=0"],
         env=env,
         capture_output=True,
         text=True,

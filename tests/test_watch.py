@@ -339,7 +339,7 @@ def private_s3(tmp_path_factory):
     shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_watch_on_object_storage_rides_out_an_outage(private_s3, small_slides, tmp_path):
+def test_watch_on_object_storage_rides_out_an_outage(ray_local, private_s3, small_slides, tmp_path):
     server = private_s3
     server.make_bucket("watch-in")
     server.make_bucket("watch-out")
@@ -347,7 +347,9 @@ def test_watch_on_object_storage_rides_out_an_outage(private_s3, small_slides, t
     for i in range(2):
         s3.upload_file(str(small_slides / f"w{i}.svs"), "watch-in", f"p/w{i}.svs")
     # Two attempts per request: the outage surfaces in seconds, not after minutes of botocore backoff.
-    env = {**ENV, **server.env(), "AWS_MAX_ATTEMPTS": "2"}
+    # The watcher is a driver on this session's Ray (the environment, with Ray's auth token, read now).
+    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env.update(server.env(), AWS_MAX_ATTEMPTS="2")
     slides, out, status, log = (
         "s3://watch-in/p",
         "s3://watch-out/o",

@@ -9,8 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-from support.helpers import committed_samples, make_config
+from support.helpers import committed_samples, make_config, session_driver_env
 
 from cluster.cli import main
 from pipelines.ingest import run_ingest
@@ -44,7 +43,7 @@ def test_sigkill_mid_run_then_rerun_commits_exactly_once(ray_local, slide_root, 
 
     out = tmp_path / "killed"
     # the killed driver runs on this session's Ray instance, as a driver on a cluster would
-    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = session_driver_env()
     log = open(tmp_path / "killed.log", "wb")  # noqa: SIM115 - closed below, after the process is gone
     proc = subprocess.Popen(
         _ingest_command(slide_root, out),

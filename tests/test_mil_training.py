@@ -20,12 +20,11 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support.bags import write_bags
-from support.helpers import make_config
+from support.helpers import make_config, session_driver_env
 
 from trainers.data import TrainDataError
 from trainers.loop import MHIMStep
@@ -328,7 +327,7 @@ def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(ray_l
     run = tmp_path / "runs" / "resumable"
     done0 = run / "jobs" / "mil-s0-f0" / "result.json"
     ray1 = run / "ray" / "mil-s0-f1"
-    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    env = session_driver_env()
     log = open(tmp_path / "child.log", "wb")  # noqa: SIM115 - closed below, after the process is gone
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(tmp_path), features, labels, *settings_],

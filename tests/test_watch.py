@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import ray
 from support.bags import write_bags
-from support.helpers import committed_samples, make_config
+from support.helpers import committed_samples, make_config, session_driver_env
 from support.s3server import start_s3_server, stop_s3_server
 
 from cluster.cli import main
@@ -282,9 +281,8 @@ def _ok(out: str, stage: str) -> dict[str, LedgerEntry]:
 
 def test_watch_sigterm_mid_burst_then_restart_commits_every_slide_once(ray_local, small_slides, tmp_path):
     slides, out, status, log = tmp_path / "in", tmp_path / "out", tmp_path / "status.json", tmp_path / "log"
-    # the watchers are drivers on this session's Ray instance, as on a cluster (the environment is read
-    # now: it holds the instance's auth token since Ray started)
-    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # the watchers are drivers on this session's Ray instance, as on a cluster
+    env = session_driver_env()
     slides.mkdir()
     for i in range(4):  # the first burst
         shutil.copy(small_slides / f"w{i}.svs", slides / f"w{i}.svs")
@@ -347,8 +345,8 @@ def test_watch_on_object_storage_rides_out_an_outage(ray_local, private_s3, smal
     for i in range(2):
         s3.upload_file(str(small_slides / f"w{i}.svs"), "watch-in", f"p/w{i}.svs")
     # Two attempts per request: the outage surfaces in seconds, not after minutes of botocore backoff.
-    # The watcher is a driver on this session's Ray (the environment, with Ray's auth token, read now).
-    env = {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+    # The watcher is a driver on this session's Ray.
+    env = session_driver_env()
     env.update(server.env(), AWS_MAX_ATTEMPTS="2")
     slides, out, status, log = (
         "s3://watch-in/p",

@@ -1,8 +1,12 @@
-"""Small helpers the tests share: configs for 2 local CPUs, and reading back what was committed."""
+"""Small helpers the tests share: configs for 2 local CPUs, the environment of a driver on the session's
+Ray, and reading back what was committed."""
 
 from __future__ import annotations
 
+import os
 from collections import Counter
+
+import ray
 
 from cluster.config import Config, load_config
 from pipelines.ingest import committed_shards
@@ -12,6 +16,12 @@ from pipelines.shards import iter_shard_samples
 def make_config(*overrides: str) -> Config:
     """The default config on 2 local CPUs, plus `key=value` overrides."""
     return load_config(None, ["ray.num_cpus=2", "ray.object_store_mb=512", *overrides])
+
+
+def session_driver_env() -> dict[str, str]:
+    """The environment of a subprocess driver that joins this test session's Ray instance, as a driver on a
+    cluster does. Read when called: once Ray has started, the environment carries its auth token."""
+    return {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 def committed_samples(out: str, config: Config) -> dict[str, dict]:

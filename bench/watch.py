@@ -3,10 +3,11 @@
 The slides are written ahead of time into a pool (`--distinct` different slides; slide N is a copy of pool
 slide N mod distinct under its own name, which keeps the set-up short on a slow machine), then copied into
 the watched prefix in bursts (each file is copied under a temporary name and renamed, so its arrival is one
-instant). Measured from outside the
-watcher: slides/minute, latency from arrival to the committed feature bag (the ledger's `committed_at`),
-and the resident memory of the watcher's whole process tree (driver, raylet, Ray workers) over time, as
-the peak in each quarter of the run (flat = the last quarter is not above the first).
+instant). Measured from outside the watcher: slides/minute, latency from arrival to the committed feature
+bag (the ledger's `committed_at`), and the resident memory of the watcher's whole process tree (driver,
+raylet, Ray workers) from the first arrival on: the peak and the floor in each quarter of the run (flat =
+the last quarter is not above the first; the peak also holds transient processes, e.g. a burst's encoder
+actor starting while the last one exits) and the processes whose memory changed most.
 
 Baseline in the same run: one `slidestream run` over all N slides at once (no arrivals to wait for), with
 the same settings; the ratio is watch throughput ÷ batch throughput.
@@ -54,24 +55,35 @@ MINI = (4096, 3072)
 
 
 class TreeMemory:
-    """RSS of a process and its descendants, sampled every `interval` seconds: (time, bytes) pairs."""
+    """RSS of a process and its descendants by role (the driver, each kind of Ray process), sampled every
+    `interval` seconds: (time, {role: bytes}) pairs."""
 
     def __init__(self, pid: int, interval: float = 0.5) -> None:
         self.root, self.interval = psutil.Process(pid), interval
-        self.samples: list[tuple[float, int]] = []
+        self.samples: list[tuple[float, dict[str, int]]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _role(self, proc: psutil.Process) -> str:
+        if proc.pid == self.root.pid:
+            return "watch driver"
+        args = proc.cmdline()
+        if args and args[0].startswith("ray::"):
+            return args[0].split()[0].removesuffix(".__init__")
+        script = next((a for a in args[1:] if a.endswith(".py")), None)
+        return os.path.basename(script) if script else proc.name()
+
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            total = 0
+            roles: dict[str, int] = {}
             with contextlib.suppress(psutil.Error):
                 for proc in [self.root, *self.root.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
-                        total += proc.memory_info().rss
-            if total:
-                self.samples.append((time.time(), total))
+                        role = self._role(proc)
+                        roles[role] = roles.get(role, 0) + proc.memory_info().rss
+            if roles:
+                self.samples.append((time.time(), roles))
 
     def stop(self) -> None:
         self._stop.set()
@@ -151,7 +163,7 @@ def run_watch(
         "slides_per_min": 60 * n / (last - first),
         "p50": float(np.percentile(latencies, 50)),
         "p95": float(np.percentile(latencies, 95)),
-        "memory": memory.samples,
+        "memory": [(t, roles) for t, roles in memory.samples if t >= first],  # from the first arrival
         "status": final,
     }
 
@@ -175,12 +187,24 @@ def run_batch(pool: list[Path], n: int, work: Path) -> float:
     return time.time() - started
 
 
-def quarters(samples: list[tuple[float, int]]) -> list[float]:
-    """Peak RSS (MB) in each quarter of the sampled period."""
-    if not samples:
-        return []
-    values = np.array([v for _, v in samples]) / 2**20
-    return [float(part.max()) for part in np.array_split(values, 4) if len(part)]
+def quarters(samples: list[tuple[float, dict[str, int]]]) -> tuple[list[float], list[float]]:
+    """Peak and floor (MB) of the whole tree's RSS in each quarter of the sampled period: the peak holds
+    transient processes (an encoder actor starting while the last one exits), the floor what stays."""
+    totals = np.array([sum(roles.values()) for _, roles in samples]) / 2**20
+    parts = [part for part in np.array_split(totals, 4) if len(part)]
+    return [float(part.max()) for part in parts], [float(part.min()) for part in parts]
+
+
+def role_growth(samples: list[tuple[float, dict[str, int]]], top: int = 4) -> list[tuple[str, float, float]]:
+    """The roles whose median RSS (MB) changed most between the first and the last quarter."""
+    parts = np.array_split(np.arange(len(samples)), 4)
+    roles = {role for _, sample in samples for role in sample}
+
+    def median(role: str, part: np.ndarray) -> float:
+        return float(np.median([samples[i][1].get(role, 0) for i in part])) / 2**20
+
+    changes = [(role, median(role, parts[0]), median(role, parts[-1])) for role in roles]
+    return sorted(changes, key=lambda c: -abs(c[2] - c[1]))[:top]
 
 
 def main() -> None:
@@ -216,7 +240,7 @@ def _row(name: str, value: str) -> None:
 
 def report(args: argparse.Namespace, result: dict) -> None:
     """The watch rows of the table (printed before the baseline runs: it takes as long again)."""
-    peaks = quarters(result["memory"])
+    peaks, floors = quarters(result["memory"])
     print()
     print(f"watch: {args.slides} {args.size} slides in bursts of {args.burst} every {args.gap:g} s, "
           f"poll every {args.interval:g} s; resnet18_trunc (random), tile 256 px @ 0.5 µm/px, input 32 px; "
@@ -230,8 +254,14 @@ def report(args: argparse.Namespace, result: dict) -> None:
     _row("bursts processed by the watcher", str(result["status"]["bursts"]))
     _row("slides committed / failed", f"{slides['committed']} / {slides['failed']}")
     _row("peak RSS per quarter of the run (MB)", " / ".join(f"{p:.0f}" for p in peaks))
+    _row("floor RSS per quarter of the run (MB)", " / ".join(f"{p:.0f}" for p in floors))
     if len(peaks) == 4:
-        _row("memory: last quarter ÷ first", f"{peaks[-1] / peaks[0]:.2f}")
+        _row(
+            "memory: last quarter ÷ first (peak, floor)",
+            f"{peaks[-1] / peaks[0]:.2f}, {floors[-1] / floors[0]:.2f}",
+        )
+    for role, before, after in role_growth(result["memory"]):
+        _row(f"  median RSS, {role[:30]} (MB)", f"{before:.0f} → {after:.0f}")
 
 
 if __name__ == "__main__":

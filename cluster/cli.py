@@ -166,16 +166,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     tune = commands.add_parser("tune", parents=[common], help="hyperparameter sweep (Ray Tune, ASHA)")
-    tune.add_argument("kind", choices=["mil", "mhim"])
+    tune.add_argument(
+        "kind",
+        choices=["mil", "mhim", "gigassl", "cdma"],
+        help="mil/mhim: validation loss or AUC of a fold split; gigassl: validation AUC of a linear probe "
+        "of the slide embeddings after every epoch; cdma: validation-slide Dice",
+    )
     tune.add_argument("--name", required=True, help="sweep name: OUT/tune/NAME (rerun to resume)")
     tune.add_argument("--out", required=True, help="output root (dir or s3://)")
     tune.add_argument("--space", required=True, help="search space YAML: config key → distribution")
     tune.add_argument("--trials", type=int, default=4, help="samples drawn from the space (× grid values)")
-    tune.add_argument("--features", help="feature-bag directory (default: the only one under OUT/features)")
-    tune.add_argument("--labels", required=True, help="labels CSV/Parquet")
+    tune.add_argument(
+        "--features",
+        help="feature-bag directory (default: the only one under OUT/features; gigassl: OUT/gigassl)",
+    )
+    tune.add_argument("--labels", help="labels CSV/Parquet (mil, mhim, gigassl)")
+    tune.add_argument("--annotations", help="cdma: dir of <slide_id>.tumour.png masks or <slide_id>.geojson")
     tune.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"])
-    tune.add_argument("--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself)")
-    tune.add_argument("--epochs", type=int, help="maximum epochs per trial (train.epochs)")
+    tune.add_argument(
+        "--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself, per-epoch ASHA)"
+    )
+    tune.add_argument("--epochs", type=int, help="maximum epochs per trial (train/gigassl/cdma.epochs)")
 
     probe = commands.add_parser("probe", parents=[common], help="linear probe of slide embeddings (AUC)")
     probe.add_argument("--embeddings", required=True, help="Parquet slide_id, embedding (train gigassl)")
@@ -256,8 +267,9 @@ def _config_from(args: argparse.Namespace) -> Config:
         "annotations": "cdma.annotations",
         "interval": "watch.interval_s",
     }
-    if getattr(args, "kind", None) == "gigassl":  # these flags set the Giga-SSL section
-        flag_keys.update(workers="gigassl.workers", epochs="gigassl.epochs")
+    kind = getattr(args, "kind", None)
+    if kind in ("gigassl", "cdma"):  # these flags set the method's own section
+        flag_keys.update(workers=f"{kind}.workers", epochs=f"{kind}.epochs")
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:

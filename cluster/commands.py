@@ -280,10 +280,15 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
 def cmd_tune(args: argparse.Namespace, config: Config) -> int:
     from trainers.tune import run_sweep
 
-    features = _features_dir(args)
-    space, trials = args.space, args.trials
-    summary = run_sweep(args.kind, args.name, args.out, features, args.labels, space, config, trials)
-    monitor = config.train.monitor
+    features = (
+        None
+        if args.kind == "cdma"
+        else _features_dir(args, "gigassl" if args.kind == "gigassl" else "features")
+    )
+    summary = run_sweep(
+        args.kind, args.name, args.out, args.space, config, args.trials, features, args.labels
+    )
+    monitor = summary.monitor
     keys = list(summary.best_params)
     print(f"{'trial':<22} " + " ".join(f"{k[-18:]:>18}" for k in keys) + f" {monitor:>10} {'epochs':>6}")
     for row in sorted(summary.table, key=lambda r: str(r["trial"])):

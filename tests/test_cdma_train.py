@@ -4,6 +4,7 @@ GeoJSON; a rerun resumes (nothing retrained), a changed setting is refused by na
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from PIL import Image
 from support.helpers import make_config
 
 from cluster.cli import main
+from cluster.config import load_config
 from pipelines.annotations import GeoJSONMask, Region
 from pipelines.ingest import run_ingest
 from trainers.cdma import CDMAJob, make_optimizer, set_learning_rate
@@ -102,3 +104,32 @@ def test_train_cdma_end_to_end_with_resume(ray_local, slide_root: Path, ingested
 def test_job_config_round_trips() -> None:
     job = CDMAJob("cdma", True, "/o", {}, {}, ["a"], ["b"], [], 3, "/o/r")
     assert CDMAJob(**job.to_config()) == job
+
+
+def test_cdma_sweep_trial_is_a_ray_train_run_scored_by_validation_dice(
+    ray_local, slide_root: Path, ingested: str, tmp_path: Path
+) -> None:
+    """A trial is a Ray Train run (1 worker) of the semi-supervised job, reported once when it ends (one
+    trial here: a Ray Train fit is the costly part; comparing trials is tested in test_tune.py)."""
+    space = tmp_path / "space.yaml"
+    space.write_text("cdma.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    settings = [x for s in SETTINGS for x in ("--set", s)]
+    argv = ["tune", "cdma", "--name", "seg-sweep", "--out", ingested, "--space", str(space), "--trials", "1",
+            "--annotations", str(slide_root / "masks"), *settings]  # fmt: skip
+    assert main([*argv, "--workers", "1"]) == 0
+    root = Path(ingested) / "tune" / "seg-sweep"
+    with open(root / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 1 and 1e-3 <= float(rows[0]["cdma.lr"]) <= 1e-2
+    for row in rows:
+        result = json.loads((root / "trials" / row["trial"] / "result.json").read_text())
+        assert int(row["epochs"]) == 2 and not row["error"]
+        assert float(row["val_dice"]) == pytest.approx(max(h["val_dice"] for h in result["history"]))
+        assert "loss_kd" in result["history"][1]  # the semi-supervised job, not the supervised twin
+    best = load_config(root / "best_config.yaml")
+    assert best.cdma.lr == pytest.approx(float(max(rows, key=lambda r: float(r["val_dice"]))["cdma.lr"]))
+    assert best.cdma.workers == 1 and best.cdma.annotations == str(slide_root / "masks")
+
+    # trials are compared on validation slides: a split without any is refused before Ray starts
+    assert main([*argv, "--name", "no-val", "--set", "cdma.val_slides=0"]) == 2
+    assert not (root.parent / "no-val").exists()

@@ -4,6 +4,7 @@ table, plot and best configuration (which trains as is), and bad search spaces a
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -101,3 +102,39 @@ def test_bad_search_space_names_the_key(bags, tmp_path, capsys):
                      "--features", features, "--labels", labels])  # fmt: skip
         assert code == 2 and needle in capsys.readouterr().err
         assert not (tmp_path / "o" / "tune" / "bad").exists()
+
+
+GIGASSL_SMALL = ("gigassl.epochs=3", "gigassl.batch_size=8", "gigassl.dim=32", "gigassl.proj_dim=16",
+                 "gigassl.warmup_epochs=1", "gigassl.export_chunks=4", "gigassl.cache_mb=64")  # fmt: skip
+
+
+def test_gigassl_sweep_compares_trials_by_a_linear_probe_after_every_epoch(ray_local, bags, tmp_path):
+    """Giga-SSL trials train on every slide's views (plain bags: one view each) and are compared by the
+    validation AUC of a linear probe on the fold split; the chosen configuration trains as is."""
+    features, labels = bags
+    out = tmp_path / "out"
+    space = tmp_path / "space.yaml"
+    space.write_text("gigassl.lr: {grid: [1.0e-3, 1.0e-5]}\ngigassl.tau: {uniform: [0.05, 0.2]}\n")
+    settings = [x for s in (*GIGASSL_SMALL, "train.folds=2", "ray.num_cpus=2") for x in ("--set", s)]
+    common = ["--out", str(out), "--features", features, *settings]
+    argv = ["tune", "gigassl", "--name", "ssl", "--space", str(space), "--trials", "1", "--workers", "0"]
+    assert main([*argv, "--labels", labels, *common]) == 0
+    root = out / "tune" / "ssl"
+    rows = _rows(root)
+    assert len(rows) == 2 and {float(r["gigassl.lr"]) for r in rows} == {1e-3, 1e-5}
+    for row in rows:
+        assert int(row["epochs"]) == 3 and 0.0 <= float(row["val_auc"]) <= 1.0
+        assert 0.0 <= float(row["test_auc"]) <= 1.0
+        history = json.loads((root / "trials" / row["trial"] / "result.json").read_text())["history"]
+        assert [h["epoch"] for h in history] == [0, 1, 2] and all("val_auc" in h for h in history)
+        assert float(row["val_auc"]) == pytest.approx(history[-1]["val_auc"])  # the last epoch counts
+    best = load_config(root / "best_config.yaml")
+    best_row = max(rows, key=lambda r: float(r["val_auc"]))
+    assert best.gigassl.lr == pytest.approx(float(best_row["gigassl.lr"]))
+    assert best.gigassl.tau == pytest.approx(float(best_row["gigassl.tau"]))
+    train = ["train", "gigassl", "--name", "from-best", "--config", str(root / "best_config.yaml")]
+    assert main([*train, "--out", str(out), "--features", features]) == 0
+    assert (out / "runs" / "from-best" / "embeddings.parquet").exists()
+
+    # Giga-SSL trials need labels for the probe that compares them
+    assert main([*argv, "--name", "nolabels", *common]) == 2

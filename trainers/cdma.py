@@ -72,6 +72,7 @@ class CDMAJob:
     val: list[str]
     steps: int  # per epoch, the same for both runs
     result_dir: str
+    reporter: str = "train"  # "tune": a sweep trial running the loop itself
 
     def to_config(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,7 +169,7 @@ def train_cdma(config: dict[str, Any]) -> None:
         cfg.kd_weight, cfg.entropy_weight, cfg.unsup_start_epoch, cfg.temperature, job.semi_supervised
     )
     start, history, best, best_state = 0, [], -math.inf, None
-    saved = restore_state("train")
+    saved = restore_state(job.reporter)
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -226,7 +227,7 @@ def train_cdma(config: dict[str, Any]) -> None:
                 "best": best,
                 "best_model": best_state,
             }
-        report_epoch("train", metrics, state)
+        report_epoch(job.reporter, metrics, state)
     if rank == 0:
         buffer = io.BytesIO()
         torch.save(best_state if best_state is not None else _state_dict_copy(model), buffer)

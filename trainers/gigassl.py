@@ -76,6 +76,9 @@ class GigaSSLJob:
     run_dir: str
     cfg: dict[str, Any]  # GigaSSLConfig as a dict
     reporter: str = "train"
+    # a sweep trial's fold split for a linear probe after every epoch: features (un-augmented tile bags),
+    # classes, targets {slide_id: class index}, train / val / test slide ids
+    probe: dict[str, Any] | None = None
 
 
 def learning_rate(cfg: dict[str, Any]) -> float:
@@ -138,6 +141,11 @@ def train_gigassl(config: dict[str, Any]) -> None:
     total, warmup = cfg["epochs"] * steps, cfg["warmup_epochs"] * steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
     views = ViewMaker(BagCache(FeatureBags(job.views, require_labels=False), cfg["cache_mb"]), cfg)
+    probe_bags = (
+        ViewMaker(BagCache(FeatureBags(job.probe["features"], require_labels=False), cfg["cache_mb"]), cfg)
+        if job.probe is not None and rank == 0
+        else None
+    )
 
     start, history = 0, []
     saved = restore_state(job.reporter)
@@ -174,6 +182,8 @@ def train_gigassl(config: dict[str, Any]) -> None:
             "epoch_s": elapsed,
             "slides_per_s": steps * batch / elapsed,
         }
+        if probe_bags is not None:
+            metrics.update(split_probe(net, probe_bags, job.probe, cfg, device))
         history.append(metrics)
         state = None
         if rank == 0:
@@ -216,6 +226,32 @@ def slide_embedding(net: GigaSSLNet, bag: Bag, cfg: dict[str, Any], cell: float,
     maps = [(to_cells(coords[c], cell), bag.features[torch.from_numpy(c)]) for c in chunks]
     h = net.pool(build_batch(maps).tensor(device)).float().mean(0)
     return F.normalize(h, dim=0).cpu().numpy()
+
+
+def split_probe(net: GigaSSLNet, bags: ViewMaker, split: dict[str, Any], cfg: dict[str, Any],
+                device: torch.device) -> dict[str, float]:  # fmt: skip
+    """A linear probe of the current encoder on a fold split: fitted on the training slides' embeddings,
+    ROC-AUC on the validation (`val_auc`, what a sweep selects on) and test slides (`test_auc`, recorded)."""
+    from trainers.probe import probe_auc
+
+    was_training = net.training
+    net.eval()
+    ids = [*split["train"], *split["val"], *split["test"]]
+    embedded = {}
+    for slide_id in ids:
+        bag = bags.cache.get(slide_id)
+        embedded[slide_id] = slide_embedding(net, bag, cfg, bags.cell(bag), device)
+    net.train(was_training)
+
+    def part(name: str) -> tuple[np.ndarray, np.ndarray]:
+        chosen = split[name]
+        return np.stack([embedded[s] for s in chosen]), np.array([split["targets"][s] for s in chosen])
+
+    train = part("train")
+    return {
+        f"{name}_auc": probe_auc(*train, *part(name), split["classes"]) if split[name] else float("nan")
+        for name in ("val", "test")
+    }
 
 
 def export_embeddings(run_dir: str, views: str, output: str | None = None,

@@ -22,7 +22,7 @@ from pipelines.labels import read_labels
 from trainers.data import TrainDataError
 from trainers.metrics import classification_metrics
 
-__all__ = ["ProbeReport", "format_probe", "mean_pooled", "probe", "run_probe"]
+__all__ = ["ProbeReport", "format_probe", "mean_pooled", "probe", "probe_auc", "run_probe"]
 
 C, MAX_ITER = 10.0, 1000
 
@@ -31,6 +31,14 @@ def _classifier():
     return make_pipeline(
         StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER)
     )
+
+
+def probe_auc(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str]
+) -> float:
+    """ROC-AUC on the test part of the probe fitted on the training part (class indices in y)."""
+    model = _classifier().fit(x_train, y_train)
+    return classification_metrics(y_test, model.predict_proba(x_test), classes)["auc"]
 
 
 def probe(
@@ -49,9 +57,7 @@ def probe(
                 plans[str(size)], _ = train_test_split(train, train_size=size, stratify=y[train],
                                                        random_state=seed * 1000 + r)  # fmt: skip
         for name, part in plans.items():
-            model = _classifier().fit(x[part], y[part])
-            auc = classification_metrics(y[test], model.predict_proba(x[test]), classes)["auc"]
-            aucs.setdefault(name, []).append(auc)
+            aucs.setdefault(name, []).append(probe_auc(x[part], y[part], x[test], y[test], classes))
             n_train[name] = len(part)
     return {
         name: {"n_train": n_train[name], "auc_mean": float(np.nanmean(v)), "auc_std": float(np.nanstd(v)),

@@ -1,5 +1,5 @@
-"""Ray Tune sweeps over the MIL trainers: a search space from YAML, ASHA early stopping, one fold split
-per trial, resumable; a results table, a plot and the best configuration as a `--config` file.
+"""Ray Tune sweeps (`mil`, `mhim`, `gigassl`, `cdma`): a search space from YAML, ASHA early stopping, one
+fold split per trial, resumable; a results table, a plot and the best configuration as a `--config` file.
 
 Search space file (dotted config keys, one distribution each)::
 
@@ -8,15 +8,15 @@ Search space file (dotted config keys, one distribution each)::
     train.mhim.mask_ratio: {uniform: [0.0, 0.8]}
     train.model_options.gated: {grid: [true, false]}
 
-Trials select on the VALIDATION part of the split (`train.monitor`); test metrics are recorded, never used.
-With `train.workers: 0` a trial runs the training loop itself and reports every epoch, so ASHA can stop
-poor trials early; with workers ≥ 1 each trial is a distributed Ray Train run that reports once at the end.
+Trials are compared on VALIDATION slides (what each kind reports is in `trainers.tune_targets`); test
+metrics are recorded, never used. With 0 workers (`train.workers`, `gigassl.workers`, `cdma.workers`) a
+trial runs the training loop itself and reports every epoch, so ASHA can stop poor trials early; with
+workers ≥ 1 each trial is a distributed Ray Train run that reports once at the end.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import os
@@ -30,17 +30,19 @@ import yaml
 
 from cluster.config import Config, ConfigError, with_values
 from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
-from trainers.data import LabelledBags
-from trainers.loop import RESULT_FILE, WEIGHTS_FILE, train_fold
-from trainers.runner import fit_job, make_job, resolve_mhim, train_storage
-from trainers.splits import FoldSplit, make_splits
+from cluster.storage import join, read_bytes, write_bytes_atomic
+from trainers.data import TrainDataError
+from trainers.runner import train_storage
+from trainers.tune_targets import make_target
 
 __all__ = ["SweepSummary", "load_space", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
 SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+# A distributed trial only launches its Ray Train run, whose workers reserve their own CPUs; Tune refuses
+# an empty request, so the launcher holds a sliver.
+LAUNCHER_CPU = 0.01
 
 
 class SweepError(ValueError):
@@ -50,6 +52,7 @@ class SweepError(ValueError):
 @dataclass
 class SweepSummary:
     sweep_dir: str
+    monitor: str
     best_params: dict[str, Any]
     best_config: str  # URI of the best configuration YAML
     table: list[dict[str, Any]]
@@ -103,70 +106,33 @@ def load_space(uri: str, config: Config) -> dict[str, Any]:
     return space
 
 
-def _trial(params: dict[str, Any], *, base: dict, data: LabelledBags, split: FoldSplit, kind: str,
-           trials_dir: str, teacher_weights: str | None) -> None:  # fmt: skip
-    """One trial: the fold split trained with the trial's parameters."""
-    import ray.tune
-
-    config = with_values(Config.model_validate(base), params)
-    trial_id = ray.tune.get_context().get_trial_id()
-    extra: dict[str, Any] = {}
-    if kind == "mhim":
-        extra = {"mhim": resolve_mhim(config.train), "teacher_weights": teacher_weights}
-    job = make_job(kind, split, data, config.train, join(trials_dir, trial_id), **extra)
-    if config.train.workers == 0:
-        job.reporter = "tune"
-        train_fold(job.to_config())
-        return
-    fit_job(job, config.train, join(trials_dir, trial_id, "ray"))
-    result = json.loads(read_bytes(join(job.result_dir, RESULT_FILE)))
-    best = result["history"][result["metrics"]["best_epoch"]]
-    ray.tune.report({**best, "test_auc": result["metrics"]["auc"]})
-
-
 class Sweep:
     """One named sweep under `OUT/tune/<name>/` (Tune's own files, trials, results, best config)."""
 
-    def __init__(self, kind: str, name: str, out: str, features: str, labels: str, space_uri: str,
-                 config: Config, trials: int) -> None:  # fmt: skip
-        if kind not in ("mil", "mhim"):
-            raise SweepError(f"tune supports mil and mhim here, not {kind!r}")
-        self.kind, self.name, self.config, self.trials = kind, name, config, trials
+    def __init__(self, kind: str, name: str, out: str, space_uri: str, config: Config, trials: int,
+                 features: str | None = None, labels: str | None = None) -> None:  # fmt: skip
+        self.name, self.config, self.trials = name, config, trials
         self.tune_root = join(out, "tune")
         self.sweep_dir = join(self.tune_root, name)
         self.space = load_space(space_uri, config)
         self.keys = list(self.space)
-        train = config.train
-        self.data = LabelledBags.open(features, labels, train.classes)
-        self.split = make_splits(self.data, train.folds, train.seeds[:1], train.val_frac, train.protocol)[0]
-        self.monitor = train.monitor
-        self.mode = "min" if self.monitor == "val_loss" else "max"
-
-    def _teacher(self) -> str | None:
-        """For MHIM with teacher_init auto: the split's baseline, trained once for the whole sweep."""
-        init = self.config.train.mhim.teacher_init
-        if self.kind != "mhim" or init == "none":
-            return None
-        if init != "auto":
-            return (
-                init if init.endswith(".pt") else join(init, "jobs", f"mil-{self.split.name}", WEIGHTS_FILE)
-            )
-        job = make_job("mil", self.split, self.data, self.config.train, join(self.sweep_dir, "teacher"))
-        fs, path = filesystem(join(job.result_dir, RESULT_FILE))
-        if not fs.exists(path):
-            fit_job(job, self.config.train, join(self.sweep_dir, "teacher", "ray"))
-        return join(job.result_dir, WEIGHTS_FILE)
+        try:
+            self.target = make_target(kind, config, out, features, labels)
+        except TrainDataError as exc:
+            raise SweepError(str(exc)) from None
+        self.monitor, self.mode = self.target.monitor, self.target.mode
 
     def _tuner(self) -> Any:
         from ray import tune
         from ray.tune.schedulers import ASHAScheduler
 
-        train = self.config.train
+        target = self.target
         trainable = tune.with_parameters(
-            _trial, base=self.config.model_dump(mode="json"), data=self.data, split=self.split,
-            kind=self.kind, trials_dir=join(self.sweep_dir, "trials"), teacher_weights=self._teacher(),
+            target.trial(), base=self.config.model_dump(mode="json"),
+            trials_dir=join(self.sweep_dir, "trials"), **target.trial_arguments(self.sweep_dir),
         )  # fmt: skip
-        cpus = train.cpus_per_worker if train.workers == 0 else 0.0  # distributed trials hold their workers
+        resources = target.resources
+        cpus = resources.cpus_per_worker if resources.workers == 0 else LAUNCHER_CPU
         trainable = tune.with_resources(trainable, {"cpu": cpus})
         root, storage = train_storage(self.tune_root)
         where = f"{root.rstrip('/')}/{self.name}"
@@ -176,9 +142,8 @@ class Sweep:
                 where, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage
             )
         # max_t beyond the last epoch: ASHA never cuts a trial at its final epoch, so the trial finishes
-        # by itself and writes its fold result (best weights, test metrics).
-        grace = max(1, min(train.min_epochs, train.epochs))
-        scheduler = ASHAScheduler(max_t=train.epochs + 1, grace_period=grace)
+        # by itself and writes its result (weights, history).
+        scheduler = ASHAScheduler(max_t=target.epochs + 1, grace_period=target.grace)
         return tune.Tuner(
             trainable,
             param_space=self.space,
@@ -207,24 +172,27 @@ class Sweep:
         )
         write_bytes_atomic(best_uri, (header + best_config.to_yaml()).encode())
         self._write_table(rows)
-        return SweepSummary(self.sweep_dir, best_params, best_uri, rows)
+        return SweepSummary(self.sweep_dir, self.monitor, best_params, best_uri, rows)
 
     def _row(self, result: Any) -> dict[str, Any] | None:
         history = result.metrics_dataframe
         if history is None or history.empty or self.monitor not in history:
             return None
         values = history[self.monitor]
-        best = values.min() if self.mode == "min" else values.max()
+        if self.target.keep == "last":
+            counted = history.iloc[-1]
+        elif values.notna().any():
+            counted = history.loc[values.idxmin() if self.mode == "min" else values.idxmax()]
+        else:
+            counted = history.iloc[-1]
         params = {k: result.config[k] for k in self.keys}
         trial = str(history["trial_id"].iloc[-1]) if "trial_id" in history else result.path.rsplit("/", 1)[-1]
-        row = {"trial": trial, **params, self.monitor: float(best)}
-        row["epochs"] = int(history["training_iteration"].max())
-        result_uri = join(self.sweep_dir, "trials", trial, f"{self.kind}-{self.split.name}", RESULT_FILE)
-        fs, path = filesystem(result_uri)
-        if fs.exists(path):  # finished trials (not stopped early): test metrics, recorded only
-            row["test_auc"] = float(json.loads(read_bytes(result_uri))["metrics"]["auc"])
-        elif "test_auc" in history:  # distributed trials report it with their result
-            row["test_auc"] = float(history["test_auc"].iloc[-1])
+        row = {"trial": trial, **params, self.monitor: float(counted[self.monitor])}
+        trained = history["epochs_trained"] if "epochs_trained" in history else history["training_iteration"]
+        row["epochs"] = int(trained.max())  # distributed trials report once, with the epochs they trained
+        test = self.target.test_value(self.sweep_dir, trial, counted.to_dict())
+        if test is not None:
+            row[self.target.test_metric] = test
         row["error"] = str(result.error).splitlines()[-1] if result.error else ""
         return row
 
@@ -252,6 +220,6 @@ def _verbosity() -> int:
     return 1 if os.environ.get("SLIDESTREAM_PROGRESS", "1") != "0" else 0
 
 
-def run_sweep(kind: str, name: str, out: str, features: str, labels: str, space: str, config: Config,
-              trials: int) -> SweepSummary:  # fmt: skip
-    return Sweep(kind, name, out, features, labels, space, config, trials).run()
+def run_sweep(kind: str, name: str, out: str, space: str, config: Config, trials: int,
+              features: str | None = None, labels: str | None = None) -> SweepSummary:  # fmt: skip
+    return Sweep(kind, name, out, space, config, trials, features, labels).run()

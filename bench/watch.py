@@ -5,9 +5,9 @@ slide N mod distinct under its own name, which keeps the set-up short on a slow 
 the watched prefix in bursts (each file is copied under a temporary name and renamed, so its arrival is one
 instant). Measured from outside the watcher: slides/minute, latency from arrival to the committed feature
 bag (the ledger's `committed_at`), and the resident memory of the watcher's whole process tree (driver,
-raylet, Ray workers) from the first arrival on: the peak and the floor in each quarter of the run (flat =
-the last quarter is not above the first; the peak also holds transient processes, e.g. a burst's encoder
-actor starting while the last one exits) and the processes whose memory changed most.
+raylet, Ray workers) from the first arrival to the last commit: the peak and the floor in each quarter of
+that period (flat = the last quarter is not above the first; the peak also holds transient processes, e.g.
+a burst's encoder actor starting while the last one exits) and the processes whose memory changed most.
 
 Baseline in the same run: one `slidestream run` over all N slides at once (no arrivals to wait for), with
 the same settings; the ratio is watch throughput ÷ batch throughput.
@@ -163,7 +163,7 @@ def run_watch(
         "slides_per_min": 60 * n / (last - first),
         "p50": float(np.percentile(latencies, 50)),
         "p95": float(np.percentile(latencies, 95)),
-        "memory": [(t, roles) for t, roles in memory.samples if t >= first],  # from the first arrival
+        "memory": [(t, roles) for t, roles in memory.samples if first <= t <= last],  # arrivals → commits
         "status": final,
     }
 

@@ -173,6 +173,12 @@ def _features_dir(args: argparse.Namespace, under: str = "features") -> str:
     return join(args.out, under, found[0].rsplit("/", 1)[-1])
 
 
+def _print_outputs(run_dir: str, **files: str) -> None:
+    """One line per output of a finished run: `  <what>: <run_dir>/<file>`."""
+    for what, name in files.items():
+        print(f"  {what}: {join(run_dir, name)}")
+
+
 def _train_icmil(args: argparse.Namespace, config: Config) -> int:
     from trainers.icmil import ICMILError, format_rounds, run_icmil
 
@@ -186,8 +192,7 @@ def _train_icmil(args: argparse.Namespace, config: Config) -> int:
         print(f"slidestream train: {exc}")
         return 1
     print(format_rounds(summary.metrics))
-    print(f"  metrics: {join(run_dir, 'metrics.json')}")
-    print(f"  rounds: {join(run_dir, 'rounds.png')}")
+    _print_outputs(run_dir, metrics="metrics.json", rounds="rounds.png")
     return 0
 
 
@@ -198,8 +203,7 @@ def _train_cdma(args: argparse.Namespace, config: Config) -> int:
     metrics = run_cdma(args.name, args.out, config)
     print(format_cdma_table(metrics))
     run_dir = join(args.out, "runs", args.name)
-    print(f"  metrics: {join(run_dir, 'metrics.json')}")
-    print(f"  slide masks, overlays, GeoJSON: {join(run_dir, 'slides')}")
+    _print_outputs(run_dir, metrics="metrics.json", **{"slide masks, overlays, GeoJSON": "slides"})
     return 0
 
 
@@ -222,7 +226,7 @@ def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
     last = summary.history[-1]
     print(f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)")
     print(f"  embeddings: {summary.embeddings}")
-    print(f"  curves: {join(summary.run_dir, 'curves.png')}")
+    _print_outputs(summary.run_dir, curves="curves.png")
     return 0
 
 
@@ -271,9 +275,9 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
         print(f"slidestream train: {exc}")
         return 1
     print(format_table(summary.metrics))
-    print(f"  metrics: {join(summary.run_dir, 'metrics.json')}")
-    print(f"  predictions: {join(summary.run_dir, 'predictions.parquet')}")
-    print(f"  curves: {join(summary.run_dir, 'curves.png')}")
+    _print_outputs(
+        summary.run_dir, metrics="metrics.json", predictions="predictions.parquet", curves="curves.png"
+    )
     return 0
 
 

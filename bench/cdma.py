@@ -10,7 +10,7 @@ slide's tissue with the trained weights, tiles/s for `--infer-batch` against bat
 `--learning` trains `--epochs` epochs with the real data loop and prints the test-slide Dice of both runs.
 
     python bench/cdma.py [--work DIR] [--slides 12] [--mpp 2.0] [--tile-px 64] [--network light]
-                         [--steps 8] [--batch 8] [--infer-batch 16] [--learning --epochs 30]
+                         [--steps 8] [--batch 16] [--infer-batch 16] [--learning --epochs 30]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def _inference(args: argparse.Namespace, run: CDMARun) -> list[tuple[str, float]
 def _learning(args: argparse.Namespace, slides: str, out: str) -> None:
     config = _config(
         args, slides, f"cdma.epochs={args.epochs}", f"cdma.steps_per_epoch={args.steps}",
-        f"cdma.unsup_start_epoch={max(1, args.epochs // 10)}", f"cdma.milestones=[{int(args.epochs * 0.75)}]",
+        f"cdma.unsup_start_epoch={min(15, args.epochs // 2)}", f"cdma.milestones=[{int(args.epochs * 0.75)}]",
         "cdma.labelled_frac=0.1", "cdma.lr=0.01", f"cdma.workers={args.workers}",
     )  # fmt: skip
     t = time.perf_counter()
@@ -120,7 +120,7 @@ def main() -> None:
     parser.add_argument("--tile-px", type=int, default=64)
     parser.add_argument("--network", default="light", choices=["light", "official"])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=16, help="per worker, half labelled (cdma.batch_size)")
     parser.add_argument("--infer-batch", type=int, default=16)
     parser.add_argument("--learning", action="store_true")
     parser.add_argument("--epochs", type=int, default=30)

@@ -128,7 +128,7 @@ class Sweep:
 
         target = self.target
         trainable = tune.with_parameters(
-            target.trial(), base=self.config.model_dump(mode="json"),
+            target.trial, base=self.config.model_dump(mode="json"),
             trials_dir=join(self.sweep_dir, "trials"), **target.trial_arguments(self.sweep_dir),
         )  # fmt: skip
         resources = target.resources
@@ -179,11 +179,9 @@ class Sweep:
         if history is None or history.empty or self.monitor not in history:
             return None
         values = history[self.monitor]
-        if self.target.keep == "last":
-            counted = history.iloc[-1]
-        elif values.notna().any():
+        if self.target.keep == "best" and values.notna().any():
             counted = history.loc[values.idxmin() if self.mode == "min" else values.idxmax()]
-        else:
+        else:  # the last epoch counts (or no epoch has a value)
             counted = history.iloc[-1]
         params = {k: result.config[k] for k in self.keys}
         trial = str(history["trial_id"].iloc[-1]) if "trial_id" in history else result.path.rsplit("/", 1)[-1]

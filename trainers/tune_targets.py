@@ -39,14 +39,15 @@ class SweepTarget(ABC):
     mode = "max"
     keep = "best"  # the epoch of a trial that counts: "best" (its weights are kept) or "last"
     test_metric: str | None = None
+    section: str  # the config section with workers, cpus_per_worker and epochs (train, gigassl, cdma)
+    trial: Any  # the module-level trial function (Tune pickles it), as a staticmethod
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
     @property
-    @abstractmethod
     def resources(self) -> Any:
-        """The config section with workers and cpus_per_worker (and the epochs it trains)."""
+        return getattr(self.config, self.section)
 
     @property
     def epochs(self) -> int:
@@ -56,10 +57,6 @@ class SweepTarget(ABC):
     @abstractmethod
     def grace(self) -> int:
         """Epochs every trial trains before ASHA may stop it."""
-
-    @abstractmethod
-    def trial(self) -> Any:
-        """The module-level trial function (Tune pickles it)."""
 
     @abstractmethod
     def trial_arguments(self, sweep_dir: str) -> dict[str, Any]:
@@ -116,7 +113,7 @@ def mil_trial(params: dict[str, Any], *, base: dict, data: LabelledBags, split: 
 
 
 class MILTarget(SweepTarget):
-    test_metric = "test_auc"
+    section, trial, test_metric = "train", staticmethod(mil_trial), "test_auc"
 
     def __init__(self, kind: str, config: Config, features: str, labels: str) -> None:
         super().__init__(config)
@@ -128,15 +125,8 @@ class MILTarget(SweepTarget):
         self.mode = "min" if self.monitor == "val_loss" else "max"
 
     @property
-    def resources(self) -> Any:
-        return self.config.train
-
-    @property
     def grace(self) -> int:
         return max(1, min(self.config.train.min_epochs, self.epochs))
-
-    def trial(self) -> Any:
-        return mil_trial
 
     def trial_arguments(self, sweep_dir: str) -> dict[str, Any]:
         return {"data": self.data, "split": self.split, "kind": self.kind,
@@ -187,6 +177,7 @@ def gigassl_trial(params: dict[str, Any], *, base: dict, views: str, slide_ids: 
 
 class GigaSSLTarget(SweepTarget):
     kind, monitor, keep, test_metric = "gigassl", "val_auc", "last", "test_auc"
+    section, trial = "gigassl", staticmethod(gigassl_trial)
 
     def __init__(self, config: Config, views: str, labels: str) -> None:
         from trainers.gigassl import global_batch, tile_features_for
@@ -210,15 +201,8 @@ class GigaSSLTarget(SweepTarget):
                       "train": split.train, "val": split.val, "test": split.test}  # fmt: skip
 
     @property
-    def resources(self) -> Any:
-        return self.config.gigassl
-
-    @property
     def grace(self) -> int:
         return max(1, min(self.config.gigassl.warmup_epochs, self.epochs))
-
-    def trial(self) -> Any:
-        return gigassl_trial
 
     def trial_arguments(self, sweep_dir: str) -> dict[str, Any]:
         return {"views": self.views, "slide_ids": self.slide_ids, "in_dim": self.in_dim, "probe": self.probe}
@@ -243,6 +227,7 @@ def cdma_trial(params: dict[str, Any], *, base: dict, out: str, trials_dir: str)
 
 class CDMATarget(SweepTarget):
     kind, monitor = "cdma", "val_dice"
+    section, trial = "cdma", staticmethod(cdma_trial)
 
     def __init__(self, config: Config, out: str) -> None:
         from trainers.cdma import CDMARun
@@ -254,16 +239,9 @@ class CDMATarget(SweepTarget):
             raise TrainDataError("tune cdma compares trials by validation Dice: set cdma.val_slides ≥ 1")
 
     @property
-    def resources(self) -> Any:
-        return self.config.cdma
-
-    @property
     def grace(self) -> int:
         # the unsupervised terms switch on at unsup_start_epoch: compare trials after it
         return max(1, min(self.config.cdma.unsup_start_epoch + 1, self.epochs))
-
-    def trial(self) -> Any:
-        return cdma_trial
 
     def trial_arguments(self, sweep_dir: str) -> dict[str, Any]:
         return {"out": self.out}

@@ -67,7 +67,6 @@ class TissueConfig(_Section):
 class ShardConfig(_Section):
     image_format: Literal["jpg", "png"] = "jpg"
     jpeg_quality: int = Field(default=90, ge=1, le=100)
-    tiles_per_task: int = Field(default=64, ge=1)
     max_tiles: int = Field(default=1024, ge=1)
     max_mb: float = Field(default=64, gt=0)
 

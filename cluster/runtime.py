@@ -26,8 +26,14 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 def runtime_env_vars() -> dict[str, str]:
     """Storage variables for every worker (values are never logged) and Ray Train's poll interval."""
     env = {name: os.environ[name] for name in STORAGE_ENV_VARS if os.environ.get(name)}
-    env[TRAIN_POLL_ENV] = os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_DEFAULT_S)
+    env[TRAIN_POLL_ENV] = _train_poll_interval()
     return env
+
+
+def _train_poll_interval() -> str:
+    """Ray Train's poll interval: the user's, else ours (set in this environment, which a local
+    instance's workers inherit)."""
+    return os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_DEFAULT_S)
 
 
 def driver_runtime_env() -> dict | None:
@@ -48,17 +54,16 @@ def ensure_ray(config: RayConfig) -> None:
     """Connect to `config.address`, or start a local instance; a no-op when Ray is already up."""
     if not ray.is_initialized():
         address = config.address or os.environ.get("RAY_ADDRESS")
-        kwargs: dict = {
-            "runtime_env": driver_runtime_env(),
-            "include_dashboard": False,
-            "log_to_driver": True,
-            "configure_logging": False,
-        }
+        kwargs: dict = {"include_dashboard": False, "log_to_driver": True, "configure_logging": False}
         if address:
-            ray.init(address=address, **kwargs)
+            ray.init(address=address, runtime_env=driver_runtime_env(), **kwargs)
             log.info("connected to Ray at %s", address)
         else:
             cpus = config.num_cpus or os.cpu_count() or 1
+            _train_poll_interval()
+            # No runtime env: a local instance's workers inherit this process's environment (storage
+            # variables included). Ray starts one idle worker per core ahead of the first task, but
+            # only without a runtime env; with one, the first tasks wait for new workers to start.
             ray.init(
                 # "local": a new instance even when a `ray start` head runs on this machine (Ray would
                 # otherwise connect to the head recorded in /tmp/ray/ray_current_cluster).
@@ -76,3 +81,4 @@ def ensure_ray(config: RayConfig) -> None:
         object_store_memory=config.data_memory_mb * 1024 * 1024
     )
     context.enable_progress_bars = os.environ.get("SLIDESTREAM_PROGRESS", "1") != "0"
+

@@ -100,7 +100,7 @@ def _learning(args: argparse.Namespace, slides: str, out: str) -> None:
     config = _config(
         args, slides, f"cdma.epochs={args.epochs}", f"cdma.steps_per_epoch={args.steps}",
         f"cdma.unsup_start_epoch={min(15, args.epochs // 2)}", f"cdma.milestones=[{int(args.epochs * 0.75)}]",
-        "cdma.labelled_frac=0.1", "cdma.lr=0.01", f"cdma.workers={args.workers}",
+        "cdma.labelled_frac=0.1", f"cdma.workers={args.workers}",
     )  # fmt: skip
     t = time.perf_counter()
     metrics = CDMARun(f"bench-learning-{int(time.time())}", out, config).execute()

@@ -81,4 +81,3 @@ def ensure_ray(config: RayConfig) -> None:
         object_store_memory=config.data_memory_mb * 1024 * 1024
     )
     context.enable_progress_bars = os.environ.get("SLIDESTREAM_PROGRESS", "1") != "0"
-

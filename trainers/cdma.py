@@ -24,7 +24,7 @@ from PIL import Image
 
 from cluster.config import CDMAConfig, Config, TilingConfig
 from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
+from cluster.storage import join, read_bytes, write_bytes_atomic
 from pipelines.annotations import Region, SlideAnnotation, find_annotation
 from pipelines.ingest import tiles_stage
 from pipelines.ledger import Ledger
@@ -43,7 +43,7 @@ from trainers.dist import average_gradients, gather_objects, rank_and_world
 from trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
 from trainers.metrics import summarise
 from trainers.models.mtnet import MTNet, build_mtnet
-from trainers.runner import TrainingError, changed_settings, fit_loop
+from trainers.runner import fit_once, write_or_check_plan
 from trainers.seg_infer import predict_slide, write_geojson, write_overlay
 from trainers.seg_metrics import segmentation_metrics
 
@@ -243,11 +243,6 @@ def train_cdma(config: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------------------- the run
 
 
-def _exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.exists(path)
-
-
 class CDMARun:
     """One named CDMA run under an output root (split, training jobs, inference, metrics)."""
 
@@ -283,20 +278,6 @@ class CDMARun:
         return {"kind": "cdma", "tiling": self.config.tiling.model_dump(mode="json"), "cdma": cdma,
                 "split": self.split.to_dict()}  # fmt: skip
 
-    def _write_or_check_plan(self) -> None:
-        uri = join(self.run_dir, "run.json")
-        plan = self.plan()
-        if _exists(uri):
-            if changed := changed_settings(json.loads(read_bytes(uri)), plan):
-                raise TrainDataError(
-                    f"run {self.name!r} already exists in {self.run_dir} with different "
-                    f"{', '.join(changed)}; "
-                    "rerun with the same settings to resume, or choose a new --name"
-                )
-            return
-        write_bytes_atomic(uri, json.dumps(plan, indent=1).encode())
-        write_bytes_atomic(join(self.run_dir, "config.yaml"), self.config.to_yaml().encode())
-
     def jobs(self) -> list[CDMAJob]:
         half = self.cfg.batch_size // 2
         n_lab = sum(self.entries[s].n_tiles for s in self.split.labelled)
@@ -321,14 +302,11 @@ class CDMARun:
 
     def execute(self) -> dict[str, Any]:
         ensure_ray(self.config.ray)
-        self._write_or_check_plan()
+        write_or_check_plan(self.run_dir, self.name, self.plan(), self.config)
         jobs = self.jobs()
         for job in jobs:
-            if _exists(join(job.result_dir, RESULT_FILE)):
-                continue
-            fit_loop(train_cdma, job.to_config(), job.name, self.cfg, join(self.run_dir, "ray"))
-            if not _exists(join(job.result_dir, RESULT_FILE)):
-                raise TrainingError(f"{job.name}: training ended without writing {RESULT_FILE}")
+            result_uri = join(job.result_dir, RESULT_FILE)
+            fit_once(train_cdma, job.to_config(), job.name, self.cfg, join(self.run_dir, "ray"), result_uri)
         metrics: dict[str, Any] = {
             "kind": "cdma", "classes": self.cfg.classes, "network": self.cfg.network,
             "split": self.split.to_dict(), "runs": {},

@@ -43,7 +43,7 @@ from trainers.loop import (
 from trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
 from trainers.ntxent import backward_global, global_ntxent
 from trainers.optim import build_optimizer, warmup_cosine
-from trainers.runner import TrainingError, changed_settings, fit_loop
+from trainers.runner import fit_once, write_or_check_plan
 from trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
 
 __all__ = [
@@ -60,7 +60,6 @@ log = logging.getLogger(__name__)
 WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 EMBEDDINGS_FILE = "embeddings.parquet"
-RUN_FILE = "run.json"
 # Settings that may change between a run and its resumption (resources and export, not training).
 _FREE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "cache_mb", "export_chunks")
 
@@ -351,30 +350,13 @@ class GigaSSLRun:
         return {"kind": "gigassl", "views": self.views, "slides": self.slide_ids, "in_dim": self.in_dim,
                 "gigassl": cfg}  # fmt: skip
 
-    def _write_or_check_plan(self) -> None:
-        fs, path = filesystem(join(self.run_dir, RUN_FILE))
-        plan = self.plan()
-        if fs.exists(path):
-            changed = changed_settings(json.loads(read_bytes(join(self.run_dir, RUN_FILE))), plan)
-            if changed:
-                raise TrainDataError(
-                    f"run {self.name!r} already exists in {self.run_dir} with different "
-                    f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
-                )
-            return
-        write_bytes_atomic(join(self.run_dir, RUN_FILE), json.dumps(plan, indent=1).encode())
-        write_bytes_atomic(join(self.run_dir, "config.yaml"), self.config.to_yaml().encode())
-
     def execute(self) -> GigaSSLSummary:
         ensure_ray(self.config.ray)
-        self._write_or_check_plan()
-        fs, path = filesystem(join(self.run_dir, RESULT_FILE))
-        if not fs.exists(path):
-            job = GigaSSLJob(self.name, self.views, self.slide_ids, self.in_dim, self.run_dir,
-                             self.cfg.model_dump(mode="json"))  # fmt: skip
-            fit_loop(train_gigassl, asdict(job), self.name, self.cfg, join(self.run_dir, "ray"))
-            if not fs.exists(path):
-                raise TrainingError(f"{self.name}: training ended without writing {RESULT_FILE}")
+        write_or_check_plan(self.run_dir, self.name, self.plan(), self.config)
+        job = GigaSSLJob(self.name, self.views, self.slide_ids, self.in_dim, self.run_dir,
+                         self.cfg.model_dump(mode="json"))  # fmt: skip
+        result_uri = join(self.run_dir, RESULT_FILE)
+        fit_once(train_gigassl, asdict(job), self.name, self.cfg, join(self.run_dir, "ray"), result_uri)
         history = json.loads(read_bytes(join(self.run_dir, RESULT_FILE)))["history"]
         from trainers.viz import training_curves
 

@@ -36,13 +36,12 @@ from trainers.data import TrainDataError
 from trainers.icmil_distill import check_model
 from trainers.icmil_finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
 from trainers.loop import WEIGHTS_FILE
-from trainers.runner import RESOURCE_KEYS, Run, changed_settings, fit_loop
+from trainers.runner import RESOURCE_KEYS, Run, fit_loop, write_or_check_plan
 
 __all__ = ["ICMILError", "ICMILRun", "ICMILSummary", "format_rounds", "run_icmil"]
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"
 MANIFEST = "manifest.json"
 _TABLE_KEYS = ("auc", "acc", "f1")
 
@@ -113,17 +112,8 @@ class ICMILRun:
         }
 
     def _write_or_check_plan(self) -> None:
-        plan, saved = self.plan(), _read_json(join(self.run_dir, RUN_FILE))
-        if saved is None:
-            _write_json(join(self.run_dir, RUN_FILE), plan)
-            write_bytes_atomic(join(self.run_dir, "config.yaml"), self.config.to_yaml().encode())
-            return
-        if changed := changed_settings(saved, plan):
-            raise TrainDataError(
-                f"ICMIL run {self.name!r} already exists in {self.run_dir} with different "
-                f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
-            )
-        log.info("ICMIL run %s exists: resuming (finished steps are kept)", self.name)
+        if write_or_check_plan(self.run_dir, self.name, self.plan(), self.config):
+            log.info("ICMIL run %s exists: resuming (finished steps are kept)", self.name)
 
     def round_dir(self, r: int) -> str:
         return join(self.run_dir, f"round-{r}")

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from cluster.config import Config, TrainConfig
 from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, is_local, join, read_bytes, write_bytes_atomic
+from cluster.storage import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
 from trainers.data import LabelledBags, TrainDataError
 from trainers.loop import PREDICTIONS_FILE, RESULT_FILE, WEIGHTS_FILE, FoldJob, train_fold
 from trainers.metrics import summarise
@@ -134,20 +134,8 @@ class Run:
         }
 
     def _write_or_check_plan(self) -> None:
-        fs, path = filesystem(join(self.run_dir, RUN_FILE))
-        plan = self.plan()
-        if fs.exists(path):
-            saved = json.loads(read_bytes(join(self.run_dir, RUN_FILE)))
-            changed = changed_settings(saved, plan)
-            if changed:
-                raise TrainDataError(
-                    f"run {self.name!r} already exists in {self.run_dir} with different "
-                    f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
-                )
+        if write_or_check_plan(self.run_dir, self.name, self.plan(), self.config):
             log.info("run %s exists: resuming (finished folds are kept)", self.name)
-            return
-        write_bytes_atomic(join(self.run_dir, RUN_FILE), json.dumps(plan, indent=1).encode())
-        write_bytes_atomic(join(self.run_dir, "config.yaml"), self.config.to_yaml().encode())
 
     def _teacher_weights(self, split: FoldSplit) -> tuple[str | None, list[str]]:
         """Where an MHIM fold's teacher comes from, and the job it needs first (teacher_init auto)."""
@@ -235,6 +223,22 @@ class Run:
         return RunSummary(self.name, self.run_dir, metrics)
 
 
+def write_or_check_plan(run_dir: str, name: str, plan: dict[str, Any], config: Config) -> bool:
+    """A new run saves its plan (`run.json`) and `config.yaml`; a rerun must have the same plan, else it
+    is refused naming the settings that differ. True for a rerun (a resume)."""
+    uri = join(run_dir, RUN_FILE)
+    if not exists(uri):
+        write_bytes_atomic(uri, json.dumps(plan, indent=1).encode())
+        write_bytes_atomic(join(run_dir, "config.yaml"), config.to_yaml().encode())
+        return False
+    if changed := changed_settings(json.loads(read_bytes(uri)), plan):
+        raise TrainDataError(
+            f"run {name!r} already exists in {run_dir} with different "
+            f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
+        )
+    return True
+
+
 def changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str = "") -> list[str]:
     """Dotted names of the plan entries that differ (e.g. `train.model ('abmil' → 'dsmil')`)."""
     changed = []
@@ -265,11 +269,6 @@ def make_job(
     )  # fmt: skip
 
 
-def _done(job: FoldJob) -> bool:
-    fs, path = filesystem(join(job.result_dir, RESULT_FILE))
-    return fs.exists(path)
-
-
 def _chains(jobs: list[FoldJob]) -> list[list[FoldJob]]:
     """Jobs grouped so that each job follows the jobs it depends on, in one sequential chain."""
     chains: list[list[FoldJob]] = []
@@ -286,8 +285,7 @@ def _chains(jobs: list[FoldJob]) -> list[list[FoldJob]]:
 def fit_chain(chain: list[FoldJob], train: TrainConfig, storage: str) -> None:
     """Train a chain's unfinished jobs in order (a finished job has its result file)."""
     for job in chain:
-        if not _done(job):
-            fit_job(job, train, storage)
+        fit_job(job, train, storage)
 
 
 def _run_chains(
@@ -366,11 +364,21 @@ def fit_loop(loop: Any, loop_config: dict[str, Any], name: str, resources: Any, 
     trainer.fit()
 
 
+def fit_once(
+    loop: Any, loop_config: dict[str, Any], name: str, resources: Any, storage: str, result_uri: str
+) -> None:
+    """`fit_loop`, unless `result_uri` (which the loop writes last) exists: a finished job is never
+    retrained, an unfinished one resumes from its checkpoint. A loop that ends without it is an error."""
+    if exists(result_uri):
+        return
+    fit_loop(loop, loop_config, name, resources, storage)
+    if not exists(result_uri):
+        raise TrainingError(f"{name}: training ended without writing {result_uri.rsplit('/', 1)[-1]}")
+
+
 def fit_job(job: FoldJob, train: TrainConfig, storage: str) -> None:
-    """Train one fold with Ray Train (resuming from its last checkpoint when there is one)."""
-    fit_loop(train_fold, job.to_config(), job.name, train, storage)
-    if not _done(job):
-        raise TrainingError(f"{job.name}: training ended without writing {RESULT_FILE}")
+    """Train one fold with Ray Train, unless it has finished."""
+    fit_once(train_fold, job.to_config(), job.name, train, storage, join(job.result_dir, RESULT_FILE))
 
 
 def format_table(metrics: dict[str, Any]) -> str:

@@ -25,7 +25,7 @@ from cluster.storage import filesystem, join, read_bytes
 from pipelines.features import FeatureBags
 from trainers.data import LabelledBags, TrainDataError
 from trainers.loop import RESULT_FILE, WEIGHTS_FILE, train_fold
-from trainers.runner import TrainingError, fit_job, fit_loop, make_job, resolve_mhim
+from trainers.runner import fit_job, fit_once, make_job, resolve_mhim
 from trainers.splits import FoldSplit, make_splits
 
 __all__ = ["SweepTarget", "make_target"]
@@ -86,10 +86,7 @@ def _fit_in_trial(loop: Any, job_config: dict[str, Any], resources: Any, trial_d
     if resources.workers == 0:
         loop({**job_config, "reporter": "tune"})
         return
-    fit_loop(loop, job_config, job_config["name"], resources, join(trial_dir, "ray"))
-    fs, path = filesystem(result_uri)
-    if not fs.exists(path):
-        raise TrainingError(f"{job_config['name']}: training ended without writing {RESULT_FILE}")
+    fit_once(loop, job_config, job_config["name"], resources, join(trial_dir, "ray"), result_uri)
     result = json.loads(read_bytes(result_uri))
     ray.tune.report({**counted(result), "epochs_trained": len(result["history"])})
 
@@ -142,9 +139,7 @@ class MILTarget(SweepTarget):
                 init if init.endswith(".pt") else join(init, "jobs", f"mil-{self.split.name}", WEIGHTS_FILE)
             )
         job = make_job("mil", self.split, self.data, self.config.train, join(sweep_dir, "teacher"))
-        fs, path = filesystem(join(job.result_dir, RESULT_FILE))
-        if not fs.exists(path):
-            fit_job(job, self.config.train, join(sweep_dir, "teacher", "ray"))
+        fit_job(job, self.config.train, join(sweep_dir, "teacher", "ray"))
         return join(job.result_dir, WEIGHTS_FILE)
 
     def test_value(self, sweep_dir: str, trial: str, counted: dict[str, Any]) -> float | None:

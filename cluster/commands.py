@@ -214,7 +214,9 @@ def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
     run_dir = join(args.out, "runs", args.name)
     if args.export:  # --features: the bags to embed; default: the un-augmented tiles of the views' slides
         bags = args.features or tile_features_for(views) or views
-        target = export_embeddings(run_dir, bags, export_chunks=config.gigassl.export_chunks)
+        target = export_embeddings(
+            run_dir, bags, export_chunks=config.gigassl.export_chunks, export_bn=config.gigassl.export_bn
+        )
         print(f"embeddings of {bags} with run {args.name} → {target}")
         return 0
     cfg = config.gigassl

@@ -218,6 +218,8 @@ class GigaSSLConfig(_Section):
     dim: int = Field(default=512, ge=1)  # slide embedding size
     proj_dim: int = Field(default=256, ge=1)  # projection size (the loss's space)
     export_chunks: int = Field(default=32, ge=1)  # chunks of T tiles averaged per slide at export
+    # BatchNorm at export: statistics recomputed over the exported slides' chunks, or training's running ones
+    export_bn: Literal["recalibrate", "running"] = "recalibrate"
     seed: int = 0
     workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver)
     cpus_per_worker: float = Field(default=1.0, gt=0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,23 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
 
     with pytest.raises(TrainDataError, match=r"gigassl\.tau \(0\.05 → 0\.1\)"):
         GigaSSLRun("r", out, str(small_views), make_config(*SMALL, "gigassl.tau=0.1")).execute()
+
+    # export recomputes BatchNorm statistics over the exported slides: training's running ones (here
+    # scrambled in a copy of the run) no longer matter, unless asked for with export_bn=running
+    scrambled = tmp_path / "scrambled"
+    shutil.copytree(run, scrambled, ignore=shutil.ignore_patterns("ray"))
+    for key, value in state.items():
+        if key.endswith(("running_mean", "running_var")):
+            state[key] = value + torch.rand_like(value)
+    torch.save(state, scrambled / "weights.pt")
+    embed = {(str(where), bn): read_embeddings(export_embeddings(str(where), str(small_views),
+                                                                 str(tmp_path / f"{where.name}-{bn}.parquet"),
+                                                                 export_bn=bn))[1]
+             for where in (run, scrambled) for bn in ("recalibrate", "running")}  # fmt: skip
+    assert np.allclose(embed[str(run), "recalibrate"], emb, atol=1e-6)  # what the run exported
+    assert np.allclose(embed[str(scrambled), "recalibrate"], emb, atol=1e-5)
+    assert not np.allclose(embed[str(scrambled), "running"], embed[str(run), "running"], atol=1e-3)
+    assert not np.allclose(embed[str(run), "running"], emb, atol=1e-3)
 
     # export for other slides (plain feature bags work too: one augmentation each)
     other = tmp_path / "other"
@@ -190,8 +208,9 @@ def test_two_worker_run_on_pipeline_views_is_probed_beside_the_baseline(pipeline
     results = json.loads((run / "probe.json").read_text())["results"]
     with capsys.disabled():
         print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}):\n{table}")
-    # Issue 6 asks for a probe AUC ≥ 0.85 here; NOT met yet (0.43 measured against 0.89 for the baseline,
-    # see bench/RESULTS.md), so the test asserts that both were probed and prints the figures.
+    # Issue 6 asks for a probe AUC ≥ 0.85 here. Measured 0.875 ± 0.268 (BatchNorm recalibrated at export;
+    # 0.750 without) against 0.950 for the baseline, see bench/RESULTS.md: with 10 slides, 3 test slides
+    # per split, too close to assert, so the test asserts that both were probed and prints the figures.
     assert all(np.isfinite(r["full"]["auc_mean"]) for r in results.values()), table
     assert "mean-pooled features" in results and (run / "embedding_map.png").stat().st_size > 5000
 

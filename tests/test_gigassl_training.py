@@ -89,6 +89,9 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
 
     with pytest.raises(TrainDataError, match=r"gigassl\.tau \(0\.05 → 0\.1\)"):
         GigaSSLRun("r", out, str(small_views), make_config(*SMALL, "gigassl.tau=0.1")).execute()
+    # an export setting may change on a rerun: nothing is retrained, only the export is redone
+    rerun = GigaSSLRun("r", out, str(small_views), make_config(*SMALL, "gigassl.export_bn=running")).execute()
+    assert rerun.history == summary.history
 
     # export recomputes BatchNorm statistics over the exported slides: training's running ones (here
     # scrambled in a copy of the run) no longer matter, unless asked for with export_bn=running

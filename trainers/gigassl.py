@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from cluster.config import Config, GigaSSLConfig
 from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
+from cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from pipelines.features import Bag, FeatureBags
 from trainers.data import BagCache, TrainDataError
 from trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
@@ -63,7 +63,9 @@ WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 EMBEDDINGS_FILE = "embeddings.parquet"
 # Settings that may change between a run and its resumption (resources and export, not training).
-_FREE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "cache_mb", "export_chunks")
+_FREE_KEYS = (
+    "workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "cache_mb", "export_chunks", "export_bn",
+)  # fmt: skip
 
 
 @dataclass
@@ -300,8 +302,7 @@ def export_embeddings(run_dir: str, views: str, output: str | None = None, expor
                       export_bn: str | None = None) -> str:  # fmt: skip
     """Per-slide embeddings of a finished run for every bag in `views` → Parquet `slide_id, embedding`.
     `export_chunks` / `export_bn` override the run's settings."""
-    fs, path = filesystem(join(run_dir, RESULT_FILE))
-    if not fs.exists(path):
+    if not exists(join(run_dir, RESULT_FILE)):
         raise TrainDataError(f"{run_dir} has no finished Giga-SSL run ({RESULT_FILE} missing)")
     result = json.loads(read_bytes(join(run_dir, RESULT_FILE)))
     cfg = dict(result["gigassl"])
@@ -343,8 +344,7 @@ def tile_features_for(views: str) -> str | None:
     if match is None:
         return None
     features = join(match.group(1), "features", match.group(2))
-    fs, path = filesystem(features)
-    return features if fs.exists(path) else None
+    return features if exists(features) else None
 
 
 def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:

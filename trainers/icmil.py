@@ -28,7 +28,7 @@ from typing import Any
 
 from cluster.config import Config
 from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, is_local, join, read_bytes, write_bytes_atomic
+from cluster.storage import exists, is_local, join, read_bytes, write_bytes_atomic
 from pipelines.embed import EmbedStage, run_embed
 from pipelines.ingest import committed_shards, tiles_stage
 from pipelines.ledger import Ledger
@@ -61,8 +61,7 @@ def round_steps(r: int) -> tuple[str, ...]:
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
-    fs, path = filesystem(uri)
-    return json.loads(read_bytes(uri)) if fs.exists(path) else None
+    return json.loads(read_bytes(uri)) if exists(uri) else None
 
 
 def _write_json(uri: str, value: dict[str, Any]) -> None:

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cluster.storage import filesystem, join, read_bytes, write_bytes_atomic
+from cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from pipelines.features import FeatureBags
 from pipelines.ledger import Ledger
 from pipelines.reader import SlideError
@@ -47,8 +47,7 @@ def load_run_models(run_dir: str) -> tuple[dict, list[MILModel]]:
     models = []
     for split in plan["splits"]:
         job_dir = join(run_dir, "jobs", f"{kind}-s{split['seed']}-f{split['fold']}")
-        fs, path = filesystem(join(job_dir, RESULT_FILE))
-        if not fs.exists(path):
+        if not exists(join(job_dir, RESULT_FILE)):
             raise TrainDataError(f"run {run_dir} is unfinished: {job_dir} has no {RESULT_FILE} (rerun train)")
         train = plan["train"]
         model = build_model(train["model"], plan["dim"], len(plan["classes"]), **train["model_options"])

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from typing import Any
 
 from cluster.config import Config, with_values
-from cluster.storage import filesystem, join, read_bytes
+from cluster.storage import exists, join, read_bytes
 from pipelines.features import FeatureBags
 from trainers.data import LabelledBags, TrainDataError
 from trainers.loop import RESULT_FILE, WEIGHTS_FILE, train_fold
@@ -145,8 +145,7 @@ class MILTarget(SweepTarget):
     def test_value(self, sweep_dir: str, trial: str, counted: dict[str, Any]) -> float | None:
         """A finished trial's test AUC with its best weights (trials stopped early have none)."""
         result_uri = join(sweep_dir, "trials", trial, f"{self.kind}-{self.split.name}", RESULT_FILE)
-        fs, path = filesystem(result_uri)
-        if fs.exists(path):
+        if exists(result_uri):
             return float(json.loads(read_bytes(result_uri))["metrics"]["auc"])
         return super().test_value(sweep_dir, trial, counted)
 

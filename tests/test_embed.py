@@ -6,16 +6,21 @@ import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import psutil
+import pytest
 from support.helpers import committed_samples, make_config
 
+from cluster.config import Config
+from cluster.runtime import ensure_ray
 from cluster.storage import join
 from pipelines.embed import EmbedStage, run_embed, with_input_px
 from pipelines.encoders import build_encoder
 from pipelines.features import FeatureBags
-from pipelines.ingest import run_ingest
+from pipelines.ingest import IngestReport, run_ingest
 from pipelines.ledger import Ledger
 from pipelines.reader import open_slide_uncached, read_tiles, resize_tile
 from pipelines.tiling import read_plan
@@ -27,11 +32,26 @@ def _stage(config) -> EmbedStage:
     return EmbedStage("resnet18_trunc", "random", config.tiling, config.embed)
 
 
-def test_run_writes_bags_equal_to_direct_encoding(ray_local, slide_root, tmp_path):
+@dataclass
+class Embedded:
+    out: str
+    config: Config
+    embed: EmbedStage
+    report: IngestReport
+
+
+@pytest.fixture(scope="module")
+def embedded(s3_server, slide_root, tmp_path_factory) -> Embedded:
+    """The slides ingested and embedded once; tests that add to `out` leave this stage as it is."""
     config = make_config(*SETTINGS)
-    out = str(tmp_path / "out")
+    ensure_ray(config.ray)
+    out = str(tmp_path_factory.mktemp("embedded") / "out")
     embed = _stage(config)
-    report = run_ingest(str(slide_root), out, config, embed=embed)
+    return Embedded(out, config, embed, run_ingest(str(slide_root), out, config, embed=embed))
+
+
+def test_run_writes_bags_equal_to_direct_encoding(ray_local, embedded, slide_root):
+    out, config, embed, report = embedded.out, embedded.config, embedded.embed, embedded.report
     assert len(report.ok) == 4 and not report.failed, report.summary()
 
     bags = FeatureBags(join(out, embed.stage), str(slide_root / "labels.csv"))
@@ -92,12 +112,9 @@ def test_killed_encoder_actor_loses_and_duplicates_nothing(ray_local, slide_root
     assert not list((out / embed.stage / "_parts").glob("*")), "chunk parts must be merged and removed"
 
 
-def test_embed_from_shards_writes_a_separate_key(ray_local, slide_root, tmp_path):
-    config = make_config(*SETTINGS)
-    out = str(tmp_path / "out")
-    first = _stage(config)
-    run_ingest(str(slide_root), out, config, embed=first)
-    first_dir = tmp_path / "out" / first.stage
+def test_embed_from_shards_writes_a_separate_key(ray_local, embedded, slide_root, tmp_path):
+    out, first = embedded.out, embedded.embed
+    first_dir = Path(out) / first.stage
     before = {p.name: p.read_bytes() for p in first_dir.glob("*.parquet")}
 
     second_config = make_config(*SETTINGS, "embed.seed=1")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cluster.storage import filesystem, join, read_bytes
+from cluster.storage import exists, join, read_bytes
 
 __all__ = ["AnnotationError", "GeoJSONMask", "MaskImage", "SlideAnnotation", "find_annotation"]
 
@@ -151,7 +151,6 @@ def find_annotation(
         (f"{slide_id}{suffix}", lambda uri: MaskImage(uri, downsample, slide_id, len(classes))),
     ):
         uri = join(root, name)
-        fs, path = filesystem(uri)
-        if fs.exists(path):
+        if exists(uri):
             return make(uri)
     return None

@@ -1,0 +1,86 @@
+"""How much slide identity do Giga-SSL's views carry? A check of the data before training on it.
+
+Giga-SSL's pretext task is to tell, from T tiles of a slide, which slide it is (NT-Xent: two views of a
+slide against the other slides' views). If two views of the same slide are not more alike than views of
+different slides, the task has nothing to learn from. This measures it without any training: per trial,
+two views of every slide are drawn as training draws them (T tiles of one stored augmentation, with
+replacement; for view bags also from two different augmentations), mean-pooled over standardised
+features, and each first view is matched to the nearest second view by cosine similarity. Accuracy = how
+often that is the same slide (chance 1/slides).
+
+    python bench/gigassl_signal.py OUT/gigassl/<key> [OUT/features/<key> ...] [--tiles 5,16,64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from pipelines.features import Bag, FeatureBags
+
+
+def _mean_view(
+    bag: Bag, features: torch.Tensor, n_tiles: int, rng: np.random.Generator, avoid: int | None = None
+) -> tuple[int, np.ndarray]:
+    """A view as training draws it (T tiles of one stored augmentation, with replacement), mean-pooled;
+    `avoid`: an augmentation not to draw from. Returns the augmentation and the pooled features."""
+    if bag.aug is None:
+        aug, rows = -1, np.arange(len(features))
+    else:
+        augs = bag.aug.numpy()
+        aug = int(rng.choice([a for a in np.unique(augs) if a != avoid]))
+        rows = np.flatnonzero(augs == aug)
+    return aug, features[rows[rng.integers(0, len(rows), size=n_tiles)]].mean(0).numpy()
+
+
+def identification_accuracy(
+    bags: list[Bag], n_tiles: int, trials: int, seed: int, across_augmentations: bool = False
+) -> float:
+    """Share of first views whose nearest second view (cosine) is of the same slide; with
+    `across_augmentations` the two views of a slide come from different stored augmentations."""
+    every = torch.cat([b.features.float() for b in bags])
+    mean, std = every.mean(0), every.std(0) + 1e-6
+    standard = [(b.features.float() - mean) / std for b in bags]
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for _ in range(trials):
+        first, second = [], []
+        for bag, features in zip(bags, standard, strict=True):
+            aug, pooled = _mean_view(bag, features, n_tiles, rng)
+            first.append(pooled)
+            second.append(_mean_view(bag, features, n_tiles, rng, aug if across_augmentations else None)[1])
+        a, b = np.stack(first), np.stack(second)
+        a /= np.linalg.norm(a, axis=1, keepdims=True)
+        b /= np.linalg.norm(b, axis=1, keepdims=True)
+        hits += int((np.argmax(a @ b.T, axis=1) == np.arange(len(bags))).sum())
+    return hits / (trials * len(bags))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("bags", nargs="+", help="Giga-SSL view bags or feature bags (local or s3://)")
+    parser.add_argument("--tiles", default="5,16,64", help="T values, comma-separated")
+    parser.add_argument("--trials", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    sizes = [int(t) for t in args.tiles.split(",")]
+
+    print("| bags | views | slides | " + " | ".join(f"T = {t}" for t in sizes) + " | chance |")
+    print("|---" * (len(sizes) + 4) + "|")
+    for uri in args.bags:
+        bags = list(FeatureBags(uri, require_labels=False))
+        name = uri.rstrip("/").rsplit("/", 1)[-1]
+        modes = [False, True] if all(b.aug is not None and len(b.aug.unique()) > 1 for b in bags) else [False]
+        for across in modes:
+            scores = [identification_accuracy(bags, t, args.trials, args.seed, across) for t in sizes]
+            cells = " | ".join(f"{score:.3f}" for score in scores)
+            views = "different augmentations" if across else "as training draws them"
+            print(f"| {name} | {views} | {len(bags)} | {cells} | {1 / len(bags):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

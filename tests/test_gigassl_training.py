@@ -160,7 +160,8 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
 
 ENCODER = "resnet18_trunc"
 # T = 5 tiles per view, batch 8 slides over 2 workers (4 each), a short run at a small learning rate: with a
-# random-weight encoder the augmented views carry little class signal (bench/RESULTS.md, Giga-SSL)
+# random-weight encoder, views of a slide from different augmentations are no more alike than other slides'
+# (bench/gigassl_signal.py), so longer training only learns colours (bench/RESULTS.md, Giga-SSL)
 LEARN = ("gigassl.epochs=4", "gigassl.batch_size=8", "gigassl.warmup_epochs=1", "gigassl.lr=0.00001")
 PIPELINE = ("tiling.mpp=1.0", "tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
 
@@ -213,7 +214,8 @@ def test_two_worker_run_on_pipeline_views_is_probed_beside_the_baseline(pipeline
         print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}):\n{table}")
     # Issue 6 asks for a probe AUC ≥ 0.85 here. Measured 0.875 ± 0.268 (BatchNorm recalibrated at export;
     # 0.750 without) against 0.950 for the baseline, see bench/RESULTS.md: with 10 slides, 3 test slides
-    # per split, too close to assert, so the test asserts that both were probed and prints the figures.
+    # per split, too close to assert, so the test asserts that both were probed and prints the figures. The
+    # separation is the pooling network's prior, not learnt: it needs an encoder that survives augmentation.
     assert all(np.isfinite(r["full"]["auc_mean"]) for r in results.values()), table
     assert "mean-pooled features" in results and (run / "embedding_map.png").stat().st_size > 5000
 

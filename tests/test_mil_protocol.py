@@ -187,7 +187,13 @@ def test_label_values_single_class_and_class_order(bags, tmp_path):
 
 
 def test_threshold_is_chosen_on_validation_by_youden_j():
-    assert choose_threshold([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.9]) == pytest.approx(0.7)
+    # J is best cutting between 0.6 and 0.7 (both positives in, one negative out): the middle of the gap
+    assert choose_threshold([0, 0, 1, 1], [0.1, 0.6, 0.7, 0.9]) == pytest.approx(0.65)
+    # cleanly separated: the cut sits midway, so a test positive at 0.9 is not called negative
+    separated = choose_threshold([0, 1, 0, 1], [0.02, 0.99, 0.01, 0.98])
+    assert separated == pytest.approx(0.5) and 0.9 >= separated > 0.02
+    # ties in score: the cut never falls between two equal scores
+    assert choose_threshold([0, 1, 1, 0], [0.2, 0.8, 0.8, 0.4]) == pytest.approx(0.6)
     assert choose_threshold([1, 1, 1], [0.2, 0.3, 0.9]) == 0.5  # one class: no ROC, the default
 
 

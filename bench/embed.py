@@ -14,6 +14,10 @@ the pipeline's marginal rate: the extra tiles of a run over all slides against a
 divided by the extra seconds. The fixed cost of a run (the encoder actor's process importing torch and
 timm, the first chunk's read) cancels in that difference; a run of many slides approaches it.
 
+Last, where the CPU went during the all-slides run, per group of processes (sampled with psutil every
+second): efficiency = the cores the encoder actor got ÷ the cores the encoder alone used, × the encoder
+alone's CPU per tile ÷ the actor's. What the other groups take is the ceiling of the first factor.
+
     python bench/embed.py [--encoder resnet18_trunc] [--slides 4] [--size tiny] [--batch 64]
 """
 
@@ -24,10 +28,12 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from cpu_monitor import CpuMonitor  # bench/, the script's folder
 
 from cluster.config import load_config
 from cluster.runtime import ensure_ray
@@ -36,6 +42,16 @@ from pipelines.encoders import build_encoder
 from pipelines.ingest import planned_chunks, run_ingest
 from pipelines.reader import read_tile, read_tiles, resize_tile
 from pipelines.synthetic import write_dataset
+
+ENCODER_ACTOR = "encoder actor"
+CPU_GROUPS = [
+    (ENCODER_ACTOR, lambda pid, cmd: "EmbedActor" in cmd),
+    ("driver (Ray Data's executor, commits, this monitor)", lambda pid, cmd: pid == os.getpid()),
+    ("Ray task workers (plan, read, decode, write shards)",
+     lambda pid, cmd: cmd.startswith("ray::IDLE") or "read_chunk" in cmd or "plan_slide" in cmd),
+    ("Ray's own (raylet, GCS, agents, Ray Data actors)",
+     lambda pid, cmd: cmd.startswith("ray::") or "/site-packages/ray/" in cmd),
+]  # fmt: skip
 
 
 def preload(slides: str, config, input_px: int) -> np.ndarray:
@@ -60,10 +76,18 @@ def clam_style(slides: str, config, encoder, batch: int) -> tuple[int, float]:
     return count, time.perf_counter() - started
 
 
-def encoder_alone(encoder, tiles: np.ndarray, batch: int) -> float:
-    started = time.perf_counter()
+@dataclass
+class EncoderAlone:
+    tiles_per_s: float
+    cpu_s_per_tile: float
+    cores: float  # CPU seconds per second: how many cores it kept busy
+
+
+def encoder_alone(encoder, tiles: np.ndarray, batch: int) -> EncoderAlone:
+    wall, cpu = time.perf_counter(), time.process_time()
     encoder.embed(tiles, batch_size=batch)
-    return len(tiles) / (time.perf_counter() - started)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return EncoderAlone(len(tiles) / wall, cpu / len(tiles), cpu / wall)
 
 
 def subset(slides: str, n: int, where: Path) -> str:
@@ -120,7 +144,8 @@ def main() -> None:
     half = run_ingest(
         subset(slides, args.slides // 2, work / "half"), str(work / "half-out"), config, embed=stage
     )
-    report = run_ingest(slides, str(work / "pipeline"), config, embed=stage)
+    with CpuMonitor(CPU_GROUPS) as cpu:
+        report = run_ingest(slides, str(work / "pipeline"), config, embed=stage)
     assert report.tiles == len(tiles) and not report.failed, report.summary()
     pipeline = report.tiles / report.seconds
     # the fixed cost of a run (actor start, first read) cancels in the difference of the two runs
@@ -128,7 +153,7 @@ def main() -> None:
 
     torch.set_num_threads(threads)
     after = encoder_alone(encoder, tiles, args.batch)
-    alone = (before + after) / 2
+    alone = (before.tiles_per_s + after.tiles_per_s) / 2
 
     n, seconds = clam_style(slides, config, encoder, args.batch)
     clam = n / seconds
@@ -141,14 +166,36 @@ def main() -> None:
     print("| run                                   | tiles/s |")
     print("|---------------------------------------|---------|")
     print(f"| encoder alone, preloaded, {threads} thread(s) | {alone:>7.1f} |")
-    print(f"|   before / after the pipeline         | {before:>3.1f} / {after:.1f} |")
+    print(f"|   before / after the pipeline         | {before.tiles_per_s:>3.1f} / {after.tiles_per_s:.1f} |")
     print(f"| slidestream run (read+shards+embed)   | {pipeline:>7.1f} |")
     print(f"|   marginal (all slides − half of them) | {marginal:>6.1f} |")
     print(f"| CLAM-style serial (read_region+embed) | {clam:>7.1f} |")
     print(f"\nefficiency pipeline / encoder alone: {pipeline / alone:.2f}  (target ≥ 0.85)")
     print(f"marginal efficiency (a long run's, the fixed start left out): {marginal / alone:.2f}")
     print(f"pipeline / CLAM-style: {pipeline / clam:.2f}×")
+    print_cpu_breakdown(cpu, report.seconds, report.tiles, before, after)
     shutil.rmtree(work, ignore_errors=True)
+
+
+def print_cpu_breakdown(
+    cpu: CpuMonitor, seconds: float, tiles: int, before: EncoderAlone, after: EncoderAlone
+) -> None:
+    groups = cpu.by_group()
+    capacity = (os.cpu_count() or 1) * seconds
+    print(f"\nwhere the CPU went during the all-slides run ({seconds:.0f} s × {os.cpu_count()} cores):")
+    print("| processes                                             | CPU-s | share of the machine |")
+    print("|-------------------------------------------------------|-------|----------------------|")
+    for name, used in [*groups.items(), ("idle", capacity - sum(groups.values()))]:
+        print(f"| {name:<53} | {used:>5.1f} | {used / capacity:>19.1%} |")
+    actor = groups[ENCODER_ACTOR]
+    alone_cores = (before.cores + after.cores) / 2
+    alone_cpu = (before.cpu_s_per_tile + after.cpu_s_per_tile) / 2
+    got, per_tile = actor / seconds / alone_cores, alone_cpu / (actor / tiles)
+    print(
+        f"encoder actor: {actor / seconds:.2f} cores busy against {alone_cores:.2f} for the encoder alone "
+        f"({got:.2f}); CPU per tile {1000 * actor / tiles:.0f} ms against {1000 * alone_cpu:.0f} ms "
+        f"({per_tile:.2f}); product {got * per_tile:.2f} ≈ the efficiency"
+    )
 
 
 if __name__ == "__main__":

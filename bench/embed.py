@@ -12,7 +12,8 @@ behind the encoder). The encoder alone is measured before and after the pipeline
 machine whose speed drifts during the run biases neither side. Also prints pipeline ÷ CLAM-style, and
 the pipeline's marginal rate: the extra tiles of a run over all slides against a run over half of them,
 divided by the extra seconds. The fixed cost of a run (the encoder actor's process importing torch and
-timm, the first chunk's read) cancels in that difference; a run of many slides approaches it.
+timm, the first chunk's read) cancels in that difference; a run of many slides approaches it. Being a
+difference of two runs, it is noisy on a small machine: read the end-to-end efficiency first.
 
 Last, where the CPU went during the all-slides run, per group of processes (sampled with psutil every
 second): efficiency = the cores the encoder actor got ÷ the cores the encoder alone used, × the encoder

@@ -29,7 +29,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,9 @@ class EncoderAlone:
     tiles_per_s: float
     cpu_s_per_tile: float
     cores: float  # CPU seconds per second: how many cores it kept busy
+
+    def averaged_with(self, other: EncoderAlone) -> EncoderAlone:
+        return EncoderAlone(*((a + b) / 2 for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 def encoder_alone(encoder, tiles: np.ndarray, batch: int) -> EncoderAlone:
@@ -154,7 +157,7 @@ def main() -> None:
 
     torch.set_num_threads(threads)
     after = encoder_alone(encoder, tiles, args.batch)
-    alone = (before.tiles_per_s + after.tiles_per_s) / 2
+    alone = before.averaged_with(after)
 
     n, seconds = clam_style(slides, config, encoder, args.batch)
     clam = n / seconds
@@ -166,21 +169,19 @@ def main() -> None:
     )
     print("| run                                   | tiles/s |")
     print("|---------------------------------------|---------|")
-    print(f"| encoder alone, preloaded, {threads} thread(s) | {alone:>7.1f} |")
+    print(f"| encoder alone, preloaded, {threads} thread(s) | {alone.tiles_per_s:>7.1f} |")
     print(f"|   before / after the pipeline         | {before.tiles_per_s:>3.1f} / {after.tiles_per_s:.1f} |")
     print(f"| slidestream run (read+shards+embed)   | {pipeline:>7.1f} |")
     print(f"|   marginal (all slides − half of them) | {marginal:>6.1f} |")
     print(f"| CLAM-style serial (read_region+embed) | {clam:>7.1f} |")
-    print(f"\nefficiency pipeline / encoder alone: {pipeline / alone:.2f}  (target ≥ 0.85)")
-    print(f"marginal efficiency (a long run's, the fixed start left out): {marginal / alone:.2f}")
+    print(f"\nefficiency pipeline / encoder alone: {pipeline / alone.tiles_per_s:.2f}  (target ≥ 0.85)")
+    print(f"marginal efficiency (a long run's, the fixed start left out): {marginal / alone.tiles_per_s:.2f}")
     print(f"pipeline / CLAM-style: {pipeline / clam:.2f}×")
-    print_cpu_breakdown(cpu, report.seconds, report.tiles, before, after)
+    print_cpu_breakdown(cpu, report.seconds, report.tiles, alone)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def print_cpu_breakdown(
-    cpu: CpuMonitor, seconds: float, tiles: int, before: EncoderAlone, after: EncoderAlone
-) -> None:
+def print_cpu_breakdown(cpu: CpuMonitor, seconds: float, tiles: int, alone: EncoderAlone) -> None:
     groups = cpu.by_group()
     capacity = (os.cpu_count() or 1) * seconds
     print(f"\nwhere the CPU went during the all-slides run ({seconds:.0f} s × {os.cpu_count()} cores):")
@@ -189,12 +190,11 @@ def print_cpu_breakdown(
     for name, used in [*groups.items(), ("idle", capacity - sum(groups.values()))]:
         print(f"| {name:<53} | {used:>5.1f} | {used / capacity:>19.1%} |")
     actor = groups[ENCODER_ACTOR]
-    alone_cores = (before.cores + after.cores) / 2
-    alone_cpu = (before.cpu_s_per_tile + after.cpu_s_per_tile) / 2
-    got, per_tile = actor / seconds / alone_cores, alone_cpu / (actor / tiles)
+    got, per_tile = actor / seconds / alone.cores, alone.cpu_s_per_tile / (actor / tiles)
+    actor_ms, alone_ms = 1000 * actor / tiles, 1000 * alone.cpu_s_per_tile
     print(
-        f"encoder actor: {actor / seconds:.2f} cores busy against {alone_cores:.2f} for the encoder alone "
-        f"({got:.2f}); CPU per tile {1000 * actor / tiles:.0f} ms against {1000 * alone_cpu:.0f} ms "
+        f"encoder actor: {actor / seconds:.2f} cores busy against {alone.cores:.2f} for the encoder alone "
+        f"({got:.2f}); CPU per tile {actor_ms:.0f} ms against {alone_ms:.0f} ms "
         f"({per_tile:.2f}); product {got * per_tile:.2f} ≈ the efficiency"
     )
 

@@ -10,13 +10,18 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+from ray.tune.schedulers import TrialScheduler
 from support.bags import write_bags
 
 from cluster.cli import main
 from cluster.config import load_config
+from trainers.tune import early_stopping
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
@@ -89,6 +94,30 @@ def test_interrupted_sweep_resumes_then_writes_table_plot_and_a_best_config_that
     assert (out / "runs" / "from-best" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("epochs", range(1, 18))
+def test_early_stopping_cuts_poor_trials_at_a_rung_and_never_at_the_final_epoch(epochs):
+    """The real scheduler, fed results: a trial poor from the start is cut at the grace period (when one
+    fits before the final epoch); one that only falls behind at its final epoch finishes (a cut there
+    would save nothing and lose the result the trial is writing)."""
+    for grace in range(1, epochs + 1):
+        scheduler = early_stopping(epochs, grace)
+        scheduler.set_search_properties("val_auc", "max")
+        assert TrialScheduler.STOP not in _decisions(scheduler, "good", epochs, lambda t: 0.9)
+        fades = _decisions(scheduler, "fades", epochs, lambda t: 0.95 if t < epochs else 0.1)
+        assert TrialScheduler.STOP not in fades, (epochs, grace)
+        poor = _decisions(scheduler, "poor", epochs, lambda t: 0.5)
+        first_cut = poor.index(TrialScheduler.STOP) + 1 if TrialScheduler.STOP in poor else None
+        assert first_cut == (grace if grace < epochs else None), (epochs, grace)
+
+
+def _decisions(scheduler: Any, trial_id: str, epochs: int, auc_at: Callable[[int], float]) -> list[str]:
+    """The scheduler's decision after each epoch of a trial whose validation AUC is `auc_at(epoch)`."""
+    trial = SimpleNamespace(trial_id=trial_id)
+    scheduler.on_trial_add(None, trial)
+    results = ({"training_iteration": t, "val_auc": auc_at(t)} for t in range(1, epochs + 1))
+    return [scheduler.on_trial_result(None, trial, result) for result in results]
+
+
 def test_bad_search_space_names_the_key(bags, tmp_path, capsys):
     features, labels = bags
     space = tmp_path / "bad.yaml"
@@ -104,8 +133,8 @@ def test_bad_search_space_names_the_key(bags, tmp_path, capsys):
         assert not (tmp_path / "o" / "tune" / "bad").exists()
 
 
-# warm-up over all 3 epochs: ASHA's grace period is the warm-up, so neither trial can be cut early (which
-# trial reports first decides whether a poor one is cut, a race this test is not about)
+# warm-up over all 3 epochs: ASHA's grace period is the warm-up, so neither trial can be cut (which trial
+# reports first decides whether a poor one is cut, a race this test is not about)
 GIGASSL_SMALL = ("gigassl.epochs=3", "gigassl.batch_size=8", "gigassl.dim=32", "gigassl.proj_dim=16",
                  "gigassl.warmup_epochs=3", "gigassl.export_chunks=4", "gigassl.cache_mb=64")  # fmt: skip
 

@@ -35,7 +35,7 @@ from trainers.data import TrainDataError
 from trainers.runner import train_storage
 from trainers.tune_targets import make_target
 
-__all__ = ["SweepSummary", "load_space", "run_sweep"]
+__all__ = ["SweepSummary", "early_stopping", "load_space", "run_sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,6 @@ class Sweep:
 
     def _tuner(self) -> Any:
         from ray import tune
-        from ray.tune.schedulers import ASHAScheduler
 
         target = self.target
         trainable = tune.with_parameters(
@@ -141,9 +140,7 @@ class Sweep:
             return tune.Tuner.restore(
                 where, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=storage
             )
-        # max_t beyond the last epoch: ASHA never cuts a trial at its final epoch, so the trial finishes
-        # by itself and writes its result (weights, history).
-        scheduler = ASHAScheduler(max_t=target.epochs + 1, grace_period=target.grace)
+        scheduler = early_stopping(target.epochs, target.grace)
         return tune.Tuner(
             trainable,
             param_space=self.space,
@@ -205,6 +202,20 @@ class Sweep:
         from trainers.viz import sweep_plot
 
         sweep_plot(rows, self.keys, self.monitor, join(self.sweep_dir, "results.png"))
+
+
+def early_stopping(epochs: int, grace: int) -> Any:
+    """ASHA that compares trials after `grace` epochs and never after the final one.
+
+    A cut at the final epoch saves no training but can lose the trial's result: Tune stops the trial
+    while it writes its weights and history. So ASHA's rungs stop at `epochs - 1` and it does not stop
+    trials that reach that point; when no rung fits (grace ≥ epochs), trials simply run to the end."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    last_cut = epochs - 1
+    if grace > last_cut:
+        return FIFOScheduler()
+    return ASHAScheduler(max_t=last_cut, grace_period=grace, stop_last_trials=False)
 
 
 def _sortable(value: float, mode: str) -> float:

@@ -23,7 +23,7 @@ lint: setup
 test: setup
 	$(VENV)/bin/ruff check .
 	bash tests/support/rgw.sh install
-	$(PY) -m pytest -q --timeout=900 --durations=25 $(PYTEST_ARGS)
+	$(PY) -X faulthandler -m pytest -q --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OUT)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -95,23 +97,38 @@ def test_s3fs_roundtrip_and_range_read(server: S3Server, bucket: str) -> None:
     assert server.client().get_object(Bucket=bucket, Key="blob.bin")["ContentLength"] == len(data)
 
 
-def test_pyarrow_parquet_roundtrip(server: S3Server, bucket: str) -> None:
-    import pyarrow as pa
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
+# pyarrow's own S3 client (the AWS C++ SDK) runs in a child process: its threads can crash the process
+# that loaded it at interpreter exit (apache/arrow#38352), which for pytest's process fails the whole suite
+# after every test passed. slidestream itself reaches S3 through fsspec, also from pyarrow.
+_PYARROW_ROUNDTRIP = """
+import os, sys
+import pyarrow as pa, pyarrow.fs as pafs, pyarrow.parquet as pq
 
-    fs = pafs.S3FileSystem(
-        endpoint_override=server.endpoint.split("://", 1)[1],
-        scheme=server.endpoint.split("://", 1)[0],
-        access_key=server.access_key,
-        secret_key=server.secret_key,
-        region=server.region,
+scheme, host = os.environ["AWS_ENDPOINT_URL"].split("://", 1)
+fs = pafs.S3FileSystem(endpoint_override=host, scheme=scheme, region=os.environ["AWS_DEFAULT_REGION"])
+table = pa.table({"slide": ["a", "b", "c"], "x": [1, 2, 3], "emb": [[0.5, 1.0], [2.0, 3.0], [4.0, 5.0]]})
+path = sys.argv[1] + "/tables/t.parquet"
+pq.write_table(table, path, filesystem=fs)
+assert fs.get_file_info(path).size > 0
+assert pq.read_table(path, filesystem=fs).equals(table)
+del fs
+pafs.finalize_s3()
+print("round trip ok")
+"""
+
+
+def test_pyarrow_parquet_roundtrip(server: S3Server, bucket: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", _PYARROW_ROUNDTRIP, bucket],
+        env={**os.environ, **server.env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
-    table = pa.table({"slide": ["a", "b", "c"], "x": [1, 2, 3], "emb": [[0.5, 1.0], [2.0, 3.0], [4.0, 5.0]]})
-    path = f"{bucket}/tables/t.parquet"
-    pq.write_table(table, path, filesystem=fs)
-    assert fs.get_file_info(path).size > 0
-    assert pq.read_table(path, filesystem=fs).equals(table)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "round trip ok"
+    assert server.client().head_object(Bucket=bucket, Key="tables/t.parquet")["ContentLength"] > 0
 
 
 def test_wrong_secret_is_rejected(server: S3Server, bucket: str) -> None:

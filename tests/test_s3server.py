@@ -17,7 +17,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.s3server import S3Server, S3ServerError, start_s3_server, stop_s3_server
+from support.s3server import (
+    EXTERNAL_ENDPOINT_VAR,
+    S3Server,
+    S3ServerError,
+    start_s3_server,
+    stop_s3_server,
+)
 
 pytestmark = pytest.mark.s3
 
@@ -172,7 +178,7 @@ def test_gateway_outage_and_recovery(server: S3Server, bucket: str) -> None:
 def test_too_little_free_disk_is_named_before_ceph_starts(monkeypatch: pytest.MonkeyPatch) -> None:
     """Free space is checked in bytes: Ceph's own check is a percentage, which on a large shared disk
     ("1 %" with 4.7 GiB free) refused to start the mon, so it is turned off."""
-    if os.environ.get("SLIDESTREAM_S3_ENDPOINT"):
+    if os.environ.get(EXTERNAL_ENDPOINT_VAR):
         pytest.skip("external S3 server: nothing is started")
     monkeypatch.setenv("RGW_MIN_FREE_MIB", str(2**40))
     workdir = Path(tempfile.mkdtemp(prefix="ss-full-"))

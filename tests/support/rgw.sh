@@ -14,7 +14,8 @@
 # against the user's keys. Secrets are only ever written to WORKDIR/s3-keys and to `env` output.
 #
 # Tunables (environment): RGW_START_TIMEOUT (s, default 120), RGW_MEMSTORE_BYTES (OSD capacity held
-# in RAM, default 4 GiB), RGW_UID (S3 user, default slidestream).
+# in RAM, default 4 GiB), RGW_UID (S3 user, default slidestream), RGW_MIN_FREE_MIB (free space a
+# fresh start needs on WORKDIR's filesystem, default 64).
 set -o errexit -o nounset -o pipefail
 
 START_TIMEOUT=${RGW_START_TIMEOUT:-120}

@@ -8,18 +8,17 @@ Three measurements over the same tiles, in one process:
    (torch with all cores, as such scripts run).
 
 Efficiency = pipeline tiles/s ÷ encoder-alone tiles/s (target ≥ 0.85 on CPU: reading and decoding hidden
-behind the encoder). The encoder alone is measured before and after the pipeline and averaged, so that a
-machine whose speed drifts during the run biases neither side. Also prints pipeline ÷ CLAM-style, and
-the pipeline's marginal rate: the extra tiles of a run over all slides against a run over half of them,
-divided by the extra seconds. The fixed cost of a run (the encoder actor's process importing torch and
-timm, the first chunk's read) cancels in that difference; a run of many slides approaches it. Being a
-difference of two runs, it is noisy on a small machine: read the end-to-end efficiency first.
+behind the encoder). A small VM's speed can swing by a fifth within minutes, so the two are interleaved:
+`--rounds` pipeline runs, each between two encoder-alone passes (A P A P A …); a round's efficiency is its
+run against the mean of the passes either side of it, and the figure to read is the median over rounds.
+Also prints pipeline ÷ CLAM-style (one CLAM pass after the rounds, against the last round's run).
 
-Last, where the CPU went during the all-slides run, per group of processes (sampled with psutil every
-second): efficiency = the cores the encoder actor got ÷ the cores the encoder alone used, × the encoder
-alone's CPU per tile ÷ the actor's. What the other groups take is the ceiling of the first factor.
+Last, where the CPU went during the pipeline runs, per group of processes (sampled with psutil every
+second, summed over the rounds): per round, efficiency = the cores the encoder actor got ÷ the cores the
+encoder alone used, × the encoder alone's CPU per tile ÷ the actor's. The first factor is a share of the
+machine, little moved by its speed; the second compares two phases minutes apart and carries the drift.
 
-    python bench/embed.py [--encoder resnet18_trunc] [--slides 4] [--size tiny] [--batch 64]
+    python bench/embed.py [--encoder resnet18_trunc] [--slides 4] [--size tiny] [--batch 64] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -102,6 +101,29 @@ def subset(slides: str, n: int, where: Path) -> str:
     return str(where)
 
 
+@dataclass
+class Round:
+    """One pipeline run and the encoder-alone passes either side of it."""
+
+    tiles: int
+    seconds: float
+    alone: EncoderAlone  # the mean of the passes before and after
+    cpu: dict[str, float]  # CPU seconds per process group during the run
+
+    @property
+    def tiles_per_s(self) -> float:
+        return self.tiles / self.seconds
+
+    @property
+    def efficiency(self) -> float:
+        return self.tiles_per_s / self.alone.tiles_per_s
+
+    def factors(self) -> tuple[float, float]:
+        """(the actor's cores ÷ the encoder alone's, the alone's CPU per tile ÷ the actor's)."""
+        actor = self.cpu[ENCODER_ACTOR]
+        return actor / self.seconds / self.alone.cores, self.alone.cpu_s_per_tile / (actor / self.tiles)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -110,6 +132,9 @@ def main() -> None:
     parser.add_argument("--slides", type=int, default=8)
     parser.add_argument("--size", default="tiny", choices=["tiny", "small"])
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="pipeline runs, each between two encoder-alone passes"
+    )
     parser.add_argument(
         "--input-px", type=int, default=None, help="encoder input size (default: the encoder's)"
     )
@@ -136,28 +161,27 @@ def main() -> None:
     encoder = build_encoder(args.encoder, "random", config.embed.seed)
     encoder.info = with_input_px(encoder.info, config.embed.input_px)
     tiles = preload(slides, config, encoder.info.input_px)
-
     threads = os.cpu_count() or 1  # the encoder alone at its best on this machine
+
+    def alone_pass() -> EncoderAlone:
+        torch.set_num_threads(threads)
+        return encoder_alone(encoder, tiles, args.batch)
+
     torch.set_num_threads(threads)
     encoder.embed(tiles[: args.batch], batch_size=args.batch)  # warm-up
-    before = encoder_alone(encoder, tiles, args.batch)
-
     ensure_ray(config.ray)
-    # one slide first: starts the Ray workers and imports what they need, so both timed runs are warm
+    # one slide first: starts the Ray workers and imports what they need, so every timed run is warm
     run_ingest(subset(slides, 1, work / "one"), str(work / "warmup"), config, embed=stage)
-    half = run_ingest(
-        subset(slides, args.slides // 2, work / "half"), str(work / "half-out"), config, embed=stage
-    )
-    with CpuMonitor(CPU_GROUPS) as cpu:
-        report = run_ingest(slides, str(work / "pipeline"), config, embed=stage)
-    assert report.tiles == len(tiles) and not report.failed, report.summary()
-    pipeline = report.tiles / report.seconds
-    # the fixed cost of a run (actor start, first read) cancels in the difference of the two runs
-    marginal = (report.tiles - half.tiles) / (report.seconds - half.seconds)
 
-    torch.set_num_threads(threads)
-    after = encoder_alone(encoder, tiles, args.batch)
-    alone = before.averaged_with(after)
+    passes, rounds = [alone_pass()], []
+    for i in range(args.rounds):
+        with CpuMonitor(CPU_GROUPS) as cpu:
+            report = run_ingest(slides, str(work / f"pipeline-{i}"), config, embed=stage)
+        assert report.tiles == len(tiles) and not report.failed, report.summary()
+        passes.append(alone_pass())
+        alone = passes[-2].averaged_with(passes[-1])
+        rounds.append(Round(report.tiles, report.seconds, alone, cpu.by_group()))
+        print(f"round {i + 1}: efficiency {rounds[-1].efficiency:.2f}", flush=True)
 
     n, seconds = clam_style(slides, config, encoder, args.batch)
     clam = n / seconds
@@ -165,37 +189,49 @@ def main() -> None:
     print(
         f"\nencoder {stage.info.key}, input {encoder.info.input_px} px, batch {args.batch}, "
         f"{len(tiles)} tiles, CPU; pipeline: {config.embed.actors} actor(s) × "
-        f"{cpu_threads(config.embed)} thread(s)"
+        f"{cpu_threads(config.embed)} thread(s); encoder alone: {threads} thread(s)"
     )
-    print("| run                                   | tiles/s |")
-    print("|---------------------------------------|---------|")
-    print(f"| encoder alone, preloaded, {threads} thread(s) | {alone.tiles_per_s:>7.1f} |")
-    print(f"|   before / after the pipeline         | {before.tiles_per_s:>3.1f} / {after.tiles_per_s:.1f} |")
-    print(f"| slidestream run (read+shards+embed)   | {pipeline:>7.1f} |")
-    print(f"|   marginal (all slides − half of them) | {marginal:>6.1f} |")
-    print(f"| CLAM-style serial (read_region+embed) | {clam:>7.1f} |")
-    print(f"\nefficiency pipeline / encoder alone: {pipeline / alone.tiles_per_s:.2f}  (target ≥ 0.85)")
-    print(f"marginal efficiency (a long run's, the fixed start left out): {marginal / alone.tiles_per_s:.2f}")
-    print(f"pipeline / CLAM-style: {pipeline / clam:.2f}×")
-    print_cpu_breakdown(cpu, report.seconds, report.tiles, alone)
+    print(
+        "| round | encoder alone: before / after (mean), tiles/s | `slidestream run`, tiles/s | efficiency "
+        "| actor's cores ÷ alone's | alone's CPU/tile ÷ actor's |"
+    )
+    print(
+        "|-------|-----------------------------------------------|----------------------------|------------"
+        "|-------------------------|----------------------------|"
+    )
+    for i, r in enumerate(rounds):
+        got, per_tile = r.factors()
+        alone = f"{passes[i].tiles_per_s:.1f} / {passes[i + 1].tiles_per_s:.1f} ({r.alone.tiles_per_s:.1f})"
+        print(
+            f"| {i + 1:>5} | {alone:<45} | {r.tiles_per_s:>26.1f} | {r.efficiency:>10.2f} "
+            f"| {got:>23.2f} | {per_tile:>26.2f} |"
+        )
+    low, high = min(r.efficiency for r in rounds), max(r.efficiency for r in rounds)
+    print(
+        f"\nefficiency pipeline / encoder alone, median of {len(rounds)} round(s): "
+        f"{np.median([r.efficiency for r in rounds]):.2f}  (target ≥ 0.85; rounds {low:.2f}–{high:.2f})"
+    )
+    print(
+        f"CLAM-style serial (read_region+embed): {clam:.1f} tiles/s; last run / CLAM-style: "
+        f"{rounds[-1].tiles_per_s / clam:.2f}×"
+    )
+    print_cpu_breakdown(rounds)
     shutil.rmtree(work, ignore_errors=True)
 
 
-def print_cpu_breakdown(cpu: CpuMonitor, seconds: float, tiles: int, alone: EncoderAlone) -> None:
-    groups = cpu.by_group()
+def print_cpu_breakdown(rounds: list[Round]) -> None:
+    seconds = sum(r.seconds for r in rounds)
+    groups = {name: sum(r.cpu[name] for r in rounds) for name in rounds[0].cpu}
     capacity = (os.cpu_count() or 1) * seconds
-    print(f"\nwhere the CPU went during the all-slides run ({seconds:.0f} s × {os.cpu_count()} cores):")
+    print(f"\nwhere the CPU went during the pipeline runs ({seconds:.0f} s × {os.cpu_count()} cores):")
     print("| processes                                             | CPU-s | share of the machine |")
     print("|-------------------------------------------------------|-------|----------------------|")
     for name, used in [*groups.items(), ("idle", capacity - sum(groups.values()))]:
         print(f"| {name:<53} | {used:>5.1f} | {used / capacity:>19.1%} |")
-    actor = groups[ENCODER_ACTOR]
-    got, per_tile = actor / seconds / alone.cores, alone.cpu_s_per_tile / (actor / tiles)
-    actor_ms, alone_ms = 1000 * actor / tiles, 1000 * alone.cpu_s_per_tile
+    alone_cores = np.mean([r.alone.cores for r in rounds])
     print(
-        f"encoder actor: {actor / seconds:.2f} cores busy against {alone.cores:.2f} for the encoder alone "
-        f"({got:.2f}); CPU per tile {actor_ms:.0f} ms against {alone_ms:.0f} ms "
-        f"({per_tile:.2f}); product {got * per_tile:.2f} ≈ the efficiency"
+        f"encoder actor: {groups[ENCODER_ACTOR] / seconds:.2f} cores busy against {alone_cores:.2f} for the "
+        "encoder alone"
     )
 
 

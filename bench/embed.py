@@ -201,15 +201,17 @@ def main() -> None:
     )
     for i, r in enumerate(rounds):
         got, per_tile = r.factors()
-        alone = f"{passes[i].tiles_per_s:.1f} / {passes[i + 1].tiles_per_s:.1f} ({r.alone.tiles_per_s:.1f})"
+        before, after = passes[i].tiles_per_s, passes[i + 1].tiles_per_s
+        alone_cell = f"{before:.1f} / {after:.1f} ({r.alone.tiles_per_s:.1f})"
         print(
-            f"| {i + 1:>5} | {alone:<45} | {r.tiles_per_s:>26.1f} | {r.efficiency:>10.2f} "
+            f"| {i + 1:>5} | {alone_cell:<45} | {r.tiles_per_s:>26.1f} | {r.efficiency:>10.2f} "
             f"| {got:>23.2f} | {per_tile:>26.2f} |"
         )
-    low, high = min(r.efficiency for r in rounds), max(r.efficiency for r in rounds)
+    efficiencies = [r.efficiency for r in rounds]
     print(
         f"\nefficiency pipeline / encoder alone, median of {len(rounds)} round(s): "
-        f"{np.median([r.efficiency for r in rounds]):.2f}  (target ≥ 0.85; rounds {low:.2f}–{high:.2f})"
+        f"{np.median(efficiencies):.2f}  (target ≥ 0.85; rounds {min(efficiencies):.2f}–"
+        f"{max(efficiencies):.2f})"
     )
     print(
         f"CLAM-style serial (read_region+embed): {clam:.1f} tiles/s; last run / CLAM-style: "

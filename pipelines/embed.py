@@ -29,6 +29,7 @@ from pipelines.ingest import (
     tiles_stage,
 )
 from pipelines.ledger import Ledger, LedgerEntry
+from pipelines.priority import at_idle_priority
 from pipelines.reader import classify, resize_tile
 from pipelines.shards import decode_sample, iter_shard_samples, tile_position
 from pipelines.slides import SlideRef, version_digest
@@ -331,7 +332,7 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 for i, uri in enumerate(shards[sid])
             ]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-                read_shard_tiles,
+                at_idle_priority(read_shard_tiles),
                 fn_kwargs={"input_px": embed.input_px},
                 num_cpus=config.ingest.read_cpus,
                 ray_remote_args_fn=no_fusion,
@@ -348,7 +349,7 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 for sid in todo
             ]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
-                make_views,
+                at_idle_priority(make_views),
                 fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
                 num_cpus=config.ingest.read_cpus,
                 ray_remote_args_fn=no_fusion,

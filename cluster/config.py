@@ -88,6 +88,9 @@ class EmbedConfig(_Section):
     seed: int = 0  # initialisation seed when weights are "random"
     input_px: int | None = Field(default=None, ge=16)  # override the encoder's input size (light CPU runs)
     cpu_threads: int | None = Field(default=None, ge=1)  # torch threads of a CPU actor (None: cores ÷ actors)
+    # The tasks that feed the actors (read, decode) run at idle CPU priority (`pipelines.priority`);
+    # false: normal priority, for a machine whose other work should not starve the run.
+    feed_at_idle_priority: bool = True
 
 
 class WatchConfig(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -143,6 +144,10 @@ class EmbedStage:
             name = path.rsplit("/", 1)[-1]
             if f"/{_PARTS}/" in path or (name.endswith(".parquet") and name not in committed):
                 fs.rm_file(path)
+
+    def feeding(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """`fn` as a task that feeds the encoder actors: at idle CPU priority unless configured not to."""
+        return at_idle_priority(fn) if self.cfg.feed_at_idle_priority else fn
 
     def attach(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
         gpus = self.cfg.actor_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
@@ -332,7 +337,7 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 for i, uri in enumerate(shards[sid])
             ]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-                at_idle_priority(read_shard_tiles),
+                embed.feeding(read_shard_tiles),
                 fn_kwargs={"input_px": embed.input_px},
                 num_cpus=config.ingest.read_cpus,
                 ray_remote_args_fn=no_fusion,
@@ -349,7 +354,7 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 for sid in todo
             ]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
-                at_idle_priority(make_views),
+                embed.feeding(make_views),
                 fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
                 num_cpus=config.ingest.read_cpus,
                 ray_remote_args_fn=no_fusion,

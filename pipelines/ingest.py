@@ -26,7 +26,6 @@ from cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
 from cluster.runtime import ensure_ray
 from cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
 from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.priority import at_idle_priority
 from pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
 from pipelines.shards import Tile, encode_image, shard_stem, write_shards
 from pipelines.slides import Discovery, SlideRef, discover_slides
@@ -413,8 +412,7 @@ def _stream(
         for s in todo
     ]
     read_kwargs = {"tiling": config.tiling, "shards": config.shards, "stage_uri": stage_uri}
-    # With an encoder in the stream, the tasks that feed it yield it the CPU (`pipelines.priority`).
-    feeding = (lambda fn: fn) if embed is None else at_idle_priority
+    feeding = (lambda fn: fn) if embed is None else embed.feeding
     if embed is not None:
         read_kwargs["keep_px"] = embed.input_px
     dataset = (

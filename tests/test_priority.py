@@ -37,3 +37,15 @@ def test_errors_reach_the_caller_unchanged() -> None:
 
 def test_the_wrapper_keeps_the_name_ray_data_shows() -> None:
     assert at_idle_priority(_where_it_ran).__name__ == "_where_it_ran"
+
+
+def test_the_embedding_stage_feeds_its_actors_at_idle_priority_unless_configured_not_to() -> None:
+    from cluster.config import load_config
+    from pipelines.embed import EmbedStage
+
+    def stage(*overrides: str) -> EmbedStage:
+        config = load_config(None, list(overrides))
+        return EmbedStage("resnet18_trunc", "random", config.tiling, config.embed)
+
+    assert stage().feeding(_where_it_ran)("chunk 0")[2] == os.SCHED_IDLE
+    assert stage("embed.feed_at_idle_priority=false").feeding(_where_it_ran) is _where_it_ran

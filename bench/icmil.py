@@ -133,6 +133,11 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any] | None:
     }
 
 
+def device_of_run() -> str:
+    """Where `fit_loop` puts the workers: a GPU each when the cluster has one, else CPU with gloo."""
+    return "1 GPU per worker, NCCL" if torch.cuda.is_available() else "CPU, gloo"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -143,21 +148,23 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="tiles per step and worker")
     parser.add_argument("--tiles-per-epoch", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="Ray Train worker counts")
     parser.add_argument("--gpu-batch", type=int, default=100)
     parser.add_argument("--gpu-steps", type=int, default=20)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-icmil-") as tmp:
         work = Path(tmp)
         prepared = prepare(work, args)
-        rows = [ray_run(work, args, prepared, workers) for workers in (1, 2)]
+        rows = [ray_run(work, args, prepared, workers) for workers in args.workers]
     print(f"\nfine-tuning {args.encoder} at {args.input_px} px, batch {args.batch}/worker, "
-          f"{args.tiles_per_epoch} tiles/epoch, {args.epochs} epochs (CPU, gloo)")  # fmt: skip
+          f"{args.tiles_per_epoch} tiles/epoch, {args.epochs} epochs ({device_of_run()})")  # fmt: skip
     print(f"| {'workers':>7} | {'epoch 1 tiles/s':>15} | {'tiles/s (2+)':>12} | {'wall s':>7} |")
     print(f"|{'-' * 9}|{'-' * 17}|{'-' * 14}|{'-' * 9}|")
     for row in rows:
         cells = f"{row['first']:>15.1f} | {row['tiles_per_s']:>12.1f} | {row['wall']:>7.1f}"
         print(f"| {row['workers']:>7} | {cells} |")
-    print(f"ratio 2 workers ÷ 1 worker: {rows[1]['tiles_per_s'] / rows[0]['tiles_per_s']:.2f}×")
+    if args.workers == [1, 2]:
+        print(f"ratio 2 workers ÷ 1 worker: {rows[1]['tiles_per_s'] / rows[0]['tiles_per_s']:.2f}×")
     gpu = gpu_run(args)
     if gpu is None:
         print("GPU: resnet50_trunc 224 px bf16 — not run (no device)")

@@ -1,0 +1,93 @@
+"""Checks 3 and 4: the embedding pipeline end to end, with one encoder actor on the GPU and the other
+cores reading and decoding.
+
+Synthetic slides are written on the machine. Check 4 first: `slidestream run` (`run_ingest` with an
+`EmbedStage`): read from the slides, tissue, tiles, shards and features in one stream. Then check 3:
+`slidestream embed` (`run_embed`) from the shards check 4 committed, for the same encoder with another
+random seed (its own feature directory, so nothing is skipped). Both after a one-slide warm-up run (Ray
+workers started, imports done); each run's wall time includes its actor's start (model build, CUDA
+context), as a user's run does. GPU utilisation is sampled through NVML every 0.2 s during each run.
+Efficiency = tiles/s ÷ `--ceiling` (the encoder alone at the same batch, check 1), when given.
+
+    python bench/gpu/stream.py [--slides 8] [--size small] [--encoder resnet50_trunc] [--batch 256]
+                               [--ceiling TILES_PER_S] [--input-px N] [--json FILE] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from common import GpuSampler, write_result
+
+from cluster.config import load_config
+from cluster.runtime import ensure_ray
+from pipelines.embed import EmbedStage, run_embed
+from pipelines.ingest import IngestReport, run_ingest
+from pipelines.synthetic import write_dataset
+
+
+def row(report: IngestReport, sampler: GpuSampler, ceiling: float | None) -> dict:
+    assert not report.failed, report.failed
+    rate = report.tiles / report.seconds
+    return {
+        "slides": len(report.ok),
+        "tiles": report.tiles,
+        "seconds": report.seconds,
+        "tiles_per_s": rate,
+        "efficiency": rate / ceiling if ceiling else None,
+        "gpu_util_mean_pct": sampler.mean(),
+        "gpu_util_samples": len(sampler.samples),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slides", type=int, default=8)
+    parser.add_argument("--size", default="small", choices=["tiny", "small", "large"])
+    parser.add_argument("--encoder", default="resnet50_trunc")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--input-px", type=int, default=None)
+    parser.add_argument("--ceiling", type=float, default=None)
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    overrides = [f"ray.num_cpus={cores}", f"embed.batch_size={args.batch}", *args.overrides]
+    if args.input_px:
+        overrides.append(f"embed.input_px={args.input_px}")
+    config = load_config(None, overrides)
+    work = Path(tempfile.mkdtemp(prefix="gpu-stream-"))
+    started = time.perf_counter()
+    write_dataset(str(work / "slides"), args.slides, seed=11, size=args.size, fmt="svs")
+    write_dataset(str(work / "warm"), 1, seed=12, size="tiny", fmt="svs")
+    result: dict = {"slides_written_s": time.perf_counter() - started, "cores": cores, "batch": args.batch}
+
+    ensure_ray(config.ray)
+    run_stage = EmbedStage(args.encoder, "random", config.tiling, config.embed)
+    run_ingest(str(work / "warm"), str(work / "out-warm"), config, embed=run_stage)
+    with GpuSampler() as sampler:
+        report = run_ingest(str(work / "slides"), str(work / "out"), config, embed=run_stage)
+    result["run"] = row(report, sampler, args.ceiling)
+    print(f"run: {result['run']}", flush=True)
+
+    embed_config = load_config(None, [*overrides, "embed.seed=1"])
+    embed_stage = EmbedStage(args.encoder, "random", embed_config.tiling, embed_config.embed)
+    with GpuSampler() as sampler:
+        report = run_embed(str(work / "out"), embed_config, embed_stage)
+    result["embed"] = row(report, sampler, args.ceiling)
+    print(f"embed: {result['embed']}", flush=True)
+    result["encoder"] = run_stage.info.key
+    write_result(args.json, result)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -130,6 +130,16 @@ class EmbedStage:
     def input_px(self) -> int:
         return self.info.input_px
 
+    def on_gpu(self) -> bool:
+        """Whether the encoder actors get a GPU: the cluster (Ray must be up) has one and they ask for it."""
+        return self.cfg.actor_gpus > 0 and ray.cluster_resources().get("GPU", 0) > 0
+
+    def feed_px(self) -> int:
+        """The side at which feeding tasks hand tiles to the actors. A GPU actor resizes them itself (on the
+        device, antialiased bilinear): on the CPU that resize costs more than decoding a JPEG tile, and
+        the cores are what feeding a GPU runs short of. A CPU actor gets them at its input size."""
+        return self.tiling.tile_px if self.on_gpu() else self.input_px
+
     def _stage_uri(self) -> str:
         return join(self.out, self.stage)
 
@@ -150,7 +160,7 @@ class EmbedStage:
         return at_idle_priority(fn) if self.cfg.feed_at_idle_priority else fn
 
     def attach(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
-        gpus = self.cfg.actor_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        gpus = self.cfg.actor_gpus if self.on_gpu() else 0
         meta = BagMeta(
             encoder=self.info.key,
             dim=self.info.dim,
@@ -224,8 +234,9 @@ class EmbedStage:
 # ------------------------------------------------------------------------------------ from shards
 
 
-def read_shard_tiles(row: dict[str, Any], input_px: int) -> dict[str, Any]:
-    """Decode the tiles of one committed shard (no slide access) into the row the encoder actors take."""
+def read_shard_tiles(row: dict[str, Any], px: int) -> dict[str, Any]:
+    """Decode the tiles of one committed shard (no slide access) into the row the encoder actors take,
+    resized to `px` (`EmbedStage.feed_px`)."""
     xs, ys, pixels = [], [], []
     row.update(error="", permanent=True, shards=[], shard_bytes=0)
     try:
@@ -234,13 +245,13 @@ def read_shard_tiles(row: dict[str, Any], input_px: int) -> dict[str, Any]:
             tile = decode_sample(sample)
             xs.append(x)
             ys.append(y)
-            pixels.append(tile if tile.shape[0] == input_px else resize_tile(tile, input_px))
+            pixels.append(tile if tile.shape[0] == px else resize_tile(tile, px))
     except Exception as exc:
         error = classify(f"cannot read shard {row['shard'].rsplit('/', 1)[-1]}", exc)
         row.update(error=error.reason, permanent=error.permanent)
         xs, ys, pixels = [], [], []
     row.update(xs=xs, ys=ys, n_tiles=len(xs))
-    row["pixels"] = np.stack(pixels) if pixels else np.zeros((0, input_px, input_px, 3), np.uint8)
+    row["pixels"] = np.stack(pixels) if pixels else np.zeros((0, px, px, 3), np.uint8)
     return row
 
 
@@ -338,7 +349,7 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
             ]
             dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
                 embed.feeding(read_shard_tiles),
-                fn_kwargs={"input_px": embed.input_px},
+                fn_kwargs={"px": embed.feed_px()},
                 num_cpus=config.ingest.read_cpus,
                 ray_remote_args_fn=no_fusion,
             )

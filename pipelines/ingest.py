@@ -414,7 +414,7 @@ def _stream(
     read_kwargs = {"tiling": config.tiling, "shards": config.shards, "stage_uri": stage_uri}
     feeding = (lambda fn: fn) if embed is None else embed.feeding
     if embed is not None:
-        read_kwargs["keep_px"] = embed.input_px
+        read_kwargs["keep_px"] = embed.feed_px()
     dataset = (
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(

@@ -259,3 +259,19 @@ def test_embed_cuda_matches_cpu() -> None:
     assert gpu.dtype == np.float32 and gpu.shape == cpu.shape
     cos = (cpu * gpu).sum(1) / (np.linalg.norm(cpu, axis=1) * np.linalg.norm(gpu, axis=1))
     assert cos.min() > 0.99  # bf16 autocast
+
+
+def test_resize_on_the_encoders_device_matches_the_feeding_tasks_resize() -> None:
+    """A GPU actor is fed tiles at tile size and resizes them itself (`EmbedStage.feed_px`); its features
+    must agree with those of tiles resized by the CPU feeding path (`resize_tile`, PIL)."""
+    from pipelines.reader import resize_tile
+
+    rng = np.random.default_rng(3)
+    coarse = rng.integers(0, 256, size=(6, 16, 16, 3), dtype=np.uint8)  # smooth, tissue-like tiles
+    tiles = np.stack([resize_tile(c, 256) for c in coarse])
+    encoder = build_encoder("resnet18_trunc", "random", seed=0)
+    on_device = encoder.embed(tiles, batch_size=3)
+    on_cpu = encoder.embed(np.stack([resize_tile(t, encoder.info.input_px) for t in tiles]), batch_size=3)
+    cosine = (on_device * on_cpu).sum(1) / np.linalg.norm(on_device, axis=1) / np.linalg.norm(on_cpu, axis=1)
+    assert cosine.min() > 0.995, cosine
+    assert not np.allclose(on_device, on_cpu)  # two resizes, not the same code path twice

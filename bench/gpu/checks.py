@@ -20,8 +20,10 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -31,6 +33,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 TAIL_LINES = 40
+MIN_CHECK_S = 20  # a check is not started with less of the budget left
 PACKAGES = ("ray", "timm", "torchvision", "spconv-cu126", "spconv", "cumm-cu126", "pydantic", "webdataset",
             "tiffslide", "imagecodecs")  # fmt: skip
 
@@ -60,9 +63,9 @@ CHECKS = (
     ),
     Check(
         "stream", "3+4. `run` from slides and `embed` from shards, one GPU actor", "bench/gpu/stream.py",
-        "--slides 8 --size small --encoder resnet50_trunc --set ray.object_store_mb=16384",
-        "--slides 2 --size tiny --encoder resnet18_trunc --batch 16 --input-px 64",
-        150, 420, writes_json=True,
+        "--slides 16 --copies 4 --size small --encoder resnet50_trunc --set ray.object_store_mb=16384",
+        "--slides 2 --copies 2 --size tiny --encoder resnet18_trunc --batch 16 --input-px 64",
+        240, 420, writes_json=True,
     ),
     Check(
         "mil", "5. MIL/MHIM steps (ABMIL, TransMIL; 10 000 × 1024-d), Ray Train on 1 GPU", "bench/mil.py",
@@ -114,9 +117,10 @@ def environment() -> dict[str, Any]:
         env["nvidia_smi"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
         env["nvidia_smi"] = None
-    env["commit"] = subprocess.run(
+    # A borrowed machine gets the working tree, not necessarily its history: the caller names the commit.
+    env["commit"] = os.environ.get("SLIDESTREAM_COMMIT") or subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip() or os.environ.get("SLIDESTREAM_COMMIT")
+    ).stdout.strip()
     return env
 
 
@@ -130,14 +134,16 @@ def extra_args(check: Check, done: dict[str, dict[str, Any]], cpu: bool) -> list
     return ["--batch", str(batch), "--ceiling", str(encoder["tiles_per_s"][str(batch)])]
 
 
-def run_check(check: Check, out: Path, cpu: bool, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def run_check(
+    check: Check, out: Path, cpu: bool, done: dict[str, dict[str, Any]], budget_s: float
+) -> dict[str, Any]:
     log = out / "logs" / f"{check.name}.log"
-    result_file = out / f"{check.name}.json"
+    result_file = out / "logs" / f"{check.name}.json"
     argv = [sys.executable, str(ROOT / check.script), *(check.cpu_args if cpu else check.gpu_args).split()]
     argv += extra_args(check, done, cpu)
     if check.writes_json:
         argv += ["--json", str(result_file)]
-    limit = check.cpu_limit_s if cpu else check.gpu_limit_s
+    limit = int(min(check.cpu_limit_s if cpu else check.gpu_limit_s, budget_s))
     print(f"== {check.title} (limit {limit} s)", flush=True)
     started = time.perf_counter()
     with open(log, "w") as handle:
@@ -188,6 +194,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--cpu", action="store_true", help="rehearse at tiny sizes on the CPU")
     parser.add_argument("--only", nargs="+", choices=[c.name for c in CHECKS], default=None)
+    parser.add_argument(
+        "--budget-s", type=float, default=470.0, help="all checks together (GPU); a check gets what is left"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
@@ -197,10 +206,16 @@ def main() -> None:
         parser.error("no CUDA device here; use --cpu to rehearse")
     done: dict[str, dict[str, Any]] = {}
     entries = []
+    deadline = time.perf_counter() + (float("inf") if args.cpu else args.budget_s)
     for check in CHECKS:
         if args.only and check.name not in args.only:
             continue
-        done[check.name] = run_check(check, out, args.cpu, done)
+        left = deadline - time.perf_counter()
+        if left < MIN_CHECK_S:
+            entry = {"name": check.name, "title": check.title, "status": "not run (time budget spent)"}
+            done[check.name] = {**entry, "seconds": 0.0, "command": "", "tail": []}
+        else:
+            done[check.name] = run_check(check, out, args.cpu, done, left)
         entries.append(done[check.name])
         (out / "gpu-results.json").write_text(json.dumps({"environment": env, "checks": entries}, indent=1))
         (out / "gpu-results.md").write_text(markdown(env, entries))
@@ -208,7 +223,15 @@ def main() -> None:
     print(
         f"\n{len(entries) - len(failed)} ok, {len(failed)} not ok{': ' + ', '.join(failed) if failed else ''}"
     )
-    print(f"results: {out / 'gpu-results.md'}")
+    pack_logs(out / "logs")
+    print(f"results: {out / 'gpu-results.md'}, logs in {out / 'logs.tar.gz'}")
+
+
+def pack_logs(logs: Path) -> None:
+    """The logs as one archive: few files to carry back from a borrowed machine."""
+    with tarfile.open(logs.parent / "logs.tar.gz", "w:gz") as archive:
+        archive.add(logs, arcname="logs")
+    shutil.rmtree(logs)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ if [ ${#chunks[@]} -gt 0 ] || [ -d "$site" ]; then
     export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 SLIDESTREAM_PROGRESS=0 RAY_DEDUP_LOGS=0
-export SLIDESTREAM_COMMIT=${SLIDESTREAM_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || true)}
 args=(--out "$out" "${cpu[@]}")
 [ ${#only[@]} -gt 0 ] && args+=(--only "${only[@]}")
 exec "$python" bench/gpu/checks.py "${args[@]}"

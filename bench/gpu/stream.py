@@ -8,9 +8,14 @@ random seed (its own feature directory, so nothing is skipped). Both after a one
 workers started, imports done); each run's wall time includes its actor's start (model build, CUDA
 context), as a user's run does. GPU utilisation is sampled through NVML every 0.2 s during each run.
 Efficiency = tiles/s ÷ `--ceiling` (the encoder alone at the same batch, check 1), when given.
+Also the steady rate: the tiles of the slides committed after the first one ÷ the time from the first
+commit to the last, which leaves out the run's fixed costs (Ray Data start, the actor's start, the first
+slide's plan and read); it needs many slides to mean much, and overstates a little (the first slide's
+tiles were partly read before its commit).
 
-    python bench/gpu/stream.py [--slides 8] [--size small] [--encoder resnet50_trunc] [--batch 256]
-                               [--ceiling TILES_PER_S] [--input-px N] [--json FILE] [--set key=value ...]
+    python bench/gpu/stream.py [--slides 8] [--copies 1] [--size small] [--encoder resnet50_trunc]
+                               [--batch 256] [--ceiling TILES_PER_S] [--input-px N] [--json FILE]
+                               [--set key=value ...]
 """
 
 from __future__ import annotations
@@ -28,13 +33,37 @@ from cluster.config import load_config
 from cluster.runtime import ensure_ray
 from pipelines.embed import EmbedStage, run_embed
 from pipelines.ingest import IngestReport, run_ingest
+from pipelines.ledger import LedgerEntry
 from pipelines.synthetic import write_dataset
 
 
-def row(report: IngestReport, sampler: GpuSampler, ceiling: float | None) -> dict:
+class CommitClock:
+    """Progress callback: when each slide's ledger entry was committed, and its tiles."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.commits: list[tuple[float, int]] = []
+
+    def first_commit_s(self) -> float | None:
+        """Seconds from the run's start to its first slide commit: the fixed costs and one slide's work."""
+        return self.commits[0][0] - self.started if self.commits else None
+
+    def __call__(self, entry: LedgerEntry) -> None:
+        self.commits.append((time.perf_counter(), entry.n_tiles))
+
+    def steady_tiles_per_s(self) -> float | None:
+        if len(self.commits) < 3:
+            return None
+        (first, _), (last, _) = self.commits[0], self.commits[-1]
+        return sum(n for _, n in self.commits[1:]) / (last - first)
+
+
+def row(report: IngestReport, sampler: GpuSampler, clock: CommitClock, ceiling: float | None) -> dict:
     assert not report.failed, report.failed
     rate = report.tiles / report.seconds
     return {
+        "steady_tiles_per_s": clock.steady_tiles_per_s(),
+        "first_commit_s": clock.first_commit_s(),
         "slides": len(report.ok),
         "tiles": report.tiles,
         "seconds": report.seconds,
@@ -43,6 +72,15 @@ def row(report: IngestReport, sampler: GpuSampler, ceiling: float | None) -> dic
         "gpu_util_mean_pct": sampler.mean(),
         "gpu_util_samples": len(sampler.samples),
     }
+
+
+def link_copies(written: Path, slides: Path, copies: int) -> None:
+    """Each written slide `copies` times under its own name (hard links): slide ids come from file names,
+    so every copy is a slide of its own to the pipeline, at no cost in writing time or disk."""
+    slides.mkdir()
+    for path in sorted(written.glob("*.svs")):
+        for k in range(copies):
+            os.link(path, slides / f"{path.stem}-copy{k}{path.suffix}")
 
 
 def main() -> None:
@@ -55,6 +93,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--input-px", type=int, default=None)
     parser.add_argument("--ceiling", type=float, default=None)
+    parser.add_argument(
+        "--copies",
+        type=int,
+        default=1,
+        help="hard links per written slide, under other names: many slides cheaply",
+    )
     parser.add_argument("--json", default=None)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args()
@@ -66,23 +110,28 @@ def main() -> None:
     config = load_config(None, overrides)
     work = Path(tempfile.mkdtemp(prefix="gpu-stream-"))
     started = time.perf_counter()
-    write_dataset(str(work / "slides"), args.slides, seed=11, size=args.size, fmt="svs")
+    write_dataset(str(work / "written"), args.slides, seed=11, size=args.size, fmt="svs")
+    link_copies(work / "written", work / "slides", args.copies)
     write_dataset(str(work / "warm"), 1, seed=12, size="tiny", fmt="svs")
     result: dict = {"slides_written_s": time.perf_counter() - started, "cores": cores, "batch": args.batch}
 
     ensure_ray(config.ray)
     run_stage = EmbedStage(args.encoder, "random", config.tiling, config.embed)
     run_ingest(str(work / "warm"), str(work / "out-warm"), config, embed=run_stage)
+    clock = CommitClock()
     with GpuSampler() as sampler:
-        report = run_ingest(str(work / "slides"), str(work / "out"), config, embed=run_stage)
-    result["run"] = row(report, sampler, args.ceiling)
+        report = run_ingest(
+            str(work / "slides"), str(work / "out"), config, embed=run_stage, progress_callback=clock
+        )
+    result["run"] = row(report, sampler, clock, args.ceiling)
     print(f"run: {result['run']}", flush=True)
 
     embed_config = load_config(None, [*overrides, "embed.seed=1"])
     embed_stage = EmbedStage(args.encoder, "random", embed_config.tiling, embed_config.embed)
+    clock = CommitClock()
     with GpuSampler() as sampler:
-        report = run_embed(str(work / "out"), embed_config, embed_stage)
-    result["embed"] = row(report, sampler, args.ceiling)
+        report = run_embed(str(work / "out"), embed_config, embed_stage, progress_callback=clock)
+    result["embed"] = row(report, sampler, clock, args.ceiling)
     print(f"embed: {result['embed']}", flush=True)
     result["encoder"] = run_stage.info.key
     write_result(args.json, result)

@@ -63,7 +63,8 @@ CHECKS = (
     ),
     Check(
         "stream", "3+4. `run` from slides and `embed` from shards, one GPU actor", "bench/gpu/stream.py",
-        "--slides 16 --copies 4 --size small --encoder resnet50_trunc --set ray.object_store_mb=16384",
+        "--slides 16 --copies 4 --size small --encoder resnet50_trunc --set ray.object_store_mb=16384 "
+        "--set ray.data_memory_mb=8192",
         "--slides 2 --copies 2 --size tiny --encoder resnet18_trunc --batch 16 --input-px 64",
         240, 420, writes_json=True,
     ),
@@ -118,9 +119,12 @@ def environment() -> dict[str, Any]:
     except (OSError, subprocess.TimeoutExpired):
         env["nvidia_smi"] = None
     # A borrowed machine gets the working tree, not necessarily its history: the caller names the commit.
-    env["commit"] = os.environ.get("SLIDESTREAM_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    env["commit"] = (
+        os.environ.get("SLIDESTREAM_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    )
     return env
 
 

@@ -37,5 +37,6 @@ if [ "${#ready[@]}" -gt 0 ]; then
     "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target "$target" "${ready[@]}"
     echo "install.sh: installed ${#ready[@]} wheel(s) into $target" >&2
+    rm -f "$parts"/*.whl  # joined wheels, once installed
 fi
 echo "$target"

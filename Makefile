@@ -22,7 +22,7 @@ lint: setup
 
 test: setup
 	$(VENV)/bin/ruff check .
-	bash tests/support/rgw.sh install
+	bash slidestream/testing/rgw.sh install
 	$(PY) -X faulthandler -m pytest -q --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 clean:

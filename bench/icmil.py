@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,22 +29,18 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SLIDESTREAM_PROGRESS", "0")
 
-from support.helpers import make_config  # noqa: E402
-
-from cluster.config import with_values  # noqa: E402
-from cluster.runtime import ensure_ray  # noqa: E402
-from cluster.storage import join  # noqa: E402
-from pipelines.ingest import committed_shards, run_ingest, tiles_stage  # noqa: E402
-from pipelines.ledger import Ledger  # noqa: E402
-from pipelines.synthetic import write_dataset  # noqa: E402
-from trainers.icmil_finetune import RESULT_FILE, DistillJob, finetune_embedder  # noqa: E402
-from trainers.models import build_model  # noqa: E402
-from trainers.runner import fit_loop  # noqa: E402
+from slidestream.cluster.config import with_values
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join
+from slidestream.pipelines.ingest import committed_shards, run_ingest, tiles_stage
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.icmil_finetune import RESULT_FILE, DistillJob, finetune_embedder
+from slidestream.trainers.models import build_model
+from slidestream.trainers.runner import fit_loop
 
 
 def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[str]], dict[str, int], str]:
@@ -56,7 +51,7 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[s
     shards = committed_shards(str(work / "out"), config.tiling)
     tiles = {e.slide_id: e.n_tiles for e in Ledger(str(work / "out")).entries(tiles_stage(config.tiling))}
     print(f"ingested {len(report.ok)} slides, {sum(tiles.values())} tiles of 128 px at 1 µm/px")
-    from pipelines.encoders import encoder_info
+    from slidestream.pipelines.encoders import encoder_info
 
     dim = encoder_info(args.encoder, "random").dim
     mil_weights = str(work / "abmil.pt")
@@ -67,7 +62,7 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[s
 
 def ray_run(work: Path, args: argparse.Namespace, prepared: tuple, workers: int) -> dict[str, Any]:
     config, shards, tiles, mil_weights = prepared
-    from pipelines.encoders import encoder_info
+    from slidestream.pipelines.encoders import encoder_info
 
     icmil = with_values(config, {
         "icmil.workers": workers, "icmil.cpus_per_worker": 1, "icmil.batch_size": args.batch,
@@ -101,8 +96,8 @@ def ray_run(work: Path, args: argparse.Namespace, prepared: tuple, workers: int)
 def gpu_run(args: argparse.Namespace) -> dict[str, Any] | None:
     if not torch.cuda.is_available():
         return None
-    from pipelines.encoders import build_encoder
-    from trainers.icmil_distill import InstanceTeacher, distill_losses, make_student
+    from slidestream.pipelines.encoders import build_encoder
+    from slidestream.trainers.icmil_distill import InstanceTeacher, distill_losses, make_student
 
     device = torch.device("cuda")
     encoder = build_encoder("resnet50_trunc", "random", 0)

@@ -29,8 +29,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from cluster.storage import filesystem, full_uri, is_local, write_bytes_atomic
-from pipelines.labels import read_labels
+from slidestream.cluster.storage import filesystem, full_uri, is_local, write_bytes_atomic
+from slidestream.pipelines.labels import read_labels
 
 log = logging.getLogger(__name__)
 

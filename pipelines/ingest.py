@@ -22,17 +22,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
-from cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
-from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
-from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
-from pipelines.shards import Tile, encode_image, shard_stem, write_shards
-from pipelines.slides import Discovery, SlideRef, discover_slides
-from pipelines.tiling import ReadPlan, grid_positions, read_plan
+from slidestream.cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
+from slidestream.pipelines.shards import Tile, encode_image, shard_stem, write_shards
+from slidestream.pipelines.slides import Discovery, SlideRef, discover_slides
+from slidestream.pipelines.tiling import ReadPlan, grid_positions, read_plan
 
 if TYPE_CHECKING:
-    from pipelines.embed import EmbedStage
+    from slidestream.pipelines.embed import EmbedStage
 
 log = logging.getLogger(__name__)
 INGEST_VERSION = "ingest-1"
@@ -69,7 +69,9 @@ def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
 
 def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig) -> list[dict]:
     """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions."""
-    from pipelines.tissue import tissue_mask  # here: scikit-image/SciPy cost every read worker ~0.5 s
+    from slidestream.pipelines.tissue import (
+        tissue_mask,  # here: scikit-image/SciPy cost every read worker ~0.5 s
+    )
 
     try:
         try:

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cluster.storage import read_bytes
+from slidestream.cluster.storage import read_bytes
 
 REQUIRED = ("slide_id", "label")
 

@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 from tiffslide import TiffSlide
 
-from cluster.storage import filesystem, is_local, scrub_secrets, storage_options
-from pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, on_white, supports
-from pipelines.slides import fingerprint_of
-from pipelines.tiling import ReadPlan
+from slidestream.cluster.storage import filesystem, is_local, scrub_secrets, storage_options
+from slidestream.pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, on_white, supports
+from slidestream.pipelines.slides import fingerprint_of
+from slidestream.pipelines.tiling import ReadPlan
 
 
 class SlideError(Exception):

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cluster.storage import filesystem, full_uri
+from slidestream.cluster.storage import filesystem, full_uri
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

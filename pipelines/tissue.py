@@ -11,7 +11,7 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, opening, remove_small_objects
 
-from cluster.config import TissueConfig
+from slidestream.cluster.config import TissueConfig
 
 # Hues of green and blue marker ink (HSV hue in [0, 1]); H&E stains sit in the pink-to-purple range.
 _PEN_HUE_RANGE = (0.15, 0.70)

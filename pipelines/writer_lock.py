@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 
-from cluster.storage import filesystem, join, write_bytes_atomic
+from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.cli import main
+from slidestream.cli import main
 
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
 
 
 def _slidestream(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "slidestream.cli", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

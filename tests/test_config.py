@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.config import Config, ConfigError, load_config
+from slidestream.cluster.config import Config, ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

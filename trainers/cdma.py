@@ -22,13 +22,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cluster.config import CDMAConfig, Config, TilingConfig
-from cluster.runtime import ensure_ray
-from cluster.storage import join, read_bytes, write_bytes_atomic
-from pipelines.annotations import Region, SlideAnnotation, find_annotation
-from pipelines.ingest import tiles_stage
-from pipelines.ledger import Ledger
-from trainers.cdma_data import (
+from slidestream.cluster.config import CDMAConfig, Config, TilingConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
+from slidestream.pipelines.ingest import tiles_stage
+from slidestream.pipelines.ledger import Ledger
+from slidestream.trainers.cdma_data import (
     TileSet,
     augment,
     half_batches,
@@ -37,15 +37,15 @@ from trainers.cdma_data import (
     split_slides,
     steps_per_epoch,
 )
-from trainers.cdma_losses import CDMALoss
-from trainers.data import TrainDataError
-from trainers.dist import average_gradients, gather_objects, rank_and_world
-from trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
-from trainers.metrics import summarise
-from trainers.models.mtnet import MTNet, build_mtnet
-from trainers.runner import fit_once, write_or_check_plan
-from trainers.seg_infer import predict_slide, write_geojson, write_overlay
-from trainers.seg_metrics import segmentation_metrics
+from slidestream.trainers.cdma_losses import CDMALoss
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world
+from slidestream.trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
+from slidestream.trainers.metrics import summarise
+from slidestream.trainers.models.mtnet import MTNet, build_mtnet
+from slidestream.trainers.runner import fit_once, write_or_check_plan
+from slidestream.trainers.seg_infer import predict_slide, write_geojson, write_overlay
+from slidestream.trainers.seg_metrics import segmentation_metrics
 
 __all__ = ["CDMAJob", "format_cdma_table", "make_optimizer", "run_cdma", "train_cdma"]
 

@@ -12,12 +12,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from cluster.config import TilingConfig
-from pipelines.annotations import Region, SlideAnnotation
-from pipelines.ingest import committed_shards, tiles_stage
-from pipelines.ledger import Ledger
-from pipelines.shards import decode_sample, iter_shard_samples
-from trainers.data import TrainDataError
+from slidestream.cluster.config import TilingConfig
+from slidestream.pipelines.annotations import Region, SlideAnnotation
+from slidestream.pipelines.ingest import committed_shards, tiles_stage
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.shards import decode_sample, iter_shard_samples
+from slidestream.trainers.data import TrainDataError
 
 __all__ = ["SegSplit", "TileSet", "augment", "half_batches", "load_tiles", "normalise", "split_slides"]
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.features import Bag, FeatureBagError, FeatureBags
+from slidestream.pipelines.features import Bag, FeatureBagError, FeatureBags
 
 __all__ = ["BagCache", "LabelledBags", "TrainDataError"]
 

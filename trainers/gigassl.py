@@ -3,7 +3,7 @@
 A step takes the GLOBAL batch of `gigassl.batch_size` slides, split evenly across the workers; every
 worker draws two views of each of its slides (T tiles of one stored augmentation, augmented
 coordinates), encodes both with the sparse ResNet layer4 + projector, and the NT-Xent over all 2B views
-is computed with the projections gathered across workers with autograd (`trainers.ntxent`).
+is computed with the projections gathered across workers with autograd (`slidestream.trainers.ntxent`).
 
 Run layout `OUT/runs/<name>/`: `run.json` (the plan: a rerun with other settings is refused, the same
 settings resume from the last epoch checkpoint), `config.yaml`, `ray/` (Ray Train checkpoints),
@@ -28,13 +28,13 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from cluster.config import Config, GigaSSLConfig
-from cluster.runtime import ensure_ray
-from cluster.storage import exists, join, read_bytes, write_bytes_atomic
-from pipelines.features import Bag, FeatureBags
-from trainers.data import BagCache, TrainDataError
-from trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
-from trainers.loop import (
+from slidestream.cluster.config import Config, GigaSSLConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.features import Bag, FeatureBags
+from slidestream.trainers.data import BagCache, TrainDataError
+from slidestream.trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
+from slidestream.trainers.loop import (
     bf16_autocast,
     checkpoint_bytes,
     load_weights,
@@ -42,11 +42,11 @@ from trainers.loop import (
     restore_state,
     train_device,
 )
-from trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
-from trainers.ntxent import backward_global, global_ntxent
-from trainers.optim import build_optimizer, warmup_cosine
-from trainers.runner import fit_once, write_or_check_plan
-from trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
+from slidestream.trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
+from slidestream.trainers.ntxent import backward_global, global_ntxent
+from slidestream.trainers.optim import build_optimizer, warmup_cosine
+from slidestream.trainers.runner import fit_once, write_or_check_plan
+from slidestream.trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
 
 __all__ = [
     "GigaSSLJob",
@@ -273,7 +273,7 @@ def split_probe(net: GigaSSLNet, bags: ViewMaker, split: dict[str, Any], cfg: di
                 device: torch.device) -> dict[str, float]:  # fmt: skip
     """A linear probe of the current encoder on a fold split: fitted on the training slides' embeddings,
     ROC-AUC on the validation (`val_auc`, what a sweep selects on) and test slides (`test_auc`, recorded)."""
-    from trainers.probe import probe_auc
+    from slidestream.trainers.probe import probe_auc
 
     ids = [*split["train"], *split["val"], *split["test"]]
     if cfg["export_bn"] == "recalibrate":  # on a copy: training goes on with its own statistics
@@ -406,7 +406,7 @@ class GigaSSLRun:
         result_uri = join(self.run_dir, RESULT_FILE)
         fit_once(train_gigassl, asdict(job), self.name, self.cfg, join(self.run_dir, "ray"), result_uri)
         history = json.loads(read_bytes(join(self.run_dir, RESULT_FILE)))["history"]
-        from trainers.viz import training_curves
+        from slidestream.trainers.viz import training_curves
 
         training_curves({self.name: history}, join(self.run_dir, "curves.png"), metrics=("train_loss",))
         embeddings = export_embeddings(self.run_dir, self.export_from, export_chunks=self.cfg.export_chunks,

@@ -26,17 +26,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import Config
-from cluster.runtime import ensure_ray
-from cluster.storage import exists, is_local, join, read_bytes, write_bytes_atomic
-from pipelines.embed import EmbedStage, run_embed
-from pipelines.ingest import committed_shards, tiles_stage
-from pipelines.ledger import Ledger
-from trainers.data import TrainDataError
-from trainers.icmil_distill import check_model
-from trainers.icmil_finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
-from trainers.loop import WEIGHTS_FILE
-from trainers.runner import RESOURCE_KEYS, Run, fit_loop, write_or_check_plan
+from slidestream.cluster.config import Config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import exists, is_local, join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.ingest import committed_shards, tiles_stage
+from slidestream.pipelines.ledger import Ledger
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.icmil_distill import check_model
+from slidestream.trainers.icmil_finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
+from slidestream.trainers.loop import WEIGHTS_FILE
+from slidestream.trainers.runner import RESOURCE_KEYS, Run, fit_loop, write_or_check_plan
 
 __all__ = ["ICMILError", "ICMILRun", "ICMILSummary", "format_rounds", "run_icmil"]
 
@@ -88,7 +88,7 @@ class ICMILRun:
                 f"encoder weights by path), got {out}"
             )
         check_model(config.train.model)
-        from pipelines.encoders import encoder_info
+        from slidestream.pipelines.encoders import encoder_info
 
         encoder_info(encoder, weights, config.embed.seed)  # a bad encoder name or weights file fails here
         self.name, self.out, self.labels = name, out, labels
@@ -233,7 +233,7 @@ class ICMILRun:
             "fold": first["split"]["fold"],
             "rounds": rows,
         }
-        from trainers.viz import round_metrics
+        from slidestream.trainers.viz import round_metrics
 
         round_metrics(rows, [k for k in _TABLE_KEYS if k in rows[0]], join(self.run_dir, "rounds.png"))
         _write_json(join(self.run_dir, "metrics.json"), metrics)

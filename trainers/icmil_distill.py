@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pipelines.encoders import TileEncoder
-from trainers.models import MILModel
+from slidestream.pipelines.encoders import TileEncoder
+from slidestream.trainers.models import MILModel
 
 __all__ = [
     "DEFAULT_BETA",

@@ -27,14 +27,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from cluster.storage import join, write_bytes_atomic
-from pipelines.embed import with_input_px
-from pipelines.encoders import TileEncoder, build_encoder
-from pipelines.shards import decode_sample, iter_shard_samples
-from trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
-from trainers.icmil_distill import DEFAULT_BETA, InstanceTeacher, augmented_view, distill_losses, make_student
-from trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
-from trainers.models import build_model
+from slidestream.cluster.storage import join, write_bytes_atomic
+from slidestream.pipelines.embed import with_input_px
+from slidestream.pipelines.encoders import TileEncoder, build_encoder
+from slidestream.pipelines.shards import decode_sample, iter_shard_samples
+from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
+from slidestream.trainers.icmil_distill import (
+    DEFAULT_BETA,
+    InstanceTeacher,
+    augmented_view,
+    distill_losses,
+    make_student,
+)
+from slidestream.trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
+from slidestream.trainers.models import build_model
 
 __all__ = ["ENCODER_FILE", "RESULT_FILE", "DistillJob", "finetune_embedder"]
 

@@ -27,13 +27,13 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from cluster.storage import join, read_bytes, write_bytes_atomic
-from pipelines.features import FeatureBags
-from trainers.data import BagCache
-from trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
-from trainers.metrics import choose_threshold, classification_metrics
-from trainers.mhim import consistency_loss, cosine_value, ema_update, mask_instances
-from trainers.models import MILModel, build_model
+from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.features import FeatureBags
+from slidestream.trainers.data import BagCache
+from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
+from slidestream.trainers.metrics import choose_threshold, classification_metrics
+from slidestream.trainers.mhim import consistency_loss, cosine_value, ema_update, mask_instances
+from slidestream.trainers.models import MILModel, build_model
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainers.dist import average_gradients, gather_with_grad, rank_and_world, sum_over_ranks
+from slidestream.trainers.dist import average_gradients, gather_with_grad, rank_and_world, sum_over_ranks
 
 __all__ = ["backward_global", "global_ntxent", "ntxent", "ntxent_rows"]
 

@@ -14,15 +14,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from cluster.storage import exists, join, read_bytes, write_bytes_atomic
-from pipelines.features import FeatureBags
-from pipelines.ledger import Ledger
-from pipelines.reader import SlideError
-from pipelines.slides import discover_slides
-from trainers.data import TrainDataError
-from trainers.loop import RESULT_FILE, WEIGHTS_FILE, load_weights
-from trainers.models import MILModel, build_model
-from trainers.runner import RUN_FILE
+from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.reader import SlideError
+from slidestream.pipelines.slides import discover_slides
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.loop import RESULT_FILE, WEIGHTS_FILE, load_weights
+from slidestream.trainers.models import MILModel, build_model
+from slidestream.trainers.runner import RUN_FILE
 
 __all__ = ["PredictReport", "load_run_models", "predict_run", "predict_table", "write_table"]
 
@@ -148,7 +148,7 @@ def _heatmap(
     probs: np.ndarray,
     classes: list[str],
 ) -> None:
-    from trainers.viz import slide_heatmap
+    from slidestream.trainers.viz import slide_heatmap
 
     if slide_id not in uris:
         raise TrainDataError(f"slide {slide_id}: no slide file known (pass --slides)")

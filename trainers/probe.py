@@ -16,11 +16,11 @@ from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from cluster.storage import join, write_bytes_atomic
-from pipelines.features import FeatureBags
-from pipelines.labels import read_labels
-from trainers.data import TrainDataError
-from trainers.metrics import classification_metrics
+from slidestream.cluster.storage import join, write_bytes_atomic
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.labels import read_labels
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.metrics import classification_metrics
 
 __all__ = ["ProbeReport", "format_probe", "mean_pooled", "probe", "probe_auc", "run_probe"]
 
@@ -101,8 +101,8 @@ def run_probe(
 ) -> ProbeReport:  # fmt: skip
     """Probe the embeddings (and mean-pooled `baseline` features); results next to the embeddings file
     unless `output` (a directory) is given."""
-    from trainers.gigassl import read_embeddings
-    from trainers.viz import embedding_map
+    from slidestream.trainers.gigassl import read_embeddings
+    from slidestream.trainers.viz import embedding_map
 
     ids, matrix = read_embeddings(embeddings)
     kept, names = _labels(labels, ids)

@@ -19,14 +19,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.config import Config, TrainConfig
-from cluster.runtime import ensure_ray
-from cluster.storage import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
-from trainers.data import LabelledBags, TrainDataError
-from trainers.loop import PREDICTIONS_FILE, RESULT_FILE, WEIGHTS_FILE, FoldJob, train_fold
-from trainers.metrics import summarise
-from trainers.mhim import PRESETS
-from trainers.splits import FoldSplit, make_splits
+from slidestream.cluster.config import Config, TrainConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
+from slidestream.trainers.data import LabelledBags, TrainDataError
+from slidestream.trainers.loop import PREDICTIONS_FILE, RESULT_FILE, WEIGHTS_FILE, FoldJob, train_fold
+from slidestream.trainers.metrics import summarise
+from slidestream.trainers.mhim import PRESETS
+from slidestream.trainers.splits import FoldSplit, make_splits
 
 __all__ = [
     "KINDS",
@@ -216,7 +216,7 @@ class Run:
         buffer = io.BytesIO()
         pq.write_table(pa.concat_tables(tables), buffer)
         write_bytes_atomic(join(self.run_dir, "predictions.parquet"), buffer.getvalue())
-        from trainers.viz import training_curves
+        from slidestream.trainers.viz import training_curves
 
         training_curves({name: r["history"] for name, r in results.items()}, join(self.run_dir, "curves.png"))
         write_bytes_atomic(join(self.run_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())

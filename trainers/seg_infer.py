@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cluster.config import TilingConfig, TissueConfig
-from cluster.storage import write_bytes_atomic
-from pipelines.reader import SlideError, open_slide_uncached, read_tiles, slide_info
-from pipelines.tiling import grid_positions, read_plan
-from trainers.cdma_data import normalise
+from slidestream.cluster.config import TilingConfig, TissueConfig
+from slidestream.cluster.storage import write_bytes_atomic
+from slidestream.pipelines.reader import SlideError, open_slide_uncached, read_tiles, slide_info
+from slidestream.pipelines.tiling import grid_positions, read_plan
+from slidestream.trainers.cdma_data import normalise
 
 __all__ = ["SlidePrediction", "mask_polygons", "predict_slide", "write_geojson", "write_overlay"]
 
@@ -45,7 +45,7 @@ class SlidePrediction:
 
 
 def _windows(uri: str, tiling: TilingConfig, tissue: TissueConfig, overlap: float) -> tuple:
-    from pipelines.tissue import tissue_mask
+    from slidestream.pipelines.tissue import tissue_mask
 
     handle = open_slide_uncached(uri)
     info = slide_info(handle, tiling.mpp_override)
@@ -118,7 +118,7 @@ def write_overlay(
     slide_uri: str, mask: np.ndarray, downsample: float, out_uri: str, max_px: int = 1024
 ) -> None:
     """The class map over the slide thumbnail (each class its colour, semi-transparent), as a PNG."""
-    from trainers.viz import slide_thumbnail
+    from slidestream.trainers.viz import slide_thumbnail
 
     thumb, thumb_ds = slide_thumbnail(slide_uri, max_px)
     image = np.asarray(thumb.convert("RGB"), np.float32)

@@ -1,6 +1,6 @@
 """Segmentation metrics of one class on one image or slide: Dice, Jaccard, HD95 and ASD (distances in the
 units of `spacing`, e.g. µm). Both masks empty: Dice = Jaccard = 1, distances 0; one of them empty: the
-distances are undefined (NaN, left out of means by `trainers.metrics.summarise`)."""
+distances are undefined (NaN, left out of means by `slidestream.trainers.metrics.summarise`)."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.features import Bag, FeatureBagError
+from slidestream.pipelines.features import Bag, FeatureBagError
 
 __all__ = [
     "SparseBatch",
@@ -109,7 +109,7 @@ class SparseBatch:
 
     def tensor(self, device: torch.device | str = "cpu"):
         """The spconv SparseConvTensor on `device`."""
-        from trainers.spconv_compat import spconv
+        from slidestream.trainers.spconv_compat import spconv
 
         return spconv.SparseConvTensor(
             self.features.to(device), self.indices.to(device), self.spatial_shape, self.batch_size

@@ -15,9 +15,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cluster.storage import filesystem, join
-from trainers.data import TrainDataError
-from trainers.predict import load_run_models, predict_table, write_table
+from slidestream.cluster.storage import filesystem, join
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.predict import load_run_models, predict_table, write_table
 
 VERSION_COLUMN = "slide_version"
 

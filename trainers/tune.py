@@ -28,12 +28,12 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import yaml
 
-from cluster.config import Config, ConfigError, with_values
-from cluster.runtime import ensure_ray
-from cluster.storage import join, read_bytes, write_bytes_atomic
-from trainers.data import TrainDataError
-from trainers.runner import train_storage
-from trainers.tune_targets import make_target
+from slidestream.cluster.config import Config, ConfigError, with_values
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.runner import train_storage
+from slidestream.trainers.tune_targets import make_target
 
 __all__ = ["SweepSummary", "early_stopping", "load_space", "run_sweep"]
 
@@ -199,7 +199,7 @@ class Sweep:
         text = io.BytesIO()
         pacsv.write_csv(table, text)
         write_bytes_atomic(join(self.sweep_dir, "results.csv"), text.getvalue())
-        from trainers.viz import sweep_plot
+        from slidestream.trainers.viz import sweep_plot
 
         sweep_plot(rows, self.keys, self.monitor, join(self.sweep_dir, "results.png"))
 

@@ -5,18 +5,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from trainers.models.base import MILModel
+from slidestream.trainers.models.base import MILModel
 
 __all__ = ["MODELS", "MILModel", "build_model"]
 
 # name → (module, class). Imported on demand so that one model's import cost is paid only when used.
 MODELS: dict[str, tuple[str, str]] = {
-    "abmil": ("trainers.models.abmil", "ABMIL"),
-    "transmil": ("trainers.models.transmil", "TransMIL"),
-    "dsmil": ("trainers.models.dsmil", "DSMIL"),
-    "clam_sb": ("trainers.models.clam", "CLAMSB"),
-    "dtfd": ("trainers.models.dtfd", "DTFDMIL"),
-    "maxpool": ("trainers.models.maxpool", "MaxPoolMIL"),
+    "abmil": ("slidestream.trainers.models.abmil", "ABMIL"),
+    "transmil": ("slidestream.trainers.models.transmil", "TransMIL"),
+    "dsmil": ("slidestream.trainers.models.dsmil", "DSMIL"),
+    "clam_sb": ("slidestream.trainers.models.clam", "CLAMSB"),
+    "dtfd": ("slidestream.trainers.models.dtfd", "DTFDMIL"),
+    "maxpool": ("slidestream.trainers.models.maxpool", "MaxPoolMIL"),
 }
 
 

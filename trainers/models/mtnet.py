@@ -235,7 +235,7 @@ def build_mtnet(n_classes: int, network: str = "official", weights: str | None =
     """MTNet by configuration name; `weights` is a local ImageNet state dict for the encoder (else random)."""
     model = MTNet(n_classes, MTNetSpec.named(network))
     if weights:
-        from pipelines.encoders import _load_weights
+        from slidestream.pipelines.encoders import _load_weights
 
         _load_weights(model.encoder, weights, f"cdma {network} encoder", ("fc.",))
     return model

@@ -8,9 +8,9 @@ from collections import Counter
 
 import ray
 
-from cluster.config import Config, load_config
-from pipelines.ingest import committed_shards
-from pipelines.shards import iter_shard_samples
+from slidestream.cluster.config import Config, load_config
+from slidestream.pipelines.ingest import committed_shards
+from slidestream.pipelines.shards import iter_shard_samples
 
 
 def make_config(*overrides: str) -> Config:

@@ -2,7 +2,7 @@
 
 ``start_s3_server()`` installs the Debian ceph packages when ``radosgw`` is missing (needs root or
 passwordless sudo, and apt access), then starts a single-node cluster (one mon, one memstore OSD, one
-radosgw) under ``workdir`` through ``tests/support/rgw.sh`` and returns an :class:`S3Server` with the
+radosgw) under ``workdir`` through ``slidestream/testing/rgw.sh`` and returns an :class:`S3Server` with the
 endpoint and the keys of an S3 user. Starting is idempotent: a healthy server already running in that
 workdir is reused as it is.
 

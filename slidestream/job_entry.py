@@ -6,7 +6,7 @@ for them first: `slidestream submit --gpus N -- …` runs the command through th
 N one-GPU bundles (`ray.autoscaler.sdk.request_resources`), waits until the GPU nodes have joined, runs
 the command, and then withdraws the request so that idle GPU nodes scale down again.
 
-    python -m cluster.job_entry --gpus 1 [--cpus 32] [--wait-s 900] -- python -m cluster.cli run …
+    python -m slidestream.job_entry --gpus 1 [--cpus 32] [--wait-s 900] -- python -m slidestream.cli run …
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def wait_for(gpus: int, cpus: int, wait_s: float) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cluster.job_entry", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m slidestream.job_entry", description=__doc__)
     parser.add_argument("--gpus", type=int, default=0, help="GPUs (one-GPU bundles) to have before starting")
     parser.add_argument("--cpus", type=int, default=0, help="CPUs to have before starting")
     parser.add_argument("--wait-s", type=float, default=900, help="give up after this many seconds")

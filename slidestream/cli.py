@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
 
-from cluster.config import Config, ConfigError, load_config
-from cluster.storage import scrub_secrets
+from slidestream.cluster.config import Config, ConfigError, load_config
+from slidestream.cluster.storage import scrub_secrets
 
 log = logging.getLogger("slidestream")
 
-EXIT_FAILED_SLIDES = 3
 EXIT_USAGE = 2
 
 
@@ -284,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         config = _config_from(args)
-        from cluster import commands  # imported late: `--help` should not pay for Ray and torch
+        from slidestream import commands  # imported late: `--help` should not pay for Ray and torch
 
         return getattr(commands, f"cmd_{args.command}")(args, config)
     except ConfigError as exc:
@@ -293,10 +291,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, PermissionError) as exc:
         print(f"slidestream {args.command}: {scrub_secrets(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
-
-
-def print_json(payload: dict) -> None:
-    print(json.dumps(payload, indent=1, sort_keys=False))
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from cluster.runtime import runtime_env_vars
-from cluster.storage import SECRET_ENV_VARS, scrub_secrets
+from slidestream.cluster.runtime import runtime_env_vars
+from slidestream.cluster.storage import SECRET_ENV_VARS, scrub_secrets
 
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 EXIT_FAILED = 1  # the job failed and Ray did not report the command's own exit code
@@ -68,16 +68,16 @@ def resolve_address(address: str | None) -> str:
 
 def entrypoint(command: list[str], gpus: int = 0, cpus: int = 0, wait_s: float = 900) -> str:
     """The shell command the job runs. A leading `slidestream` runs the uploaded code (`python -m
-    cluster.cli`), whatever version the cluster has installed; with --gpus/--cpus the command waits until
+    slidestream.cli`), whatever version the cluster has installed; with --gpus/--cpus the command waits until
     the autoscaler has added those resources (stages use GPUs only when the cluster has them)."""
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise ValueError("nothing to run: slidestream submit [options] -- <command …>")
     if command[0] == "slidestream":
-        command = ["python", "-m", "cluster.cli", *command[1:]]
+        command = ["python", "-m", "slidestream.cli", *command[1:]]
     if gpus or cpus:
-        prelude = ["python", "-m", "cluster.job_entry", f"--gpus={gpus}", f"--cpus={cpus}"]
+        prelude = ["python", "-m", "slidestream.job_entry", f"--gpus={gpus}", f"--cpus={cpus}"]
         command = [*prelude, f"--wait-s={wait_s:g}", "--", *command]
     return shlex.join(command)
 

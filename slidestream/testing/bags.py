@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from pipelines.features import BagMeta, bag_table, write_bag
+from slidestream.pipelines.features import BagMeta, bag_table, write_bag
 
 
 def write_bags(

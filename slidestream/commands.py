@@ -1,24 +1,30 @@
-"""What each `slidestream` command does (argument parsing lives in `cluster.cli`)."""
+"""What each `slidestream` command does (argument parsing lives in `slidestream.cli`)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections import Counter
 
-from cluster.cli import EXIT_FAILED_SLIDES, print_json
-from cluster.config import Config
-from cluster.storage import filesystem, join
-from pipelines.embed import EmbedStage, run_embed
-from pipelines.features import FeatureBags
-from pipelines.ingest import IngestReport, run_ingest, tiles_stage
-from pipelines.labels import read_labels
-from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.slides import discover_slides
-from pipelines.synthetic import write_dataset
-from pipelines.writer_lock import WriterLock
+from slidestream.cluster.config import Config
+from slidestream.cluster.storage import filesystem, join
+from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.ingest import IngestReport, run_ingest, tiles_stage
+from slidestream.pipelines.labels import read_labels
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.slides import discover_slides
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.writer_lock import WriterLock
 
 log = logging.getLogger("slidestream")
+
+EXIT_FAILED_SLIDES = 3  # --strict and some slides failed
+
+
+def print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=1, sort_keys=False))
 
 
 def cmd_synth(args: argparse.Namespace, config: Config) -> int:
@@ -97,14 +103,14 @@ def cmd_embed(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_watch(args: argparse.Namespace, config: Config) -> int:
-    from pipelines.watch import Watcher
+    from slidestream.pipelines.watch import Watcher
 
     discover_slides(args.slides, config.ingest.slide_extensions)  # a wrong source fails before Ray starts
     embed = EmbedStage(args.encoder, args.weights, config.tiling, config.embed)
     features = join(args.out, embed.stage)
     scorer = None
     if args.score_run:
-        from trainers.stream_scoring import NewSlideScorer
+        from slidestream.trainers.stream_scoring import NewSlideScorer
 
         name = args.score_run.rstrip("/").rsplit("/", 1)[-1]
         output = join(args.out, "watch", "predict", name)
@@ -180,7 +186,7 @@ def _print_outputs(run_dir: str, **files: str) -> None:
 
 
 def _train_icmil(args: argparse.Namespace, config: Config) -> int:
-    from trainers.icmil import ICMILError, format_rounds, run_icmil
+    from slidestream.trainers.icmil import ICMILError, format_rounds, run_icmil
 
     if not args.labels or not args.encoder or not args.weights:
         raise ValueError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
@@ -197,7 +203,7 @@ def _train_icmil(args: argparse.Namespace, config: Config) -> int:
 
 
 def _train_cdma(args: argparse.Namespace, config: Config) -> int:
-    from trainers.cdma import format_cdma_table, run_cdma
+    from slidestream.trainers.cdma import format_cdma_table, run_cdma
 
     print(f"train cdma: {config.cdma.network} MTNet on {args.out} → {join(args.out, 'runs', args.name)}")
     metrics = run_cdma(args.name, args.out, config)
@@ -208,7 +214,7 @@ def _train_cdma(args: argparse.Namespace, config: Config) -> int:
 
 
 def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
-    from trainers.gigassl import GigaSSLRun, export_embeddings, tile_features_for
+    from slidestream.trainers.gigassl import GigaSSLRun, export_embeddings, tile_features_for
 
     views = _features_dir(args, "gigassl")
     run_dir = join(args.out, "runs", args.name)
@@ -233,7 +239,7 @@ def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_probe(args: argparse.Namespace, config: Config) -> int:
-    from trainers.probe import format_probe, run_probe
+    from slidestream.trainers.probe import format_probe, run_probe
 
     try:
         sizes = tuple(int(v) for v in args.sizes.split(",") if v.strip())
@@ -259,7 +265,7 @@ def cmd_probe(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_train(args: argparse.Namespace, config: Config) -> int:
-    from trainers.runner import TrainingError, format_table, run_training
+    from slidestream.trainers.runner import TrainingError, format_table, run_training
 
     if args.kind == "icmil":
         return _train_icmil(args, config)
@@ -284,7 +290,7 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_tune(args: argparse.Namespace, config: Config) -> int:
-    from trainers.tune import run_sweep
+    from slidestream.trainers.tune import run_sweep
 
     features = (
         None
@@ -307,7 +313,7 @@ def cmd_tune(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_predict(args: argparse.Namespace, config: Config) -> int:
-    from trainers.predict import predict_run
+    from slidestream.trainers.predict import predict_run
 
     report = predict_run(
         args.run, args.features, output=args.output, heatmaps=args.heatmaps, slides=args.slides
@@ -320,7 +326,7 @@ def cmd_predict(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, config: Config) -> int:
-    from cluster.submit import submit
+    from slidestream.submit import submit
 
     return submit(args)
 

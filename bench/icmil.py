@@ -34,9 +34,10 @@ os.environ.setdefault("SLIDESTREAM_PROGRESS", "0")
 from slidestream.cluster.config import with_values
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join
-from slidestream.pipelines.ingest import committed_shards, run_ingest, tiles_stage
+from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 from slidestream.testing.helpers import make_config
 from slidestream.trainers.icmil_finetune import RESULT_FILE, DistillJob, finetune_embedder
 from slidestream.trainers.models import build_model

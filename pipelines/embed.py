@@ -21,19 +21,13 @@ from slidestream.cluster.config import Config, EmbedConfig, TilingConfig
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import filesystem, join, scrub_secrets
 from slidestream.pipelines.features import BagMeta, ParquetBagWriter, bag_table, write_bag
-from slidestream.pipelines.ingest import (
-    IngestReport,
-    SlideProgress,
-    committed_shards,
-    completed_slides,
-    no_fusion,
-    tiles_stage,
-)
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.priority import at_idle_priority
 from slidestream.pipelines.reader import classify, resize_tile
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples, tile_position
 from slidestream.pipelines.slides import SlideRef, version_digest
+from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
+from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 
 EMBED_VERSION = "embed-1"
 _PARTS = "_parts"
@@ -362,20 +356,14 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
         dataset = embed.attach(dataset)
         dataset.context.target_max_block_size = 1
         progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}
-        for slide in completed_slides(dataset, progress):
-            errors = [r["error"] for r in slide.results if r["error"]]
+
+        def entries_of(slide: SlideProgress) -> list[LedgerEntry]:
             tiles_entry = tiles[slide.slide.slide_id]
-            if errors:
+            if errors := [r["error"] for r in slide.results if r["error"]]:
                 tiles_entry = replace(tiles_entry, status="failed", error=errors[0])
-            entry = embed.complete(slide.slide, slide.results, tiles_entry)
-            ledger.commit([entry])
-            if entry.status == "ok":
-                report.ok.append(entry.slide_id)
-                report.tiles += entry.n_tiles
-            else:
-                report.failed[entry.slide_id] = entry.error or ""
-            if progress_callback is not None:
-                progress_callback(entry)
+            return [embed.complete(slide.slide, slide.results, tiles_entry)]
+
+        commit_slides(dataset, progress, ledger, report, entries_of, progress_callback)
         embed.prepare(out, ledger)
     ledger.compact()
     report.seconds = time.monotonic() - started

@@ -12,6 +12,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -108,20 +109,25 @@ def _key(name: str, weights: str, seed: int) -> str:
 # -------------------------------------------------------------------------------------------- info
 
 
-def _timm_model(model_name: str) -> nn.Module:
+def _timm_model(model_name: str) -> Any:  # a timm model: num_features, pretrained_cfg, …
     import timm
 
     return timm.create_model(model_name, pretrained=False, num_classes=0)
 
 
-def _timm_data(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+def _rgb(values: Any) -> tuple[float, float, float]:
+    r, g, b = (float(v) for v in values)
+    return r, g, b
+
+
+def _timm_data(model: nn.Module) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
     _, h, w = cfg["input_size"]
     if h != w:
         log.warning("model expects %dx%d inputs; tiles are resized to %dx%d", h, w, h, h)
-    return int(h), tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    return int(h), _rgb(cfg["mean"]), _rgb(cfg["std"])
 
 
 def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) -> EncoderInfo:
@@ -144,8 +150,8 @@ def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) ->
         name=name,
         dim=dim,
         input_px=px,
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=mean,
+        std=std,
         key=_key(name, weights, seed),
         weights=weights,
     )
@@ -173,6 +179,9 @@ class _TruncatedResNet(nn.Module):
 
 class TileEncoder(nn.Module):
     """A frozen encoder: uint8 RGB tiles → (N, D) float32 features. Always in eval mode."""
+
+    _mean: torch.Tensor  # buffers, registered in __init__
+    _std: torch.Tensor
 
     def __init__(self, model: nn.Module, info: EncoderInfo):
         super().__init__()
@@ -337,7 +346,7 @@ def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -
             ignored: tuple[str, ...] = _TRUNC_IGNORED
         else:
             model = _timm_model(name[len(TIMM_PREFIX) :])
-            classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+            classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
             heads = (
                 list(classifier) if isinstance(classifier, (list, tuple)) else [classifier] * bool(classifier)
             )

@@ -82,12 +82,12 @@ def _to_tile(region: np.ndarray, plan: ReadPlan) -> np.ndarray:
     factor, remainder = divmod(plan.read_px, plan.tile_px)
     if remainder == 0:
         return np.asarray(image.reduce(factor))
-    return np.asarray(image.resize((plan.tile_px, plan.tile_px), Image.BOX))
+    return np.asarray(image.resize((plan.tile_px, plan.tile_px), Image.Resampling.BOX))
 
 
 def resize_tile(tile: np.ndarray, px: int) -> np.ndarray:
     """A tile resized to `px` (e.g. to an encoder's input size), antialiased."""
-    return np.asarray(Image.fromarray(tile).resize((px, px), Image.BILINEAR, reducing_gap=2.0))
+    return np.asarray(Image.fromarray(tile).resize((px, px), Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
 def read_tile(slide: TiffSlide, x: int, y: int, plan: ReadPlan) -> np.ndarray:

@@ -31,9 +31,10 @@ import numpy as np
 from slidestream.cluster.config import Config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, scrub_secrets, write_bytes_atomic
-from slidestream.pipelines.ingest import run_ingest, slides_to_do, tiles_stage
+from slidestream.pipelines.ingest import run_ingest, slides_to_do
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.slides import Discovery, DiscoveryError, SlideRef, discover_slides
+from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.writer_lock import WriterLock, WriterLockError
 
 if TYPE_CHECKING:

@@ -11,11 +11,13 @@ from slidestream.cluster.config import Config
 from slidestream.cluster.storage import filesystem, join
 from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.features import FeatureBags
-from slidestream.pipelines.ingest import IngestReport, run_ingest, tiles_stage
+from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.labels import read_labels
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.slides import discover_slides
+from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.writer_lock import WriterLock
 
 log = logging.getLogger("slidestream")

@@ -19,9 +19,10 @@ from slidestream.cluster.storage import join
 from slidestream.pipelines.embed import EmbedStage, run_embed, with_input_px
 from slidestream.pipelines.encoders import build_encoder
 from slidestream.pipelines.features import FeatureBags
-from slidestream.pipelines.ingest import IngestReport, run_ingest
+from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.reader import open_slide_uncached, read_tiles, resize_tile
+from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.tiling import read_plan
 from slidestream.testing.helpers import committed_samples, make_config
 

@@ -22,10 +22,10 @@ import pytest
 from slidestream.cli import main
 from slidestream.pipelines.embed import EmbedStage
 from slidestream.pipelines.features import FeatureBags
-from slidestream.pipelines.ingest import tiles_stage
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.slides import discover_slides
 from slidestream.pipelines.synthetic import SlideSpec, write_slide
+from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.watch import Watcher
 from slidestream.pipelines.writer_lock import WriterLock, WriterLockError
 from slidestream.testing.bags import write_bags

@@ -26,8 +26,8 @@ from slidestream.cluster.config import CDMAConfig, Config, TilingConfig
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
-from slidestream.pipelines.ingest import tiles_stage
 from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.trainers.cdma_data import (
     TileSet,
     augment,

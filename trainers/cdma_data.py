@@ -14,9 +14,8 @@ import torch
 
 from slidestream.cluster.config import TilingConfig
 from slidestream.pipelines.annotations import Region, SlideAnnotation
-from slidestream.pipelines.ingest import committed_shards, tiles_stage
-from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples
+from slidestream.pipelines.tile_store import committed_shards, slide_mpps, tiles_stage
 from slidestream.trainers.data import TrainDataError
 
 __all__ = ["SegSplit", "TileSet", "augment", "half_batches", "load_tiles", "normalise", "split_slides"]
@@ -87,11 +86,6 @@ class TileSet:
 
     def __len__(self) -> int:
         return len(self.images)
-
-
-def slide_mpps(out: str, tiling: TilingConfig) -> dict[str, float]:
-    """Level-0 µm/px of every committed slide of the tiling."""
-    return {e.slide_id: float(e.mpp) for e in Ledger(out).entries(tiles_stage(tiling)) if e.status == "ok"}
 
 
 def load_tiles(
@@ -189,4 +183,4 @@ def augment(
             xi = xi + noise_std * torch.randn(xi.shape, generator=gen).to(xi.device)
         xs.append(xi)
         ys.append(yi)
-    return torch.stack(xs), (torch.stack(ys) if y is not None else None)
+    return torch.stack(xs), (torch.stack([yi for yi in ys if yi is not None]) if y is not None else None)

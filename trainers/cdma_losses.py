@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -41,9 +42,12 @@ def dice_loss(probs: Tensor, target: Tensor, classes: Sequence[int] | None = Non
 
 def supervised_loss(logits: Sequence[Tensor], target: Tensor) -> Tensor:
     """0.5·Dice + 0.5·CE per decoder, averaged over the decoders (labelled images only)."""
-    total = sum(
-        0.5 * dice_loss(torch.softmax(z, dim=1), target) + 0.5 * F.cross_entropy(z, target.long())
-        for z in logits
+    total = cast(
+        Tensor,
+        sum(  # of one or more tensors
+            0.5 * dice_loss(torch.softmax(z, dim=1), target) + 0.5 * F.cross_entropy(z, target.long())
+            for z in logits
+        ),
     )
     return total / len(logits)
 
@@ -68,7 +72,7 @@ def cross_decoder_distillation(logits: Sequence[Tensor], temperature: float = 10
         for j, teacher in enumerate(logits)
         if j != k
     ]
-    return sum(terms) / len(logits)
+    return cast(Tensor, sum(terms)) / len(logits)
 
 
 def mean_entropy(logits: Sequence[Tensor]) -> Tensor:

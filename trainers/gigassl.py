@@ -52,7 +52,6 @@ __all__ = [
     "GigaSSLJob",
     "GigaSSLRun",
     "export_embeddings",
-    "read_embeddings",
     "tile_features_for",
     "train_gigassl",
 ]
@@ -345,24 +344,6 @@ def tile_features_for(views: str) -> str | None:
         return None
     features = join(match.group(1), "features", match.group(2))
     return features if exists(features) else None
-
-
-def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
-    """slide ids and the (N, D) embeddings of an embeddings Parquet file (`slide_id`, `embedding`)."""
-    try:
-        table = pq.read_table(io.BytesIO(read_bytes(uri)))
-    except (OSError, pa.ArrowException) as exc:
-        raise TrainDataError(f"cannot read embeddings {uri}: {exc}") from None
-    for column in ("slide_id", "embedding"):
-        if column not in table.column_names:
-            raise TrainDataError(f"embeddings {uri}: missing column {column!r} (has {table.column_names})")
-    values = table.column("embedding").to_pylist()
-    if not values or len({len(v) for v in values}) != 1:
-        raise TrainDataError(f"embeddings {uri}: column 'embedding' is empty or has rows of unequal length")
-    matrix = np.asarray(values, dtype=np.float64)
-    if not np.isfinite(matrix).all():
-        raise TrainDataError(f"embeddings {uri}: column 'embedding' has NaN/inf values")
-    return [str(s) for s in table.column("slide_id").to_pylist()], matrix
 
 
 # -- driver -------------------------------------------------------------------------------------------------

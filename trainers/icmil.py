@@ -30,8 +30,8 @@ from slidestream.cluster.config import Config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import exists, is_local, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.embed import EmbedStage, run_embed
-from slidestream.pipelines.ingest import committed_shards, tiles_stage
 from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.icmil_distill import check_model
 from slidestream.trainers.icmil_finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder

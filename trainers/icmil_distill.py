@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from slidestream.pipelines.encoders import TileEncoder
 from slidestream.trainers.models import MILModel
+from slidestream.trainers.models.abmil import ABMIL
+from slidestream.trainers.models.dtfd import DTFDMIL
 
 __all__ = [
     "DEFAULT_BETA",
@@ -77,9 +79,9 @@ class InstanceTeacher:
     @torch.no_grad()
     def attention(self, m: Tensor) -> Tensor:
         """Per-tile attention of the bag classifier over a batch of embedded tiles m (N, 512)."""
-        if self.model_name == "abmil":
+        if isinstance(self.mil, ABMIL):
             return self.mil.attention(m)
-        if self.model_name == "dtfd":
+        if isinstance(self.mil, DTFDMIL):
             return torch.softmax(self.mil.attention1(m), dim=0)
         raise ValueError(f"icmil.confidence needs an attention-based bag classifier, not {self.model_name!r}")
 

@@ -5,26 +5,55 @@ tile features is the baseline. Writes `probe.json` and an embedding map (PCA, co
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from slidestream.cluster.storage import join, write_bytes_atomic
+from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import FeatureBags
 from slidestream.pipelines.labels import read_labels
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.metrics import classification_metrics
 
-__all__ = ["ProbeReport", "format_probe", "mean_pooled", "probe", "probe_auc", "run_probe"]
+__all__ = [
+    "ProbeReport",
+    "format_probe",
+    "mean_pooled",
+    "probe",
+    "probe_auc",
+    "read_embeddings",
+    "run_probe",
+]
 
 C, MAX_ITER = 10.0, 1000
+
+
+def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
+    """slide ids and the (N, D) embeddings of an embeddings Parquet file (`slide_id`, `embedding`)."""
+    try:
+        table = pq.read_table(io.BytesIO(read_bytes(uri)))
+    except (OSError, pa.ArrowException) as exc:
+        raise TrainDataError(f"cannot read embeddings {uri}: {exc}") from None
+    for column in ("slide_id", "embedding"):
+        if column not in table.column_names:
+            raise TrainDataError(f"embeddings {uri}: missing column {column!r} (has {table.column_names})")
+    values = table.column("embedding").to_pylist()
+    if not values or len({len(v) for v in values}) != 1:
+        raise TrainDataError(f"embeddings {uri}: column 'embedding' is empty or has rows of unequal length")
+    matrix = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(matrix).all():
+        raise TrainDataError(f"embeddings {uri}: column 'embedding' has NaN/inf values")
+    return [str(s) for s in table.column("slide_id").to_pylist()], matrix
 
 
 def _classifier():
@@ -101,7 +130,6 @@ def run_probe(
 ) -> ProbeReport:  # fmt: skip
     """Probe the embeddings (and mean-pooled `baseline` features); results next to the embeddings file
     unless `output` (a directory) is given."""
-    from slidestream.trainers.gigassl import read_embeddings
     from slidestream.trainers.viz import embedding_map
 
     ids, matrix = read_embeddings(embeddings)

@@ -86,7 +86,8 @@ def predict_slide(
     handle, info, plan, xs, ys = _windows(uri, tiling, tissue, overlap)
     h, w = math.ceil(info.height / downsample), math.ceil(info.width / downsample)
     n_classes: int | None = None
-    acc = counts = None
+    acc: np.ndarray | None = None
+    counts: np.ndarray | None = None
     cell = max(1, round(plan.side0 / downsample))  # grid cells per window side
     done = 0
     with handle:
@@ -95,7 +96,7 @@ def predict_slide(
             with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
                 logits = model(x)
             probs = F.adaptive_avg_pool2d(torch.softmax(logits.float(), dim=1), cell).cpu().numpy()
-            if acc is None:
+            if acc is None or counts is None:
                 n_classes = probs.shape[1]
                 acc = np.zeros((n_classes, h + cell, w + cell), np.float32)
                 counts = np.zeros((h + cell, w + cell), np.float32)

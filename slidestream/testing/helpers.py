@@ -9,8 +9,8 @@ from collections import Counter
 import ray
 
 from slidestream.cluster.config import Config, load_config
-from slidestream.pipelines.ingest import committed_shards
 from slidestream.pipelines.shards import iter_shard_samples
+from slidestream.pipelines.tile_store import committed_shards
 
 
 def make_config(*overrides: str) -> Config:

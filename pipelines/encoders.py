@@ -257,6 +257,7 @@ class TileEncoder(nn.Module):
 
 
 def _read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
+    obj: Any  # a state dict, possibly wrapped
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file

@@ -190,6 +190,7 @@ def train_cdma(config: dict[str, Any]) -> None:
                 torch.from_numpy(labelled.masks[lab_idx]).to(device).long(),  # type: ignore[index]
                 gen, cfg.noise_std, cfg.noise_p,
             )  # fmt: skip
+            assert y is not None  # the masks went in, so they come out
             if unlabelled is not None:
                 xu, _ = augment(
                     normalise(unlabelled.images[unl_idx], device), None, gen, cfg.noise_std, cfg.noise_p
@@ -351,8 +352,8 @@ class CDMARun:
         for c, values in enumerate(per_class, start=1):
             row.update({f"{k}_{self.cfg.classes[c]}": v for k, v in values.items()})
         for key in _METRICS:
-            values = [v[key] for v in per_class if math.isfinite(v[key])]
-            row[key] = float(np.mean(values)) if values else math.nan
+            finite = [v[key] for v in per_class if math.isfinite(v[key])]
+            row[key] = float(np.mean(finite)) if finite else math.nan
         return row
 
 

@@ -184,7 +184,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
             "epoch_s": elapsed,
             "slides_per_s": steps * batch / elapsed,
         }
-        if probe_bags is not None:
+        if probe_bags is not None and job.probe is not None:
             metrics.update(split_probe(net, probe_bags, job.probe, cfg, device))
         history.append(metrics)
         state = None

@@ -189,7 +189,8 @@ def finetune_embedder(config: dict[str, Any]) -> None:
     for epoch in range(start, cfg["epochs"]):
         generator = torch.Generator().manual_seed(job.seed * 1000 + rank + 7919 * epoch)
         tiles = tile_stream(job.train_shards, job.seed, epoch, cfg["shuffle_buffer"])
-        started, sums, n_tiles = time.perf_counter(), {}, 0
+        sums: dict[str, float] = {}
+        started, n_tiles = time.perf_counter(), 0
         student.train()
         for batch in itertools.islice(_batches(tiles, cfg["batch_size"]), steps):
             clean, aug = views(batch, generator)

@@ -155,8 +155,7 @@ class Sweep:
     def run(self) -> SweepSummary:
         ensure_ray(self.config.ray)
         results = self._tuner().fit()
-        rows = [self._row(r) for r in results]
-        rows = [r for r in rows if r is not None]
+        rows = [row for r in results if (row := self._row(r)) is not None]
         if not rows:
             errors = [str(r.error).splitlines()[-1] for r in results if r.error]
             raise SweepError(f"sweep {self.name}: no trial reported a result ({'; '.join(errors[:3])})")
@@ -186,7 +185,7 @@ class Sweep:
         trained = history["epochs_trained"] if "epochs_trained" in history else history["training_iteration"]
         row["epochs"] = int(trained.max())  # distributed trials report once, with the epochs they trained
         test = self.target.test_value(self.sweep_dir, trial, counted.to_dict())
-        if test is not None:
+        if test is not None and self.target.test_metric is not None:
             row[self.target.test_metric] = test
         row["error"] = str(result.error).splitlines()[-1] if result.error else ""
         return row

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import exists, join, read_bytes
 
 __all__ = ["AnnotationError", "GeoJSONMask", "MaskImage", "SlideAnnotation", "find_annotation"]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(SlidestreamError, ValueError):
     """An annotation that cannot be used; the message names the slide and the file."""
 
 

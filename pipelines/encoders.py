@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidestream.cluster.errors import SlidestreamError
+
 log = logging.getLogger(__name__)
 
 ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc")  # plus any "timm:<model-name>"
@@ -40,7 +42,7 @@ _CONTAINER_KEYS = ("state_dict", "model")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class EncoderError(ValueError):
+class EncoderError(SlidestreamError, ValueError):
     """An encoder could not be built: unknown name, missing or unusable weights file."""
 
 

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from slidestream.cluster.config import Config, ConfigError, load_config
+from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import scrub_secrets
 
 log = logging.getLogger("slidestream")
-
-EXIT_USAGE = 2
 
 
 def _common() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", help="configuration YAML (default: ./ray_config.yaml, else the shipped one)"
+        "--config",
+        dest="config_file",
+        help="configuration YAML (default: ./ray_config.yaml, else the shipped one)",
     )
     common.add_argument(
         "--set",
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
     status.add_argument("--out", required=True)
-    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
     status.add_argument("--stage", help="ledger stage, e.g. tiles/mpp0.50_px256 (default: from the config)")
     _tiling_flags(status)
 
@@ -274,7 +276,26 @@ def _config_from(args: argparse.Namespace) -> Config:
             overrides.append(f"{key}={value}")
     if getattr(args, "seeds", None):
         overrides.append(f"train.seeds=[{args.seeds}]")
-    return load_config(args.config, overrides)
+    return load_config(args.config_file, overrides)
+
+
+def _command(name: str) -> Callable[..., int]:
+    """The function of a command, imported late: `--help` should not pay for Ray and torch."""
+    if name == "submit":
+        from slidestream.submit import submit
+
+        return submit
+    from slidestream import commands
+
+    return getattr(commands, f"cmd_{name}")
+
+
+def _call(command: Callable[..., int], args: argparse.Namespace, config: Config) -> int:
+    """Calls `command` with the parsed flags its keyword-only parameters name (and the config, when
+    it takes one): the commands see typed arguments, never the Namespace."""
+    parameters = inspect.signature(command).parameters
+    flags = {name: getattr(args, name) for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY}
+    return command(config, **flags) if "config" in parameters else command(**flags)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,15 +303,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
     try:
         config = _config_from(args)
-        from slidestream import commands  # imported late: `--help` should not pay for Ray and torch
-
-        return getattr(commands, f"cmd_{args.command}")(args, config)
+        return _call(_command(args.command), args, config)
     except ConfigError as exc:
         print(f"slidestream: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError, PermissionError) as exc:
+        return exc.exit_code
+    except SlidestreamError as exc:  # what the user can fix: one line; anything else keeps its traceback
         print(f"slidestream {args.command}: {scrub_secrets(str(exc))}", file=sys.stderr)
-        return EXIT_USAGE
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""What each `slidestream` command does (argument parsing lives in `slidestream.cli`)."""
+"""What each `slidestream` command does (argument parsing lives in `slidestream.cli`).
+
+A command is `cmd_<name>(config, *, flag=value, …) -> exit code`: the resolved configuration and,
+keyword-only and typed, the flags that are not settings (those are in the config already).
+"""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 from collections import Counter
 
 from slidestream.cluster.config import Config
+from slidestream.cluster.errors import UsageError
 from slidestream.cluster.storage import filesystem, join
 from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.features import FeatureBags
@@ -29,18 +33,28 @@ def print_json(payload: dict) -> None:
     print(json.dumps(payload, indent=1, sort_keys=False))
 
 
-def cmd_synth(args: argparse.Namespace, config: Config) -> int:
+def cmd_synth(
+    config: Config,
+    *,
+    out: str,
+    n_slides: int,
+    seed: int,
+    size: str,
+    fmt: str,
+    positive_fraction: float,
+    no_pen_marks: bool,
+) -> int:
     made = write_dataset(
-        args.out,
-        args.n_slides,
-        seed=args.seed,
-        size=args.size,
-        fmt=args.fmt,
-        positive_fraction=args.positive_fraction,
-        pen_marks=not args.no_pen_marks,
+        out,
+        n_slides,
+        seed=seed,
+        size=size,
+        fmt=fmt,
+        positive_fraction=positive_fraction,
+        pen_marks=not no_pen_marks,
     )
     positives = sum(made.labels)
-    print(f"wrote {len(made.uris)} {args.size} {args.fmt} slides ({positives} positive) to {args.out}")
+    print(f"wrote {len(made.uris)} {size} {fmt} slides ({positives} positive) to {out}")
     print(f"labels: {made.labels_uri}")
     return 0
 
@@ -59,66 +73,104 @@ def _check_labels(labels_uri: str, report: IngestReport, out: str) -> None:
         log.warning("%d labelled slide(s) were not ingested: %s", len(absent), ", ".join(absent[:10]))
 
 
-def _ingest(args: argparse.Namespace, config: Config, embed: EmbedStage | None) -> int:
-    if args.labels:
-        read_labels(args.labels)  # fail before any work when the labels file is unusable
-    with WriterLock(args.out, args.command, config.watch.lock_ttl_s):
-        report = run_ingest(args.slides, args.out, config, embed=embed)
+def _ingest(
+    config: Config,
+    command: str,
+    slides: str,
+    out: str,
+    labels: str | None,
+    strict: bool,
+    embed: EmbedStage | None,
+) -> int:
+    if labels:
+        read_labels(labels)  # fail before any work when the labels file is unusable
+    with WriterLock(out, command, config.watch.lock_ttl_s):
+        report = run_ingest(slides, out, config, embed=embed)
     print(report.summary())
     if embed is not None:
-        print(f"  features: {join(args.out, embed.stage)} ({embed.info.dim}-d, weights {embed.weights})")
-    if args.labels:
-        _check_labels(args.labels, report, args.out)
-    return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+        print(f"  features: {join(out, embed.stage)} ({embed.info.dim}-d, weights {embed.weights})")
+    if labels:
+        _check_labels(labels, report, out)
+    return EXIT_FAILED_SLIDES if strict and report.failed else 0
 
 
-def cmd_ingest(args: argparse.Namespace, config: Config) -> int:
-    return _ingest(args, config, None)
+def cmd_ingest(config: Config, *, slides: str, out: str, labels: str | None, strict: bool) -> int:
+    return _ingest(config, "ingest", slides, out, labels, strict, None)
 
 
-def _views(args: argparse.Namespace, config: Config) -> int:
+def _views(
+    config: Config, out: str, encoder: str, weights: str, views: tuple[int, int] | None, strict: bool
+) -> int:
     """Giga-SSL views from the committed shards, when `--gigassl-views` asks for them."""
-    if not args.gigassl_views:
+    if not views:
         return 0
-    views = EmbedStage(args.encoder, args.weights, config.tiling, config.embed, views=args.gigassl_views)
-    report = run_embed(args.out, config, views)
+    stage = EmbedStage(encoder, weights, config.tiling, config.embed, views=views)
+    report = run_embed(out, config, stage)
     print(
         f"Giga-SSL views: {len(report.ok)} slides ({report.tiles} augmented tiles embedded), "
-        f"{len(report.failed)} failed → {join(args.out, views.stage)}"
+        f"{len(report.failed)} failed → {join(out, stage.stage)}"
     )
-    return EXIT_FAILED_SLIDES if args.strict and report.failed else 0
+    return EXIT_FAILED_SLIDES if strict and report.failed else 0
 
 
-def cmd_run(args: argparse.Namespace, config: Config) -> int:
-    status = _ingest(args, config, EmbedStage(args.encoder, args.weights, config.tiling, config.embed))
-    return _views(args, config) or status
+def cmd_run(
+    config: Config,
+    *,
+    slides: str,
+    out: str,
+    encoder: str,
+    weights: str,
+    labels: str | None,
+    strict: bool,
+    gigassl_views: tuple[int, int] | None,
+) -> int:
+    embed = EmbedStage(encoder, weights, config.tiling, config.embed)
+    status = _ingest(config, "run", slides, out, labels, strict, embed)
+    return _views(config, out, encoder, weights, gigassl_views, strict) or status
 
 
-def cmd_embed(args: argparse.Namespace, config: Config) -> int:
-    stage = EmbedStage(args.encoder, args.weights, config.tiling, config.embed)
-    with WriterLock(args.out, "embed", config.watch.lock_ttl_s):
-        report = run_embed(args.out, config, stage)
+def cmd_embed(
+    config: Config,
+    *,
+    out: str,
+    encoder: str,
+    weights: str,
+    strict: bool,
+    gigassl_views: tuple[int, int] | None,
+) -> int:
+    stage = EmbedStage(encoder, weights, config.tiling, config.embed)
+    with WriterLock(out, "embed", config.watch.lock_ttl_s):
+        report = run_embed(out, config, stage)
     print(report.summary())
-    print(f"  features: {join(args.out, stage.stage)} ({stage.info.dim}-d, weights {stage.weights})")
-    status = EXIT_FAILED_SLIDES if args.strict and report.failed else 0
-    return _views(args, config) or status
+    print(f"  features: {join(out, stage.stage)} ({stage.info.dim}-d, weights {stage.weights})")
+    status = EXIT_FAILED_SLIDES if strict and report.failed else 0
+    return _views(config, out, encoder, weights, gigassl_views, strict) or status
 
 
-def cmd_watch(args: argparse.Namespace, config: Config) -> int:
+def cmd_watch(
+    config: Config,
+    *,
+    slides: str,
+    out: str,
+    encoder: str,
+    weights: str,
+    score_run: str | None,
+    json_status: str | None,
+) -> int:
     from slidestream.pipelines.watch import Watcher
 
-    discover_slides(args.slides, config.ingest.slide_extensions)  # a wrong source fails before Ray starts
-    embed = EmbedStage(args.encoder, args.weights, config.tiling, config.embed)
-    features = join(args.out, embed.stage)
+    discover_slides(slides, config.ingest.slide_extensions)  # a wrong source fails before Ray starts
+    embed = EmbedStage(encoder, weights, config.tiling, config.embed)
+    features = join(out, embed.stage)
     scorer = None
-    if args.score_run:
+    if score_run:
         from slidestream.trainers.stream_scoring import NewSlideScorer
 
-        name = args.score_run.rstrip("/").rsplit("/", 1)[-1]
-        output = join(args.out, "watch", "predict", name)
-        scorer = NewSlideScorer(args.score_run, features, output, dim=embed.info.dim)
-    watcher = Watcher(args.slides, args.out, config, embed, status_uri=args.json_status, on_committed=scorer)
-    print(f"watching {args.slides} every {config.watch.interval_s:g} s → {features}", flush=True)
+        name = score_run.rstrip("/").rsplit("/", 1)[-1]
+        output = join(out, "watch", "predict", name)
+        scorer = NewSlideScorer(score_run, features, output, dim=embed.info.dim)
+    watcher = Watcher(slides, out, config, embed, status_uri=json_status, on_committed=scorer)
+    print(f"watching {slides} every {config.watch.interval_s:g} s → {features}", flush=True)
     print(f"  status: {watcher.status_uri}; stop with Ctrl-C or SIGTERM", flush=True)
     status = watcher.run()
     lat = status.latency()
@@ -147,13 +199,13 @@ def status_payload(entries: list[LedgerEntry]) -> dict:
     }
 
 
-def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    stage = args.stage or tiles_stage(config.tiling)
-    payload = status_payload(Ledger(args.out).entries(stage))
-    if args.json:
+def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) -> int:
+    stage = stage or tiles_stage(config.tiling)
+    payload = status_payload(Ledger(out).entries(stage))
+    if as_json:
         print_json({"stage": stage, **payload})
         return 0
-    print(f"{args.out} [{stage}]")
+    print(f"{out} [{stage}]")
     print(f"{'slide_id':<28} {'status':<7} {'tiles':>7}  error")
     for slide in payload["slides"]:
         print(f"{slide['slide_id']:<28} {slide['status']:<7} {slide['n_tiles']:>7}  {slide['error'] or ''}")
@@ -162,12 +214,12 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _features_dir(args: argparse.Namespace, under: str = "features") -> str:
+def _features_dir(out: str, features: str | None, under: str = "features") -> str:
     """`--features`, or the single feature directory under OUT/<under> (an error when it is ambiguous);
     `under="gigassl"`: the Giga-SSL view sets."""
-    if args.features:
-        return args.features
-    fs, root = filesystem(join(args.out, under))
+    if features:
+        return features
+    fs, root = filesystem(join(out, under))
     found = (
         sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory")
         if fs.exists(root)
@@ -175,10 +227,8 @@ def _features_dir(args: argparse.Namespace, under: str = "features") -> str:
     )
     if len(found) != 1:
         names = ", ".join(p.rsplit("/", 1)[-1] for p in found) or "none"
-        raise ValueError(
-            f"pass --features: {join(args.out, under)} holds {len(found)} feature sets ({names})"
-        )
-    return join(args.out, under, found[0].rsplit("/", 1)[-1])
+        raise UsageError(f"pass --features: {join(out, under)} holds {len(found)} feature sets ({names})")
+    return join(out, under, found[0].rsplit("/", 1)[-1])
 
 
 def _print_outputs(run_dir: str, **files: str) -> None:
@@ -187,15 +237,23 @@ def _print_outputs(run_dir: str, **files: str) -> None:
         print(f"  {what}: {join(run_dir, name)}")
 
 
-def _train_icmil(args: argparse.Namespace, config: Config) -> int:
+def _train_icmil(
+    config: Config,
+    name: str,
+    out: str,
+    labels: str | None,
+    encoder: str | None,
+    weights: str | None,
+    rounds: int,
+) -> int:
     from slidestream.trainers.icmil import ICMILError, format_rounds, run_icmil
 
-    if not args.labels or not args.encoder or not args.weights:
-        raise ValueError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
-    run_dir = join(args.out, "runs", args.name)
-    print(f"train icmil: {config.train.model} ⇄ {args.encoder}, {args.rounds} round(s) → {run_dir}")
+    if not labels or not encoder or not weights:
+        raise UsageError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
+    run_dir = join(out, "runs", name)
+    print(f"train icmil: {config.train.model} ⇄ {encoder}, {rounds} round(s) → {run_dir}")
     try:
-        summary = run_icmil(args.name, args.out, args.labels, args.encoder, args.weights, config, args.rounds)
+        summary = run_icmil(name, out, labels, encoder, weights, config, rounds)
     except ICMILError as exc:
         print(f"slidestream train: {exc}")
         return 1
@@ -204,35 +262,35 @@ def _train_icmil(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _train_cdma(args: argparse.Namespace, config: Config) -> int:
+def _train_cdma(config: Config, name: str, out: str) -> int:
     from slidestream.trainers.cdma import format_cdma_table, run_cdma
 
-    print(f"train cdma: {config.cdma.network} MTNet on {args.out} → {join(args.out, 'runs', args.name)}")
-    metrics = run_cdma(args.name, args.out, config)
+    print(f"train cdma: {config.cdma.network} MTNet on {out} → {join(out, 'runs', name)}")
+    metrics = run_cdma(name, out, config)
     print(format_cdma_table(metrics))
-    run_dir = join(args.out, "runs", args.name)
+    run_dir = join(out, "runs", name)
     _print_outputs(run_dir, metrics="metrics.json", **{"slide masks, overlays, GeoJSON": "slides"})
     return 0
 
 
-def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
+def _train_gigassl(config: Config, name: str, out: str, features: str | None, export: bool) -> int:
     from slidestream.trainers.gigassl import GigaSSLRun, export_embeddings, tile_features_for
 
-    views = _features_dir(args, "gigassl")
-    run_dir = join(args.out, "runs", args.name)
-    if args.export:  # --features: the bags to embed; default: the un-augmented tiles of the views' slides
-        bags = args.features or tile_features_for(views) or views
+    views = _features_dir(out, features, "gigassl")
+    run_dir = join(out, "runs", name)
+    if export:  # --features: the bags to embed; default: the un-augmented tiles of the views' slides
+        bags = features or tile_features_for(views) or views
         target = export_embeddings(
             run_dir, bags, export_chunks=config.gigassl.export_chunks, export_bn=config.gigassl.export_bn
         )
-        print(f"embeddings of {bags} with run {args.name} → {target}")
+        print(f"embeddings of {bags} with run {name} → {target}")
         return 0
     cfg = config.gigassl
     print(
         f"train gigassl: {cfg.epochs} epochs, batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
         f"over {max(1, cfg.workers)} worker(s), on {views} → {run_dir}"
     )
-    summary = GigaSSLRun(args.name, args.out, views, config).execute()
+    summary = GigaSSLRun(name, out, views, config).execute()
     last = summary.history[-1]
     print(f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)")
     print(f"  embeddings: {summary.embeddings}")
@@ -240,24 +298,26 @@ def _train_gigassl(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_probe(args: argparse.Namespace, config: Config) -> int:
+def cmd_probe(
+    config: Config,
+    *,
+    embeddings: str,
+    labels: str,
+    baseline_features: str | None,
+    sizes: str,
+    repeats: int,
+    test_frac: float,
+    output: str | None,
+) -> int:
     from slidestream.trainers.probe import format_probe, run_probe
 
     try:
-        sizes = tuple(int(v) for v in args.sizes.split(",") if v.strip())
+        small = tuple(int(v) for v in sizes.split(",") if v.strip())
     except ValueError:
-        raise ValueError(f"--sizes expects comma-separated integers, got {args.sizes!r}") from None
-    report = run_probe(
-        args.embeddings,
-        args.labels,
-        args.baseline_features,
-        sizes,
-        args.repeats,
-        args.test_frac,
-        output=args.output,
-    )
+        raise UsageError(f"--sizes expects comma-separated integers, got {sizes!r}") from None
+    report = run_probe(embeddings, labels, baseline_features, small, repeats, test_frac, output=output)
     print(
-        f"linear probe (logistic regression C=10, balanced; ROC-AUC over {args.repeats} stratified "
+        f"linear probe (logistic regression C=10, balanced; ROC-AUC over {repeats} stratified "
         f"splits) of {report.n_slides} slides, classes {report.classes}"
     )
     print(format_probe(report))
@@ -266,21 +326,33 @@ def cmd_probe(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace, config: Config) -> int:
+def cmd_train(
+    config: Config,
+    *,
+    kind: str,
+    name: str,
+    out: str,
+    features: str | None = None,
+    labels: str | None = None,
+    rounds: int = 1,
+    encoder: str | None = None,
+    weights: str | None = None,
+    export: bool = False,
+) -> int:
     from slidestream.trainers.runner import TrainingError, format_table, run_training
 
-    if args.kind == "icmil":
-        return _train_icmil(args, config)
-    if args.kind == "cdma":
-        return _train_cdma(args, config)
-    if args.kind == "gigassl":
-        return _train_gigassl(args, config)
-    if not args.labels:
-        raise ValueError(f"train {args.kind} needs --labels")
-    features = _features_dir(args)
-    print(f"train {args.kind}: {config.train.model} on {features} → {join(args.out, 'runs', args.name)}")
+    if kind == "icmil":
+        return _train_icmil(config, name, out, labels, encoder, weights, rounds)
+    if kind == "cdma":
+        return _train_cdma(config, name, out)
+    if kind == "gigassl":
+        return _train_gigassl(config, name, out, features, export)
+    if not labels:
+        raise UsageError(f"train {kind} needs --labels")
+    features = _features_dir(out, features)
+    print(f"train {kind}: {config.train.model} on {features} → {join(out, 'runs', name)}")
     try:
-        summary = run_training(args.kind, args.name, args.out, features, args.labels, config)
+        summary = run_training(kind, name, out, features, labels, config)
     except TrainingError as exc:
         print(f"slidestream train: {exc}")
         return 1
@@ -291,17 +363,25 @@ def cmd_train(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_tune(args: argparse.Namespace, config: Config) -> int:
+def cmd_tune(
+    config: Config,
+    *,
+    kind: str,
+    name: str,
+    out: str,
+    space: str,
+    trials: int,
+    features: str | None,
+    labels: str | None,
+) -> int:
     from slidestream.trainers.tune import run_sweep
 
-    features = (
+    bags = (
         None
-        if args.kind == "cdma"
-        else _features_dir(args, "gigassl" if args.kind == "gigassl" else "features")
+        if kind == "cdma"
+        else _features_dir(out, features, "gigassl" if kind == "gigassl" else "features")
     )
-    summary = run_sweep(
-        args.kind, args.name, args.out, args.space, config, args.trials, features, args.labels
-    )
+    summary = run_sweep(kind, name, out, space, config, trials, bags, labels)
     monitor = summary.monitor
     keys = list(summary.best_params)
     print(f"{'trial':<22} " + " ".join(f"{k[-18:]:>18}" for k in keys) + f" {monitor:>10} {'epochs':>6}")
@@ -314,46 +394,39 @@ def cmd_tune(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def cmd_predict(args: argparse.Namespace, config: Config) -> int:
+def cmd_predict(
+    config: Config, *, run: str, features: str, output: str | None, heatmaps: bool, slides: str | None
+) -> int:
     from slidestream.trainers.predict import predict_run
 
-    report = predict_run(
-        args.run, args.features, output=args.output, heatmaps=args.heatmaps, slides=args.slides
-    )
+    report = predict_run(run, features, output=output, heatmaps=heatmaps, slides=slides)
     print(f"predicted {report.n_slides} slides → {report.predictions}")
-    if args.heatmaps:
+    if heatmaps:
         where = report.heatmaps[0].rsplit("/", 1)[0] if report.heatmaps else "-"
         print(f"  heatmaps: {len(report.heatmaps)} written, {len(report.heatmap_failures)} skipped → {where}")
     return 0
 
 
-def cmd_submit(args: argparse.Namespace, config: Config) -> int:
-    from slidestream.submit import submit
-
-    return submit(args)
-
-
-def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+def cmd_demo(config: Config, *, out: str, n_slides: int) -> int:
     """The embedded default: synthetic slides on local disk → tiles + features in one pass → summary."""
-    slides = join(args.out, "slides")
+    slides = join(out, "slides")
+    labels = join(slides, "labels.csv")
     fs, path = filesystem(slides)
     if not fs.exists(join(path, "labels.csv")):
-        made = write_dataset(slides, args.n_slides, seed=0, size="tiny", fmt="svs")
+        made = write_dataset(slides, n_slides, seed=0, size="tiny", fmt="svs")
         print(f"demo: wrote {len(made.uris)} synthetic slides to {slides}")
     print("demo: encoder resnet18_trunc with RANDOM weights (no pretrained weights are downloaded)")
     embed = EmbedStage("resnet18_trunc", "random", config.tiling, config.embed)
-    report = run_ingest(slides, args.out, config, embed=embed)
+    report = run_ingest(slides, out, config, embed=embed)
     print(report.summary())
-    _check_labels(join(slides, "labels.csv"), report, args.out)
-    cmd_status(argparse.Namespace(out=args.out, json=False, stage=report.stage), config)
-    features = join(args.out, embed.stage)
-    bags = FeatureBags(features, join(slides, "labels.csv"))
+    _check_labels(labels, report, out)
+    cmd_status(config, out=out, as_json=False, stage=report.stage)
+    features = join(out, embed.stage)
+    bags = FeatureBags(features, labels)
     print(f"feature bags: {len(bags)} slides, {bags.dim}-d, in {features}")
     print("demo: MHIM-MIL on ABMIL (teacher = a baseline trained first on each fold)")
-    train_args = argparse.Namespace(kind="mhim", name="demo-mhim-abmil", out=args.out, features=features,
-                                    labels=join(slides, "labels.csv"))  # fmt: skip
-    if status := cmd_train(train_args, config):
+    name = "demo-mhim-abmil"
+    if status := cmd_train(config, kind="mhim", name=name, out=out, features=features, labels=labels):
         return status
-    run_dir = join(args.out, "runs", "demo-mhim-abmil")
-    predict_args = argparse.Namespace(run=run_dir, features=features, output=None, heatmaps=True, slides=None)
-    return cmd_predict(predict_args, config)
+    run_dir = join(out, "runs", name)
+    return cmd_predict(config, run=run_dir, features=features, output=None, heatmaps=True, slides=None)

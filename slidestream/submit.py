@@ -8,7 +8,6 @@ values (AWS secret key, session token, the Ray auth token) never reach the termi
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from slidestream.cluster.errors import UsageError
 from slidestream.cluster.runtime import runtime_env_vars
 from slidestream.cluster.storage import SECRET_ENV_VARS, scrub_secrets
 
@@ -48,7 +48,7 @@ def project_root() -> Path:
     """The source tree this `slidestream` runs from: it becomes the job's working dir."""
     root = Path(__file__).resolve().parent.parent
     if not (root / "pyproject.toml").is_file() or not (root / "cluster").is_dir():
-        raise FileNotFoundError(
+        raise UsageError(
             f"slidestream submit needs the project's source tree (with pyproject.toml); {root} is not one"
         )
     return root
@@ -60,7 +60,7 @@ def resolve_address(address: str | None) -> str:
     if "://" not in address:
         address = f"http://{address}"
     if address.startswith("ray://"):
-        raise ValueError(
+        raise UsageError(
             f"submit talks to the Ray dashboard (http://HEAD:8265), not the Ray client port: got {address}"
         )
     return address
@@ -73,7 +73,7 @@ def entrypoint(command: list[str], gpus: int = 0, cpus: int = 0, wait_s: float =
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        raise ValueError("nothing to run: slidestream submit [options] -- <command …>")
+        raise UsageError("nothing to run: slidestream submit [options] -- <command …>")
     if command[0] == "slidestream":
         command = ["python", "-m", "slidestream.cli", *command[1:]]
     if gpus or cpus:
@@ -177,24 +177,40 @@ def exit_code(info) -> int:
     return code if isinstance(code, int) and code > 0 else EXIT_FAILED
 
 
-def submit(args: argparse.Namespace) -> int:
+def submit(
+    *,
+    job_command: list[str],
+    address: str | None = None,
+    gpus: int = 0,
+    cpus: int = 0,
+    wait_nodes_s: float = 900,
+    job_id: str | None = None,
+    no_wait: bool = False,
+    no_working_dir: bool = False,
+    no_credentials: bool = False,
+    overrides: list[str] | None = None,
+    config_file: str | None = None,
+    verbose: bool = False,
+) -> int:
+    """`slidestream submit [options] -- COMMAND`. `overrides`/`config_file` (given before `--`) would
+    apply to submit itself, not to the command: they are only there to say so."""
     from ray.job_submission import JobSubmissionClient
 
-    if not args.verbose:  # Ray's chatter (files skipped, upload names, websocket closed)
+    if not verbose:  # Ray's chatter (files skipped, upload names, websocket closed)
         for name in ["ray", *logging.root.manager.loggerDict]:
             if name == "ray" or name.startswith("ray."):
                 logging.getLogger(name).setLevel(logging.ERROR)
 
-    address = resolve_address(args.address)
-    command = args.job_command[1:] if args.job_command[:1] == ["--"] else list(args.job_command)
-    entry = entrypoint(command, gpus=args.gpus, cpus=args.cpus, wait_s=args.wait_nodes_s)
+    address = resolve_address(address)
+    command = job_command[1:] if job_command[:1] == ["--"] else list(job_command)
+    entry = entrypoint(command, gpus=gpus, cpus=cpus, wait_s=wait_nodes_s)
     _local_path_warnings(command)
-    if args.overrides or args.config:
+    if overrides or config_file:
         _say("note: --config/--set before `--` apply to submit itself; give them to the command after `--`")
-    env = runtime_env(None if args.no_working_dir else project_root(), credentials=not args.no_credentials)
+    env = runtime_env(None if no_working_dir else project_root(), credentials=not no_credentials)
     try:
         client = JobSubmissionClient(address, headers=auth_headers())
-        job_id = client.submit_job(entrypoint=entry, runtime_env=env, submission_id=args.job_id)
+        job_id = client.submit_job(entrypoint=entry, runtime_env=env, submission_id=job_id)
     except Exception as exc:  # unreachable, refused (auth), rejected runtime env: say why, in one line
         _say(f"cannot submit to {address}: {exc}")
         return EXIT_NOT_SUBMITTED
@@ -203,7 +219,7 @@ def submit(args: argparse.Namespace) -> int:
     where = env.get("working_dir", "none (the nodes' installed slidestream)")
     _say(f"  working dir: {where}; environment passed through: {forwarded} (values not shown)")
     follow = f"ray job logs --follow {job_id} --address {address}"
-    if args.no_wait:
+    if no_wait:
         _say(f"not waiting. Follow: {follow}   status: ray job status {job_id} --address {address}")
         return 0
     sink = LineScrubber(sys.stdout)

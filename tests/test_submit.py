@@ -30,7 +30,7 @@ def test_parser_leaves_the_command_after_dashdash_alone():
          "slidestream", "run", "--out", "s3://b/o", "--set", "embed.actors=2", "--config", "c.yaml"]
     )  # fmt: skip
     assert args.command == "submit" and args.address == "http://head:8265" and args.no_wait
-    assert args.gpus == 2 and args.overrides == [] and args.config is None
+    assert args.gpus == 2 and args.overrides == [] and args.config_file is None
     command = args.job_command[1:] if args.job_command[0] == "--" else args.job_command
     inner = ["run", "--out", "s3://b/o", "--set", "embed.actors=2", "--config", "c.yaml"]
     assert command == ["slidestream", *inner]

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from slidestream.cluster.config import Config, ConfigError, with_values
+from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.trainers.data import TrainDataError
@@ -45,7 +46,7 @@ SPACE_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 LAUNCHER_CPU = 0.01
 
 
-class SweepError(ValueError):
+class SweepError(SlidestreamError, ValueError):
     """A search space or sweep that cannot be run; the message names the file and the key."""
 
 

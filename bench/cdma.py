@@ -26,10 +26,10 @@ from slidestream.cluster.config import load_config
 from slidestream.cluster.storage import join
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.synthetic import write_dataset
-from slidestream.trainers.cdma import WEIGHTS_FILE, CDMARun
-from slidestream.trainers.loop import load_weights
+from slidestream.trainers.cdma.infer import predict_slide
+from slidestream.trainers.cdma.run import WEIGHTS_FILE, CDMARun
 from slidestream.trainers.models.mtnet import build_mtnet
-from slidestream.trainers.seg_infer import predict_slide
+from slidestream.trainers.session import load_weights
 
 
 def _data(args: argparse.Namespace) -> tuple[str, str]:

@@ -28,7 +28,7 @@ import numpy as np
 from slidestream.cluster.config import load_config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.pipelines.features import BagMeta, bag_table, write_bag
-from slidestream.trainers.gigassl import RESULT_FILE, GigaSSLRun
+from slidestream.trainers.gigassl.train import RESULT_FILE, GigaSSLRun
 
 
 def write_views(root: Path, args: argparse.Namespace) -> None:

@@ -2,7 +2,7 @@
 the distillation step of ResNet-50 at 224 px in bf16.
 
 1. Ray Train: synthetic slides are ingested into WebDataset shards, then the real fine-tuning loop
-   (`trainers.icmil_finetune.finetune_embedder` through `fit_loop`: tiles streamed from the shards,
+   (`trainers/icmil/finetune.py`, `finetune_embedder` through `fit_loop`: tiles streamed from the shards,
    clean + augmented views, the three KL terms, gradient all-reduce, a checkpoint per epoch) runs with 1
    and then 2 workers on the same shards (`icmil.cpus_per_worker=1`: one torch thread per worker).
    The frozen bag classifier is a freshly initialised ABMIL (throughput does not depend on its values).
@@ -39,9 +39,9 @@ from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 from slidestream.testing.helpers import make_config
-from slidestream.trainers.icmil_finetune import RESULT_FILE, DistillJob, finetune_embedder
+from slidestream.trainers.fit import fit_loop
+from slidestream.trainers.icmil.finetune import RESULT_FILE, DistillJob, finetune_embedder
 from slidestream.trainers.models import build_model
-from slidestream.trainers.runner import fit_loop
 
 
 def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[str]], dict[str, int], str]:
@@ -98,7 +98,7 @@ def gpu_run(args: argparse.Namespace) -> dict[str, Any] | None:
     if not torch.cuda.is_available():
         return None
     from slidestream.pipelines.encoders import build_encoder
-    from slidestream.trainers.icmil_distill import InstanceTeacher, distill_losses, make_student
+    from slidestream.trainers.icmil.distill import InstanceTeacher, distill_losses, make_student
 
     device = torch.device("cuda")
     encoder = build_encoder("resnet50_trunc", "random", 0)

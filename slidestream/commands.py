@@ -164,7 +164,7 @@ def cmd_watch(
     features = join(out, embed.stage)
     scorer = None
     if score_run:
-        from slidestream.trainers.stream_scoring import NewSlideScorer
+        from slidestream.trainers.mil.stream_scoring import NewSlideScorer
 
         name = score_run.rstrip("/").rsplit("/", 1)[-1]
         output = join(out, "watch", "predict", name)
@@ -246,7 +246,7 @@ def _train_icmil(
     weights: str | None,
     rounds: int,
 ) -> int:
-    from slidestream.trainers.icmil import ICMILError, format_rounds, run_icmil
+    from slidestream.trainers.icmil.rounds import ICMILError, format_rounds, run_icmil
 
     if not labels or not encoder or not weights:
         raise UsageError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
@@ -263,7 +263,7 @@ def _train_icmil(
 
 
 def _train_cdma(config: Config, name: str, out: str) -> int:
-    from slidestream.trainers.cdma import format_cdma_table, run_cdma
+    from slidestream.trainers.cdma.run import format_cdma_table, run_cdma
 
     print(f"train cdma: {config.cdma.network} MTNet on {out} → {join(out, 'runs', name)}")
     metrics = run_cdma(name, out, config)
@@ -274,7 +274,7 @@ def _train_cdma(config: Config, name: str, out: str) -> int:
 
 
 def _train_gigassl(config: Config, name: str, out: str, features: str | None, export: bool) -> int:
-    from slidestream.trainers.gigassl import GigaSSLRun, export_embeddings, tile_features_for
+    from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings, tile_features_for
 
     views = _features_dir(out, features, "gigassl")
     run_dir = join(out, "runs", name)
@@ -309,7 +309,7 @@ def cmd_probe(
     test_frac: float,
     output: str | None,
 ) -> int:
-    from slidestream.trainers.probe import format_probe, run_probe
+    from slidestream.trainers.gigassl.probe import format_probe, run_probe
 
     try:
         small = tuple(int(v) for v in sizes.split(",") if v.strip())
@@ -339,7 +339,8 @@ def cmd_train(
     weights: str | None = None,
     export: bool = False,
 ) -> int:
-    from slidestream.trainers.runner import TrainingError, format_table, run_training
+    from slidestream.trainers.fit import TrainingError
+    from slidestream.trainers.mil.runner import format_table, run_training
 
     if kind == "icmil":
         return _train_icmil(config, name, out, labels, encoder, weights, rounds)
@@ -374,7 +375,7 @@ def cmd_tune(
     features: str | None,
     labels: str | None,
 ) -> int:
-    from slidestream.trainers.tune import run_sweep
+    from slidestream.trainers.tune.sweep import run_sweep
 
     bags = (
         None
@@ -397,7 +398,7 @@ def cmd_tune(
 def cmd_predict(
     config: Config, *, run: str, features: str, output: str | None, heatmaps: bool, slides: str | None
 ) -> int:
-    from slidestream.trainers.predict import predict_run
+    from slidestream.trainers.mil.predict import predict_run
 
     report = predict_run(run, features, output=output, heatmaps=heatmaps, slides=slides)
     print(f"predicted {report.n_slides} slides → {report.predictions}")

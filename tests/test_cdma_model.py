@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slidestream.pipelines.encoders import EncoderError
-from slidestream.trainers.cdma_losses import (
+from slidestream.trainers.cdma.losses import (
     CDMALoss,
     cross_decoder_distillation,
     dice_loss,

@@ -18,7 +18,7 @@ from slidestream.cluster.config import load_config
 from slidestream.pipelines.annotations import GeoJSONMask, Region
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.testing.helpers import make_config
-from slidestream.trainers.cdma import CDMAJob, make_optimizer, set_learning_rate
+from slidestream.trainers.cdma.run import CDMAJob, make_optimizer, set_learning_rate
 from slidestream.trainers.models.mtnet import build_mtnet
 
 TILING = ("tiling.mpp=2.0", "tiling.tile_px=64")

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 import torchvision
 
 from slidestream.pipelines.features import Bag
-from slidestream.trainers.models.sparse_pool import GigaSSLNet, SparseResNetPool, load_resnet18_layer4
-from slidestream.trainers.sparse_maps import (
+from slidestream.trainers.gigassl.sparse_maps import (
     augment_coords,
     build_batch,
     draw_view,
@@ -23,6 +22,7 @@ from slidestream.trainers.sparse_maps import (
     merge_duplicates,
     to_cells,
 )
+from slidestream.trainers.models.sparse_pool import GigaSSLNet, SparseResNetPool, load_resnet18_layer4
 from slidestream.trainers.spconv_compat import cpu_shim_active
 
 D = 8

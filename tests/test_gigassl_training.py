@@ -26,9 +26,9 @@ from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.testing.helpers import make_config
 from slidestream.trainers.data import TrainDataError
-from slidestream.trainers.gigassl import GigaSSLRun, export_embeddings, global_batch
+from slidestream.trainers.gigassl.probe import read_embeddings, run_probe
+from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings, global_batch
 from slidestream.trainers.optim import LARS, warmup_cosine
-from slidestream.trainers.probe import read_embeddings, run_probe
 
 SMALL = ("gigassl.workers=0", "gigassl.epochs=30", "gigassl.batch_size=16", "gigassl.dim=32",
          "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.lr=0.001",

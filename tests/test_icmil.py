@@ -19,7 +19,7 @@ from slidestream.pipelines.encoders import build_encoder
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.testing.helpers import make_config
-from slidestream.trainers.icmil import ICMILRun
+from slidestream.trainers.icmil.rounds import ICMILRun
 
 # Tiny on purpose: 6 slides at 2 µm/px (≈ 20 tiles each), 32 px encoder input, few epochs and tiles.
 SETTINGS = (

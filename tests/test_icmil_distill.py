@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from slidestream.pipelines.embed import with_input_px
 from slidestream.pipelines.encoders import TileEncoder, build_encoder
-from slidestream.trainers.icmil_distill import (
+from slidestream.trainers.icmil.distill import (
     InstanceTeacher,
     augmented_view,
     check_model,
@@ -20,7 +20,7 @@ from slidestream.trainers.icmil_distill import (
     distill_losses,
     make_student,
 )
-from slidestream.trainers.icmil_finetune import Views
+from slidestream.trainers.icmil.finetune import Views
 from slidestream.trainers.models import build_model
 
 INPUT_PX = 32

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from slidestream.trainers.mhim import (
+from slidestream.trainers.mil.mhim import (
     PRESETS,
     consistency_loss,
     cosine_decay,

@@ -10,9 +10,9 @@ import pytest
 
 from slidestream.testing.bags import write_bags
 from slidestream.testing.helpers import make_config
+from slidestream.trainers.mil.predict import predict_run
+from slidestream.trainers.mil.runner import run_training
 from slidestream.trainers.models import MODELS
-from slidestream.trainers.predict import predict_run
-from slidestream.trainers.runner import run_training
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 from slidestream.pipelines.features import BagMeta, FeatureBagError, bag_table, write_bag
 from slidestream.testing.bags import write_bags
 from slidestream.trainers.data import LabelledBags, TrainDataError
-from slidestream.trainers.loop import EarlyStopping
 from slidestream.trainers.metrics import choose_threshold, classification_metrics, summarise
+from slidestream.trainers.mil.loop import EarlyStopping
 from slidestream.trainers.splits import make_splits
 
 

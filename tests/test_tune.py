@@ -21,7 +21,7 @@ from ray.tune.schedulers import TrialScheduler
 from slidestream.cli import main
 from slidestream.cluster.config import load_config
 from slidestream.testing.bags import write_bags
-from slidestream.trainers.tune import early_stopping
+from slidestream.trainers.tune.sweep import early_stopping
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}

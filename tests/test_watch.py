@@ -31,8 +31,8 @@ from slidestream.pipelines.writer_lock import WriterLock, WriterLockError
 from slidestream.testing.bags import write_bags
 from slidestream.testing.helpers import committed_samples, make_config, session_driver_env
 from slidestream.testing.s3server import start_s3_server, stop_s3_server
-from slidestream.trainers.runner import run_training
-from slidestream.trainers.stream_scoring import NewSlideScorer
+from slidestream.trainers.mil.runner import run_training
+from slidestream.trainers.mil.stream_scoring import NewSlideScorer
 
 # Small slides, big tiles, a small encoder input: a slide takes a second or two on 2 cores.
 SETTINGS = (

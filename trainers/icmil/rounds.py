@@ -2,7 +2,7 @@
 
 Round 0: `embed` every slide with the starting encoder → `mil`: train the bag classifier (the MIL
 trainer) on frozen features. Round r ≥ 1: `distill`: fine-tune the embedder from the frozen bag classifier
-of round r − 1 (`trainers.icmil_finetune`, Ray Train) → `embed` every slide again with the new weights,
+of round r − 1 (`trainers/icmil/finetune.py`, Ray Train) → `embed` every slide again with the new weights,
 under a new encoder key (the key holds the weights' digest) → `mil`: retrain the bag classifier.
 
 One split per run: seed `train.seeds[0]`, fold `icmil.fold` of the MIL trainer's fold plan. Every round
@@ -33,10 +33,11 @@ from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 from slidestream.trainers.data import TrainDataError
-from slidestream.trainers.icmil_distill import check_model
-from slidestream.trainers.icmil_finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
-from slidestream.trainers.loop import WEIGHTS_FILE
-from slidestream.trainers.runner import RESOURCE_KEYS, Run, fit_loop, write_or_check_plan
+from slidestream.trainers.fit import RESOURCE_KEYS, fit_loop, write_or_check_plan
+from slidestream.trainers.icmil.distill import check_model
+from slidestream.trainers.icmil.finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
+from slidestream.trainers.mil.runner import Run
+from slidestream.trainers.session import WEIGHTS_FILE
 
 __all__ = ["ICMILError", "ICMILRun", "ICMILSummary", "format_rounds", "run_icmil"]
 

@@ -25,7 +25,7 @@ from slidestream.cluster.config import TilingConfig, TissueConfig
 from slidestream.cluster.storage import write_bytes_atomic
 from slidestream.pipelines.reader import SlideError, open_slide_uncached, read_tiles, slide_info
 from slidestream.pipelines.tiling import grid_positions, read_plan
-from slidestream.trainers.cdma_data import normalise
+from slidestream.trainers.cdma.data import normalise
 
 __all__ = ["SlidePrediction", "mask_polygons", "predict_slide", "write_geojson", "write_overlay"]
 

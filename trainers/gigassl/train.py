@@ -3,7 +3,7 @@
 A step takes the GLOBAL batch of `gigassl.batch_size` slides, split evenly across the workers; every
 worker draws two views of each of its slides (T tiles of one stored augmentation, augmented
 coordinates), encodes both with the sparse ResNet layer4 + projector, and the NT-Xent over all 2B views
-is computed with the projections gathered across workers with autograd (`slidestream.trainers.ntxent`).
+is computed with the projections gathered across workers with autograd (`trainers/gigassl/ntxent.py`).
 
 Run layout `OUT/runs/<name>/`: `run.json` (the plan: a rerun with other settings is refused, the same
 settings resume from the last epoch checkpoint), `config.yaml`, `ray/` (Ray Train checkpoints),
@@ -34,7 +34,18 @@ from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_at
 from slidestream.pipelines.features import Bag, FeatureBags
 from slidestream.trainers.data import BagCache, TrainDataError
 from slidestream.trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
-from slidestream.trainers.loop import (
+from slidestream.trainers.fit import fit_once, write_or_check_plan
+from slidestream.trainers.gigassl.ntxent import backward_global, global_ntxent
+from slidestream.trainers.gigassl.sparse_maps import (
+    augment_coords,
+    build_batch,
+    draw_view,
+    grid_step,
+    to_cells,
+)
+from slidestream.trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
+from slidestream.trainers.optim import build_optimizer, warmup_cosine
+from slidestream.trainers.session import (
     bf16_autocast,
     checkpoint_bytes,
     load_weights,
@@ -42,11 +53,6 @@ from slidestream.trainers.loop import (
     restore_state,
     train_device,
 )
-from slidestream.trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
-from slidestream.trainers.ntxent import backward_global, global_ntxent
-from slidestream.trainers.optim import build_optimizer, warmup_cosine
-from slidestream.trainers.runner import fit_once, write_or_check_plan
-from slidestream.trainers.sparse_maps import augment_coords, build_batch, draw_view, grid_step, to_cells
 
 __all__ = [
     "GigaSSLJob",
@@ -272,7 +278,7 @@ def split_probe(net: GigaSSLNet, bags: ViewMaker, split: dict[str, Any], cfg: di
                 device: torch.device) -> dict[str, float]:  # fmt: skip
     """A linear probe of the current encoder on a fold split: fitted on the training slides' embeddings,
     ROC-AUC on the validation (`val_auc`, what a sweep selects on) and test slides (`test_auc`, recorded)."""
-    from slidestream.trainers.probe import probe_auc
+    from slidestream.trainers.gigassl.probe import probe_auc
 
     ids = [*split["train"], *split["val"], *split["test"]]
     if cfg["export_bn"] == "recalibrate":  # on a copy: training goes on with its own statistics

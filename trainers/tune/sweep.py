@@ -8,7 +8,7 @@ Search space file (dotted config keys, one distribution each)::
     train.mhim.mask_ratio: {uniform: [0.0, 0.8]}
     train.model_options.gated: {grid: [true, false]}
 
-Trials are compared on VALIDATION slides (what each kind reports is in `trainers.tune_targets`); test
+Trials are compared on VALIDATION slides (what each kind reports is in `trainers/tune/targets.py`); test
 metrics are recorded, never used. With 0 workers (`train.workers`, `gigassl.workers`, `cdma.workers`) a
 trial runs the training loop itself and reports every epoch, so ASHA can stop poor trials early; with
 workers ≥ 1 each trial is a distributed Ray Train run that reports once at the end.
@@ -33,8 +33,8 @@ from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.trainers.data import TrainDataError
-from slidestream.trainers.runner import train_storage
-from slidestream.trainers.tune_targets import make_target
+from slidestream.trainers.fit import train_storage
+from slidestream.trainers.tune.targets import make_target
 
 __all__ = ["SweepSummary", "early_stopping", "load_space", "run_sweep"]
 

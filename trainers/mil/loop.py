@@ -1,6 +1,6 @@
 """One fold's training on every Ray Train worker: baseline MIL or MHIM-MIL, early stopping, checkpoints.
 
-The driver (`trainers.runner`) describes a fold as a `FoldJob`; `train_fold` runs it. Every rank keeps
+The driver (`trainers/mil/runner.py`) describes a fold as a `FoldJob`; `train_fold` runs it. Every rank keeps
 identical model weights (same initial seed, averaged gradients), takes the same number of steps per epoch
 and evaluates its share of the validation / test bags, which are then gathered. Rank 0 writes the
 checkpoint every epoch and, at the end, the fold's result files; `result.json` is written last, so its
@@ -14,10 +14,7 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,20 +24,27 @@ import pyarrow.parquet as pq
 import torch
 from torch import nn
 
-from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
+from slidestream.cluster.storage import join, write_bytes_atomic
 from slidestream.pipelines.features import FeatureBags
 from slidestream.trainers.data import BagCache
 from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
 from slidestream.trainers.metrics import choose_threshold, classification_metrics
-from slidestream.trainers.mhim import consistency_loss, cosine_value, ema_update, mask_instances
+from slidestream.trainers.mil.mhim import consistency_loss, cosine_value, ema_update, mask_instances
 from slidestream.trainers.models import MILModel, build_model
+from slidestream.trainers.session import (
+    RESULT_FILE,
+    WEIGHTS_FILE,
+    bf16_autocast,
+    checkpoint_bytes,
+    load_weights,
+    report_epoch,
+    restore_state,
+    train_device,
+)
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "result.json"
-WEIGHTS_FILE = "weights.pt"
 PREDICTIONS_FILE = "predictions.parquet"
-_STATE_FILE = "state.pt"
 
 
 @dataclass
@@ -72,17 +76,6 @@ class FoldJob:
 def model_from_job(job: FoldJob) -> MILModel:
     cfg = job.train
     return build_model(cfg["model"], job.dim, len(job.classes), **cfg["model_options"])
-
-
-def load_weights(uri: str) -> dict[str, torch.Tensor]:
-    """A state dict saved by a fold (tensors only: loaded with weights_only=True)."""
-    return torch.load(io.BytesIO(read_bytes(uri)), map_location="cpu", weights_only=True)
-
-
-def checkpoint_bytes(obj: Any) -> bytes:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.getvalue()
 
 
 class EarlyStopping:
@@ -197,23 +190,6 @@ def feature_statistics(ids: list[str], cache: BagCache) -> tuple[torch.Tensor, t
     return mean.float(), torch.full_like(mean, float(scale)).float()
 
 
-def train_device() -> torch.device:
-    """The device of this training worker: Ray Train's GPU when there is one, else the CPU."""
-    if torch.cuda.is_available():
-        try:
-            import ray.train.torch
-
-            return ray.train.torch.get_device()
-        except (ImportError, RuntimeError):
-            return torch.device("cuda")
-    return torch.device("cpu")
-
-
-def bf16_autocast(device: torch.device):
-    """bf16 autocast on CUDA; full fp32 precision on CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 @torch.no_grad()
 def evaluate(
     model: MILModel, ids: list[str], job: FoldJob, cache: BagCache, device: torch.device
@@ -238,37 +214,6 @@ def evaluate(
 def _val_metrics(job: FoldJob, probs: np.ndarray, loss: float) -> dict[str, float]:
     y = [job.targets[s] for s in job.val_ids]
     return {"val_loss": loss, "val_auc": classification_metrics(y, probs, job.classes)["auc"]}
-
-
-def _session(reporter: str) -> Any:
-    """The module whose `report` / `get_checkpoint` / `Checkpoint` serve this loop: Ray Train in a
-    TorchTrainer, Ray Tune when a sweep trial runs the loop itself (per-epoch results feed its scheduler)."""
-    if reporter == "tune":
-        import ray.tune
-
-        return ray.tune
-    import ray.train
-
-    return ray.train
-
-
-def report_epoch(reporter: str, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-    """Report an epoch; rank 0 attaches the checkpoint (a barrier: every rank calls it)."""
-    session = _session(reporter)
-    if state is None:
-        session.report(metrics)
-        return
-    with tempfile.TemporaryDirectory(prefix="slidestream-ckpt-") as tmp:
-        torch.save(state, os.path.join(tmp, _STATE_FILE))
-        session.report(metrics, checkpoint=session.Checkpoint.from_directory(tmp))
-
-
-def restore_state(reporter: str) -> dict[str, Any] | None:
-    checkpoint = _session(reporter).get_checkpoint()
-    if checkpoint is None:
-        return None
-    with checkpoint.as_directory() as path:
-        return torch.load(os.path.join(path, _STATE_FILE), map_location="cpu", weights_only=True)
 
 
 def train_fold(config: dict[str, Any]) -> None:

@@ -32,15 +32,21 @@ from slidestream.pipelines.embed import with_input_px
 from slidestream.pipelines.encoders import TileEncoder, build_encoder
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples
 from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
-from slidestream.trainers.icmil_distill import (
+from slidestream.trainers.icmil.distill import (
     DEFAULT_BETA,
     InstanceTeacher,
     augmented_view,
     distill_losses,
     make_student,
 )
-from slidestream.trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
 from slidestream.trainers.models import build_model
+from slidestream.trainers.session import (
+    bf16_autocast,
+    load_weights,
+    report_epoch,
+    restore_state,
+    train_device,
+)
 
 __all__ = ["ENCODER_FILE", "RESULT_FILE", "DistillJob", "finetune_embedder"]
 

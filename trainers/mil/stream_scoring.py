@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from slidestream.cluster.storage import filesystem, join
 from slidestream.trainers.data import TrainDataError
-from slidestream.trainers.predict import load_run_models, predict_table, write_table
+from slidestream.trainers.mil.predict import load_run_models, predict_table, write_table
 
 VERSION_COLUMN = "slide_version"
 

@@ -28,7 +28,7 @@ from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.tile_store import tiles_stage
-from slidestream.trainers.cdma_data import (
+from slidestream.trainers.cdma.data import (
     TileSet,
     augment,
     half_batches,
@@ -37,15 +37,21 @@ from slidestream.trainers.cdma_data import (
     split_slides,
     steps_per_epoch,
 )
-from slidestream.trainers.cdma_losses import CDMALoss
+from slidestream.trainers.cdma.infer import predict_slide, write_geojson, write_overlay
+from slidestream.trainers.cdma.losses import CDMALoss
+from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world
-from slidestream.trainers.loop import bf16_autocast, load_weights, report_epoch, restore_state, train_device
+from slidestream.trainers.fit import fit_once, write_or_check_plan
 from slidestream.trainers.metrics import summarise
 from slidestream.trainers.models.mtnet import MTNet, build_mtnet
-from slidestream.trainers.runner import fit_once, write_or_check_plan
-from slidestream.trainers.seg_infer import predict_slide, write_geojson, write_overlay
-from slidestream.trainers.seg_metrics import segmentation_metrics
+from slidestream.trainers.session import (
+    bf16_autocast,
+    load_weights,
+    report_epoch,
+    restore_state,
+    train_device,
+)
 
 __all__ = ["CDMAJob", "format_cdma_table", "make_optimizer", "run_cdma", "train_cdma"]
 

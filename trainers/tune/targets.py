@@ -24,8 +24,10 @@ from slidestream.cluster.config import Config, with_values
 from slidestream.cluster.storage import exists, join, read_bytes
 from slidestream.pipelines.features import FeatureBags
 from slidestream.trainers.data import LabelledBags, TrainDataError
-from slidestream.trainers.loop import RESULT_FILE, WEIGHTS_FILE, train_fold
-from slidestream.trainers.runner import fit_job, fit_once, make_job, resolve_mhim
+from slidestream.trainers.fit import fit_once
+from slidestream.trainers.mil.loop import train_fold
+from slidestream.trainers.mil.runner import fit_job, make_job, resolve_mhim
+from slidestream.trainers.session import RESULT_FILE, WEIGHTS_FILE
 from slidestream.trainers.splits import FoldSplit, make_splits
 
 __all__ = ["SweepTarget", "make_target"]
@@ -159,7 +161,7 @@ def _last_epoch(result: dict[str, Any]) -> dict[str, Any]:
 
 def gigassl_trial(params: dict[str, Any], *, base: dict, views: str, slide_ids: list[str], in_dim: int,
                   probe: dict[str, Any], trials_dir: str) -> None:  # fmt: skip
-    from slidestream.trainers.gigassl import GigaSSLJob, train_gigassl
+    from slidestream.trainers.gigassl.train import GigaSSLJob, train_gigassl
 
     config, trial_dir = _trial_context(params, base, trials_dir)
     name = trial_dir.rsplit("/", 1)[-1]
@@ -174,7 +176,7 @@ class GigaSSLTarget(SweepTarget):
     section, trial = "gigassl", staticmethod(gigassl_trial)
 
     def __init__(self, config: Config, views: str, labels: str) -> None:
-        from slidestream.trainers.gigassl import global_batch, tile_features_for
+        from slidestream.trainers.gigassl.train import global_batch, tile_features_for
 
         super().__init__(config)
         bags = FeatureBags(views, require_labels=False)
@@ -210,7 +212,7 @@ def _best_val_dice(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def cdma_trial(params: dict[str, Any], *, base: dict, out: str, trials_dir: str) -> None:
-    from slidestream.trainers.cdma import CDMARun, train_cdma
+    from slidestream.trainers.cdma.run import CDMARun, train_cdma
 
     config, trial_dir = _trial_context(params, base, trials_dir)
     job = CDMARun(trial_dir.rsplit("/", 1)[-1], out, config).jobs()[0]  # the semi-supervised run
@@ -224,7 +226,7 @@ class CDMATarget(SweepTarget):
     section, trial = "cdma", staticmethod(cdma_trial)
 
     def __init__(self, config: Config, out: str) -> None:
-        from slidestream.trainers.cdma import CDMARun
+        from slidestream.trainers.cdma.run import CDMARun
 
         super().__init__(config)
         self.out = out

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from slidestream.cluster.config import Config, ConfigError, load_config
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import scrub_secrets
+from slidestream.trainers.methods import METHODS, TUNABLE
+from slidestream.trainers.models import MODELS
 
 log = logging.getLogger("slidestream")
 
@@ -20,6 +22,7 @@ def _common() -> argparse.ArgumentParser:
     common.add_argument(
         "--config",
         dest="config_file",
+        metavar="CONFIG",
         help="configuration YAML (default: ./ray_config.yaml, else the shipped one)",
     )
     common.add_argument(
@@ -132,10 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", parents=[common], help="train a slide classifier on feature bags")
     train.add_argument(
         "kind",
-        choices=["mil", "mhim", "icmil", "cdma", "gigassl"],
-        help="mil: baseline MIL; mhim: MHIM-MIL; icmil: bag classifier and tile embedder in turns; "
-        "cdma: semi-supervised tissue segmentation on the tile shards; gigassl: self-supervised slide "
-        "embeddings from Giga-SSL views (--features: the views, default the only set under OUT/gigassl)",
+        choices=list(METHODS),
+        help="; ".join(f"{kind}: {method.summary}" for kind, method in METHODS.items()),
     )
     train.add_argument(
         "--name", required=True, help="run name: OUT/runs/NAME (rerun the same name to resume)"
@@ -148,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--annotations", help="cdma: dir of <slide_id>.tumour.png masks or <slide_id>.geojson (QuPath)"
     )
-    train.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"])
+    train.add_argument("--model", choices=list(MODELS))
     train.add_argument("--folds", type=int, help="cross-validation folds (train.folds)")
     train.add_argument("--workers", type=int, help="Ray Train workers per fold (train.workers)")
     train.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
@@ -168,9 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune = commands.add_parser("tune", parents=[common], help="hyperparameter sweep (Ray Tune, ASHA)")
     tune.add_argument(
         "kind",
-        choices=["mil", "mhim", "gigassl", "cdma"],
-        help="mil/mhim: validation loss or AUC of a fold split; gigassl: validation AUC of a linear probe "
-        "of the slide embeddings after every epoch; cdma: validation-slide Dice",
+        choices=TUNABLE,
+        help="; ".join(f"{kind}: {METHODS[kind].tune_summary}" for kind in TUNABLE),
     )
     tune.add_argument("--name", required=True, help="sweep name: OUT/tune/NAME (rerun to resume)")
     tune.add_argument("--out", required=True, help="output root (dir or s3://)")
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tune.add_argument("--labels", help="labels CSV/Parquet (mil, mhim, gigassl)")
     tune.add_argument("--annotations", help="cdma: dir of <slide_id>.tumour.png masks or <slide_id>.geojson")
-    tune.add_argument("--model", choices=["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"])
+    tune.add_argument("--model", choices=list(MODELS))
     tune.add_argument(
         "--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself, per-epoch ASHA)"
     )
@@ -267,9 +267,9 @@ def _config_from(args: argparse.Namespace) -> Config:
         "annotations": "cdma.annotations",
         "interval": "watch.interval_s",
     }
-    kind = getattr(args, "kind", None)
-    if kind in ("gigassl", "cdma"):  # these flags set the method's own section
-        flag_keys.update(workers=f"{kind}.workers", epochs=f"{kind}.epochs")
+    if kind := getattr(args, "kind", None):  # these flags set the method's own section
+        section = METHODS[kind].section
+        flag_keys.update(workers=f"{section}.workers", epochs=f"{section}.epochs")
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:

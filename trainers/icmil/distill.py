@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slidestream.pipelines.encoders import TileEncoder
-from slidestream.trainers.models import MILModel
 from slidestream.trainers.models.abmil import ABMIL
+from slidestream.trainers.models.base import MILModel
 from slidestream.trainers.models.dtfd import DTFDMIL
 
 __all__ = [

@@ -30,7 +30,8 @@ from slidestream.trainers.data import BagCache
 from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world, shard_with_padding
 from slidestream.trainers.metrics import choose_threshold, classification_metrics
 from slidestream.trainers.mil.mhim import consistency_loss, cosine_value, ema_update, mask_instances
-from slidestream.trainers.models import MILModel, build_model
+from slidestream.trainers.models import build_model
+from slidestream.trainers.models.base import MILModel
 from slidestream.trainers.session import (
     RESULT_FILE,
     WEIGHTS_FILE,

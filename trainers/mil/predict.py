@@ -21,7 +21,8 @@ from slidestream.pipelines.reader import SlideError
 from slidestream.pipelines.slides import discover_slides
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.fit import RUN_FILE
-from slidestream.trainers.models import MILModel, build_model
+from slidestream.trainers.models import build_model
+from slidestream.trainers.models.base import MILModel
 from slidestream.trainers.session import RESULT_FILE, WEIGHTS_FILE, load_weights
 
 __all__ = ["PredictReport", "load_run_models", "predict_run", "predict_table", "write_table"]

@@ -25,6 +25,7 @@ from slidestream.cluster.storage import exists, join, read_bytes
 from slidestream.pipelines.features import FeatureBags
 from slidestream.trainers.data import LabelledBags, TrainDataError
 from slidestream.trainers.fit import fit_once
+from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.mil.loop import train_fold
 from slidestream.trainers.mil.runner import fit_job, make_job, resolve_mhim
 from slidestream.trainers.session import RESULT_FILE, WEIGHTS_FILE
@@ -41,15 +42,22 @@ class SweepTarget(ABC):
     mode = "max"
     keep = "best"  # the epoch of a trial that counts: "best" (its weights are kept) or "last"
     test_metric: str | None = None
-    section: str  # the config section with workers, cpus_per_worker and epochs (train, gigassl, cdma)
     trial: Any  # the module-level trial function (Tune pickles it), as a staticmethod
 
     def __init__(self, config: Config) -> None:
         self.config = config
 
+    @classmethod
+    @abstractmethod
+    def create(
+        cls, kind: str, config: Config, out: str, features: str | None, labels: str | None
+    ) -> SweepTarget:
+        """The target of a `kind` sweep from the command's arguments (refused when it lacks one it needs)."""
+
     @property
     def resources(self) -> Any:
-        return getattr(self.config, self.section)
+        """The method's config section (workers, cpus_per_worker, epochs): its row of the method table."""
+        return getattr(self.config, METHODS[self.kind].section)
 
     @property
     def epochs(self) -> int:
@@ -69,6 +77,12 @@ class SweepTarget(ABC):
         if self.test_metric is None or self.test_metric not in counted:
             return None
         return float(counted[self.test_metric])
+
+
+def _bags_and_labels(kind: str, features: str | None, labels: str | None, what: str) -> tuple[str, str]:
+    if not features or not labels:
+        raise TrainDataError(f"tune {kind} needs --labels (for {what}) and feature bags")
+    return features, labels
 
 
 def _trial_context(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> tuple[Config, str]:
@@ -112,7 +126,14 @@ def mil_trial(params: dict[str, Any], *, base: dict, data: LabelledBags, split: 
 
 
 class MILTarget(SweepTarget):
-    section, trial, test_metric = "train", staticmethod(mil_trial), "test_auc"
+    trial, test_metric = staticmethod(mil_trial), "test_auc"
+
+    @classmethod
+    def create(
+        cls, kind: str, config: Config, out: str, features: str | None, labels: str | None
+    ) -> SweepTarget:
+        features, labels = _bags_and_labels(kind, features, labels, "the MIL fold split")
+        return cls(kind, config, features, labels)
 
     def __init__(self, kind: str, config: Config, features: str, labels: str) -> None:
         super().__init__(config)
@@ -173,7 +194,14 @@ def gigassl_trial(params: dict[str, Any], *, base: dict, views: str, slide_ids: 
 
 class GigaSSLTarget(SweepTarget):
     kind, monitor, keep, test_metric = "gigassl", "val_auc", "last", "test_auc"
-    section, trial = "gigassl", staticmethod(gigassl_trial)
+    trial = staticmethod(gigassl_trial)
+
+    @classmethod
+    def create(
+        cls, kind: str, config: Config, out: str, features: str | None, labels: str | None
+    ) -> SweepTarget:
+        features, labels = _bags_and_labels(kind, features, labels, "the linear probe that compares trials")
+        return cls(config, features, labels)
 
     def __init__(self, config: Config, views: str, labels: str) -> None:
         from slidestream.trainers.gigassl.train import global_batch, tile_features_for
@@ -223,7 +251,13 @@ def cdma_trial(params: dict[str, Any], *, base: dict, out: str, trials_dir: str)
 
 class CDMATarget(SweepTarget):
     kind, monitor = "cdma", "val_dice"
-    section, trial = "cdma", staticmethod(cdma_trial)
+    trial = staticmethod(cdma_trial)
+
+    @classmethod
+    def create(
+        cls, kind: str, config: Config, out: str, features: str | None, labels: str | None
+    ) -> SweepTarget:
+        return cls(config, out)
 
     def __init__(self, config: Config, out: str) -> None:
         from slidestream.trainers.cdma.run import CDMARun
@@ -245,13 +279,7 @@ class CDMATarget(SweepTarget):
 
 def make_target(kind: str, config: Config, out: str, features: str | None, labels: str | None) -> SweepTarget:
     """The target of a `kind` sweep; `features` is the bag (mil, mhim) or view (gigassl) directory."""
-    if kind == "cdma":
-        return CDMATarget(config, out)
-    if kind not in ("mil", "mhim", "gigassl"):
-        raise TrainDataError(f"tune supports mil, mhim, gigassl and cdma, not {kind!r}")
-    if not features or not labels:
-        what = "the linear probe that compares trials" if kind == "gigassl" else "the MIL fold split"
-        raise TrainDataError(f"tune {kind} needs --labels (for {what}) and feature bags")
-    if kind == "gigassl":
-        return GigaSSLTarget(config, features, labels)
-    return MILTarget(kind, config, features, labels)
+    method = METHODS.get(kind)
+    if method is None or method.tune_target is None:
+        raise TrainDataError(f"tune supports {', '.join(TUNABLE)}, not {kind!r}")
+    return method.target_class().create(kind, config, out, features, labels)

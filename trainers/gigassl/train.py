@@ -32,6 +32,7 @@ from slidestream.cluster.config import Config, GigaSSLConfig
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import Bag, FeatureBags
+from slidestream.trainers import session
 from slidestream.trainers.data import BagCache, TrainDataError
 from slidestream.trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
 from slidestream.trainers.fit import fit_once, write_or_check_plan
@@ -45,14 +46,6 @@ from slidestream.trainers.gigassl.sparse_maps import (
 )
 from slidestream.trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
 from slidestream.trainers.optim import build_optimizer, warmup_cosine
-from slidestream.trainers.session import (
-    bf16_autocast,
-    checkpoint_bytes,
-    load_weights,
-    report_epoch,
-    restore_state,
-    train_device,
-)
 
 __all__ = [
     "GigaSSLJob",
@@ -138,7 +131,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
     job = GigaSSLJob(**config)
     cfg = job.cfg
     rank, world = rank_and_world()
-    device = train_device()
+    device = session.train_device()
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     net = build_net(cfg, job.in_dim).to(device)
     lr = learning_rate(cfg)
@@ -156,7 +149,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
     )
 
     start, history = 0, []
-    saved = restore_state(job.reporter)
+    saved = session.restore_state(job.reporter)
     if saved is not None:
         net.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -175,7 +168,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
             maps = [views.view(s, rng) for s in ids] + [views.view(s, rng) for s in ids]
             x = build_batch(maps).tensor(device)
             _, z = net(x)
-            with bf16_autocast(device):
+            with session.bf16_autocast(device):
                 loss = global_ntxent(z[:local].float(), z[local:].float(), cfg["tau"])
             optimizer.zero_grad(set_to_none=True)
             backward_global(loss, net)
@@ -199,11 +192,11 @@ def train_gigassl(config: dict[str, Any]) -> None:
                      metrics["train_loss"], metrics["lr"], metrics["slides_per_s"])  # fmt: skip
             state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "history": history}  # fmt: skip
-        report_epoch(job.reporter, dict(metrics), state)
+        session.report_epoch(job.reporter, dict(metrics), state)
 
     if rank == 0:
         cpu_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        write_bytes_atomic(join(job.run_dir, WEIGHTS_FILE), checkpoint_bytes(cpu_state))
+        write_bytes_atomic(join(job.run_dir, WEIGHTS_FILE), session.checkpoint_bytes(cpu_state))
         result = {"name": job.name, "in_dim": job.in_dim, "gigassl": cfg, "history": history,
                   "batch": batch, "workers": world}  # fmt: skip
         write_bytes_atomic(join(job.run_dir, RESULT_FILE), json.dumps(result, indent=1).encode())
@@ -319,9 +312,9 @@ def export_embeddings(run_dir: str, views: str, output: str | None = None, expor
     if bags.dim != result["in_dim"]:
         raise TrainDataError(f"{views} holds {bags.dim}-d features; run {run_dir} was trained on "
                              f"{result['in_dim']}-d features")  # fmt: skip
-    device = train_device()
+    device = session.train_device()
     net = GigaSSLNet(result["in_dim"], cfg["dim"], cfg["proj_dim"])
-    net.load_state_dict(load_weights(join(run_dir, WEIGHTS_FILE)))
+    net.load_state_dict(session.load_weights(join(run_dir, WEIGHTS_FILE)))
     net.to(device).eval()
     maker = ViewMaker(BagCache(bags, 0), cfg)
     if cfg.get("export_bn", "running") == "recalibrate":  # runs trained before the setting: as they were

@@ -17,22 +17,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cluster.config import load_config
-from cluster.storage import join
-from pipelines.ingest import run_ingest
-from pipelines.synthetic import write_dataset
-from trainers.cdma import WEIGHTS_FILE, CDMARun
-from trainers.loop import load_weights
-from trainers.models.mtnet import build_mtnet
-from trainers.seg_infer import predict_slide
+from slidestream.cluster.config import load_config
+from slidestream.cluster.storage import join
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.trainers.cdma.infer import predict_slide
+from slidestream.trainers.cdma.run import WEIGHTS_FILE, CDMARun
+from slidestream.trainers.models.mtnet import build_mtnet
+from slidestream.trainers.session import load_weights
 
 
 def _data(args: argparse.Namespace) -> tuple[str, str]:

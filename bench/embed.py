@@ -35,13 +35,13 @@ import numpy as np
 import torch
 from cpu_monitor import CpuMonitor  # bench/, the script's folder
 
-from cluster.config import load_config
-from cluster.runtime import ensure_ray
-from pipelines.embed import EmbedStage, cpu_threads, with_input_px
-from pipelines.encoders import build_encoder
-from pipelines.ingest import planned_chunks, run_ingest
-from pipelines.reader import read_tile, read_tiles, resize_tile
-from pipelines.synthetic import write_dataset
+from slidestream.cluster.config import load_config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.pipelines.embed import EmbedStage, cpu_threads, with_input_px
+from slidestream.pipelines.encoders import build_encoder
+from slidestream.pipelines.ingest import planned_chunks, run_ingest
+from slidestream.pipelines.reader import read_tile, read_tiles, resize_tile
+from slidestream.pipelines.synthetic import write_dataset
 
 ENCODER_ACTOR = "encoder actor"
 CPU_GROUPS = [

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from cluster.config import load_config
-from cluster.runtime import ensure_ray
-from pipelines.features import BagMeta, bag_table, write_bag
-from trainers.gigassl import RESULT_FILE, GigaSSLRun
+from slidestream.cluster.config import load_config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.pipelines.features import BagMeta, bag_table, write_bag
+from slidestream.trainers.gigassl.train import RESULT_FILE, GigaSSLRun
 
 
 def write_views(root: Path, args: argparse.Namespace) -> None:

@@ -18,7 +18,7 @@ import argparse
 import numpy as np
 import torch
 
-from pipelines.features import Bag, FeatureBags
+from slidestream.pipelines.features import Bag, FeatureBags
 
 
 def _mean_view(

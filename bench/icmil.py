@@ -2,7 +2,7 @@
 the distillation step of ResNet-50 at 224 px in bf16.
 
 1. Ray Train: synthetic slides are ingested into WebDataset shards, then the real fine-tuning loop
-   (`trainers.icmil_finetune.finetune_embedder` through `fit_loop`: tiles streamed from the shards,
+   (`trainers/icmil/finetune.py`, `finetune_embedder` through `fit_loop`: tiles streamed from the shards,
    clean + augmented views, the three KL terms, gradient all-reduce, a checkpoint per epoch) runs with 1
    and then 2 workers on the same shards (`icmil.cpus_per_worker=1`: one torch thread per worker).
    The frozen bag classifier is a freshly initialised ABMIL (throughput does not depend on its values).
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,22 +29,19 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("SLIDESTREAM_PROGRESS", "0")
 
-from support.helpers import make_config  # noqa: E402
-
-from cluster.config import with_values  # noqa: E402
-from cluster.runtime import ensure_ray  # noqa: E402
-from cluster.storage import join  # noqa: E402
-from pipelines.ingest import committed_shards, run_ingest, tiles_stage  # noqa: E402
-from pipelines.ledger import Ledger  # noqa: E402
-from pipelines.synthetic import write_dataset  # noqa: E402
-from trainers.icmil_finetune import RESULT_FILE, DistillJob, finetune_embedder  # noqa: E402
-from trainers.models import build_model  # noqa: E402
-from trainers.runner import fit_loop  # noqa: E402
+from slidestream.cluster.config import with_values
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.tile_store import committed_shards, tiles_stage
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.fit import fit_loop
+from slidestream.trainers.icmil.finetune import RESULT_FILE, DistillJob, finetune_embedder
+from slidestream.trainers.models import build_model
 
 
 def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[str]], dict[str, int], str]:
@@ -56,7 +52,7 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[s
     shards = committed_shards(str(work / "out"), config.tiling)
     tiles = {e.slide_id: e.n_tiles for e in Ledger(str(work / "out")).entries(tiles_stage(config.tiling))}
     print(f"ingested {len(report.ok)} slides, {sum(tiles.values())} tiles of 128 px at 1 µm/px")
-    from pipelines.encoders import encoder_info
+    from slidestream.pipelines.encoders import encoder_info
 
     dim = encoder_info(args.encoder, "random").dim
     mil_weights = str(work / "abmil.pt")
@@ -67,7 +63,7 @@ def prepare(work: Path, args: argparse.Namespace) -> tuple[Any, dict[str, list[s
 
 def ray_run(work: Path, args: argparse.Namespace, prepared: tuple, workers: int) -> dict[str, Any]:
     config, shards, tiles, mil_weights = prepared
-    from pipelines.encoders import encoder_info
+    from slidestream.pipelines.encoders import encoder_info
 
     icmil = with_values(config, {
         "icmil.workers": workers, "icmil.cpus_per_worker": 1, "icmil.batch_size": args.batch,
@@ -101,8 +97,8 @@ def ray_run(work: Path, args: argparse.Namespace, prepared: tuple, workers: int)
 def gpu_run(args: argparse.Namespace) -> dict[str, Any] | None:
     if not torch.cuda.is_available():
         return None
-    from pipelines.encoders import build_encoder
-    from trainers.icmil_distill import InstanceTeacher, distill_losses, make_student
+    from slidestream.pipelines.encoders import build_encoder
+    from slidestream.trainers.icmil.distill import InstanceTeacher, distill_losses, make_student
 
     device = torch.device("cuda")
     encoder = build_encoder("resnet50_trunc", "random", 0)

@@ -18,7 +18,6 @@ import argparse
 import contextlib
 import io
 import shutil
-import sys
 import tempfile
 import threading
 import time
@@ -28,17 +27,14 @@ import numpy as np
 import psutil
 import webdataset as wds
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster.config import load_config  # noqa: E402
-from cluster.runtime import ensure_ray  # noqa: E402
-from cluster.storage import filesystem, join  # noqa: E402
-from pipelines.ingest import planned_chunks, run_ingest  # noqa: E402
-from pipelines.reader import read_tile  # noqa: E402
-from pipelines.shards import encode_image, tile_key  # noqa: E402
-from pipelines.synthetic import write_dataset  # noqa: E402
-from pipelines.tiling import ReadPlan  # noqa: E402
+from slidestream.cluster.config import load_config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import filesystem, join
+from slidestream.pipelines.ingest import planned_chunks, run_ingest
+from slidestream.pipelines.reader import read_tile
+from slidestream.pipelines.shards import encode_image, tile_key
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.tiling import ReadPlan
 
 
 class PeakMemory:
@@ -155,7 +151,7 @@ def main() -> None:
 
     server = None
     if not args.no_s3:
-        from support.s3server import start_s3_server, stop_s3_server
+        from slidestream.testing.s3server import start_s3_server, stop_s3_server
 
         server = start_s3_server()
         import os

@@ -45,7 +45,6 @@ import re
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -56,13 +55,11 @@ from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from cluster.config import TrainConfig, load_config  # noqa: E402
-from cluster.storage import join, read_bytes  # noqa: E402
-from trainers.loop import RESULT_FILE, MHIMStep, bf16_autocast  # noqa: E402
-from trainers.models import build_model  # noqa: E402
+from slidestream.cluster.config import TrainConfig, load_config
+from slidestream.cluster.storage import join, read_bytes
+from slidestream.trainers.mil.loop import MHIMStep
+from slidestream.trainers.models import build_model
+from slidestream.trainers.session import RESULT_FILE, bf16_autocast
 
 MODELS = ("abmil", "transmil")
 MODES = ("baseline", "mhim")
@@ -110,7 +107,7 @@ def _sync(device: torch.device) -> None:
 
 
 class StepRunner:
-    """One training configuration, stepping as the trainer's loop does (`trainers/loop.py`, `train_fold`):
+    """One training configuration, stepping as the trainer's loop does (`trainers/mil/loop.py`, `train_fold`):
     model and Adam with the trainer's defaults; with `mhim` parameters (from `resolve_mhim`, in the
     parent process: the children need not import Ray) through `MHIMStep`, its teacher seeded from another
     random model, standing in for the baseline weights the trainer would load."""
@@ -157,7 +154,7 @@ class StepRunner:
         """Instances the student sees for bag `x` (at the schedule's last step)."""
         if self.mhim is None:
             return x.shape[0]
-        from trainers.mhim import mask_instances
+        from slidestream.trainers.mil.mhim import mask_instances
 
         p = self.params
         with torch.no_grad(), bf16_autocast(self.device):
@@ -261,7 +258,7 @@ def run_isolated(function: str, spec: dict[str, Any]) -> dict[str, Any]:
 def step_benchmark(args: argparse.Namespace, device: str) -> dict[tuple[str, str], dict[str, Any]]:
     """`--repeats` rounds; each round runs baseline and MHIM once each, in fresh processes, one after the
     other (the order swapped every round), so that a change in the machine's load hits both alike."""
-    from trainers.runner import resolve_mhim
+    from slidestream.trainers.mil.runner import resolve_mhim
 
     results: dict[tuple[str, str], dict[str, Any]] = {}
     common = {"instances": args.instances, "dim": args.dim, "device_name": device, "threads": args.threads}
@@ -384,7 +381,7 @@ class CheckpointClock(threading.Thread):
 def write_training_bags(root: Path, n: int, dim: int, instances: tuple[int, int]) -> tuple[str, str, int]:
     """Synthetic bags on disk with a labels file whose split column holds 4 val and 4 test bags (2 of each
     class), the rest training bags; returns (features, labels, training bag count)."""
-    from support.bags import write_bags
+    from slidestream.testing.bags import write_bags
 
     labels = write_bags(str(root), n_slides=n, dim=dim, n_instances=instances, seed=0)
     lines = Path(labels).read_text().splitlines()
@@ -396,8 +393,8 @@ def write_training_bags(root: Path, n: int, dim: int, instances: tuple[int, int]
 
 
 def ray_benchmark(args: argparse.Namespace, device: str, work: Path) -> list[dict[str, Any]]:
-    from cluster.runtime import ensure_ray
-    from trainers.runner import Run, fit_job
+    from slidestream.cluster.runtime import ensure_ray
+    from slidestream.trainers.mil.runner import Run, fit_job
 
     print(f"writing {args.train_bags} bags for the Ray Train runs …", flush=True)
     features, labels, n_train = write_training_bags(

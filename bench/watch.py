@@ -36,13 +36,10 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from cluster.config import load_config  # noqa: E402
-from pipelines.embed import EmbedStage  # noqa: E402
-from pipelines.ledger import Ledger  # noqa: E402
-from pipelines.synthetic import SIZES, SlideSpec, write_slide  # noqa: E402
+from slidestream.cluster.config import load_config
+from slidestream.pipelines.embed import EmbedStage
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.synthetic import SIZES, SlideSpec, write_slide
 
 SETTINGS = (
     "tiling.tile_px=256",
@@ -106,7 +103,7 @@ def _command(*args: str) -> list[str]:
     command = [
         sys.executable,
         "-m",
-        "cluster.cli",
+        "slidestream.cli",
         *args,
         "--encoder",
         "resnet18_trunc",

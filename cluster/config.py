@@ -12,10 +12,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from slidestream.cluster.errors import SlidestreamError
+
 DEFAULT_CONFIG_NAME = "ray_config.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(SlidestreamError, ValueError):
     """A configuration file or override that cannot be used; the message names the key."""
 
 

@@ -9,8 +9,8 @@ import os
 import ray
 from ray.data import DataContext, ExecutionResources
 
-from cluster.config import RayConfig
-from cluster.storage import STORAGE_ENV_VARS
+from slidestream.cluster.config import RayConfig
+from slidestream.cluster.storage import STORAGE_ENV_VARS
 
 log = logging.getLogger(__name__)
 

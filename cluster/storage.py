@@ -15,6 +15,8 @@ from typing import Any
 import fsspec
 from fsspec.core import url_to_fs
 
+from slidestream.cluster.errors import SlidestreamError
+
 SECRET_ENV_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
 # Variables that workers need to reach object storage; forwarded through the Ray runtime env.
 STORAGE_ENV_VARS = (
@@ -58,13 +60,17 @@ def storage_options(uri: str) -> dict[str, Any]:
     return {}
 
 
+class StorageSettingError(SlidestreamError, ValueError):
+    """A storage variable of the environment (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE) has no usable value."""
+
+
 def _retry_policy() -> dict[str, Any]:
     attempts = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
     if not attempts.isdigit() or int(attempts) < 1:
-        raise ValueError(f"AWS_MAX_ATTEMPTS must be a whole number ≥ 1, got {attempts!r}")
+        raise StorageSettingError(f"AWS_MAX_ATTEMPTS must be a whole number ≥ 1, got {attempts!r}")
     mode = os.environ.get("AWS_RETRY_MODE", DEFAULT_RETRY_MODE)
     if mode not in ("legacy", "standard", "adaptive"):
-        raise ValueError(f"AWS_RETRY_MODE must be legacy, standard or adaptive, got {mode!r}")
+        raise StorageSettingError(f"AWS_RETRY_MODE must be legacy, standard or adaptive, got {mode!r}")
     return {"max_attempts": int(attempts), "mode": mode}
 
 

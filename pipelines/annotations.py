@@ -2,7 +2,7 @@
 
 Two sources, found in an annotation directory by slide id:
 * `<slide_id><suffix>` (default `.tumour.png`): a mask image at a stated downsample (level-0 px per mask
-  pixel), 0/255 for a binary mask or class indices 0…C−1 (what `pipelines.synthetic` writes);
+  pixel), 0/255 for a binary mask or class indices 0…C−1 (what `slidestream.pipelines.synthetic` writes);
 * `<slide_id>.geojson`: polygons in level-0 pixel coordinates (a QuPath export: a FeatureCollection of
   Polygon / MultiPolygon features, holes as inner rings); the class is `properties.classification.name`
   (index in the class list; class 0 is background), or class 1 when a feature has none.
@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from cluster.storage import exists, join, read_bytes
+from slidestream.cluster.errors import SlidestreamError
+from slidestream.cluster.storage import exists, join, read_bytes
 
 __all__ = ["AnnotationError", "GeoJSONMask", "MaskImage", "SlideAnnotation", "find_annotation"]
 
 
-class AnnotationError(ValueError):
+class AnnotationError(SlidestreamError, ValueError):
     """An annotation that cannot be used; the message names the slide and the file."""
 
 

@@ -17,23 +17,17 @@ from typing import Any
 import numpy as np
 import ray
 
-from cluster.config import Config, EmbedConfig, TilingConfig
-from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, join, scrub_secrets
-from pipelines.features import BagMeta, ParquetBagWriter, bag_table, write_bag
-from pipelines.ingest import (
-    IngestReport,
-    SlideProgress,
-    committed_shards,
-    completed_slides,
-    no_fusion,
-    tiles_stage,
-)
-from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.priority import at_idle_priority
-from pipelines.reader import classify, resize_tile
-from pipelines.shards import decode_sample, iter_shard_samples, tile_position
-from pipelines.slides import SlideRef, version_digest
+from slidestream.cluster.config import Config, EmbedConfig, TilingConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import filesystem, join, scrub_secrets
+from slidestream.pipelines.features import BagMeta, ParquetBagWriter, bag_table, write_bag
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.priority import at_idle_priority
+from slidestream.pipelines.reader import classify, resize_tile
+from slidestream.pipelines.shards import decode_sample, iter_shard_samples, tile_position
+from slidestream.pipelines.slides import SlideRef, version_digest
+from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
+from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 
 EMBED_VERSION = "embed-1"
 _PARTS = "_parts"
@@ -66,7 +60,7 @@ class EmbedActor:
     def __init__(self, name: str, weights: str, seed: int, parts_uri: str, meta: BagMeta, cfg: EmbedConfig):
         import torch
 
-        from pipelines.encoders import build_encoder
+        from slidestream.pipelines.encoders import build_encoder
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
@@ -113,7 +107,7 @@ class EmbedStage:
     info: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        from pipelines.encoders import encoder_info
+        from slidestream.pipelines.encoders import encoder_info
 
         self.info = with_input_px(
             encoder_info(self.encoder_name, self.weights, self.cfg.seed), self.cfg.input_px
@@ -169,7 +163,7 @@ class EmbedStage:
             code_version=EMBED_VERSION,
         )
         return dataset.map(
-            EmbedActor,
+            EmbedActor,  # type: ignore[arg-type]  # a callable class: Ray's stub lists functions only
             fn_constructor_kwargs={
                 "name": self.encoder_name,
                 "weights": self.weights,
@@ -257,10 +251,10 @@ def read_shard_tiles(row: dict[str, Any], px: int) -> dict[str, Any]:
 
 def make_views(row: dict[str, Any], views: tuple[int, int], input_px: int, seed: int) -> list[dict[str, Any]]:
     """One row per Giga-SSL augmentation of a slide: NT tiles drawn with replacement from its committed
-    shards, all augmented with one parameter draw (`pipelines.gigassl_views`)."""
+    shards, all augmented with one parameter draw (`slidestream.pipelines.gigassl_views`)."""
 
     # Imported here: torchvision is needed only by the tasks that make views.
-    from pipelines.gigassl_views import apply_view, draw_params, sample_views, slide_rng
+    from slidestream.pipelines.gigassl_views import apply_view, draw_params, sample_views, slide_rng
 
     naug, nt = views
     base = {k: row[k] for k in ("slide_id", "fingerprint", "node_id")}
@@ -373,20 +367,14 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
         dataset = embed.attach(dataset)
         dataset.context.target_max_block_size = 1
         progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}
-        for slide in completed_slides(dataset, progress):
-            errors = [r["error"] for r in slide.results if r["error"]]
+
+        def entries_of(slide: SlideProgress) -> list[LedgerEntry]:
             tiles_entry = tiles[slide.slide.slide_id]
-            if errors:
+            if errors := [r["error"] for r in slide.results if r["error"]]:
                 tiles_entry = replace(tiles_entry, status="failed", error=errors[0])
-            entry = embed.complete(slide.slide, slide.results, tiles_entry)
-            ledger.commit([entry])
-            if entry.status == "ok":
-                report.ok.append(entry.slide_id)
-                report.tiles += entry.n_tiles
-            else:
-                report.failed[entry.slide_id] = entry.error or ""
-            if progress_callback is not None:
-                progress_callback(entry)
+            return [embed.complete(slide.slide, slide.results, tiles_entry)]
+
+        commit_slides(dataset, progress, ledger, report, entries_of, progress_callback)
         embed.prepare(out, ledger)
     ledger.compact()
     report.seconds = time.monotonic() - started

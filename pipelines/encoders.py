@@ -12,11 +12,14 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from slidestream.cluster.errors import SlidestreamError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ _CONTAINER_KEYS = ("state_dict", "model")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
-class EncoderError(ValueError):
+class EncoderError(SlidestreamError, ValueError):
     """An encoder could not be built: unknown name, missing or unusable weights file."""
 
 
@@ -108,20 +111,25 @@ def _key(name: str, weights: str, seed: int) -> str:
 # -------------------------------------------------------------------------------------------- info
 
 
-def _timm_model(model_name: str) -> nn.Module:
+def _timm_model(model_name: str) -> Any:  # a timm model: num_features, pretrained_cfg, …
     import timm
 
     return timm.create_model(model_name, pretrained=False, num_classes=0)
 
 
-def _timm_data(model: nn.Module) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+def _rgb(values: Any) -> tuple[float, float, float]:
+    r, g, b = (float(v) for v in values)
+    return r, g, b
+
+
+def _timm_data(model: nn.Module) -> tuple[int, tuple[float, float, float], tuple[float, float, float]]:
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
     _, h, w = cfg["input_size"]
     if h != w:
         log.warning("model expects %dx%d inputs; tiles are resized to %dx%d", h, w, h, h)
-    return int(h), tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"])
+    return int(h), _rgb(cfg["mean"]), _rgb(cfg["std"])
 
 
 def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) -> EncoderInfo:
@@ -144,8 +152,8 @@ def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) ->
         name=name,
         dim=dim,
         input_px=px,
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=mean,
+        std=std,
         key=_key(name, weights, seed),
         weights=weights,
     )
@@ -173,6 +181,9 @@ class _TruncatedResNet(nn.Module):
 
 class TileEncoder(nn.Module):
     """A frozen encoder: uint8 RGB tiles → (N, D) float32 features. Always in eval mode."""
+
+    _mean: torch.Tensor  # buffers, registered in __init__
+    _std: torch.Tensor
 
     def __init__(self, model: nn.Module, info: EncoderInfo):
         super().__init__()
@@ -248,6 +259,7 @@ class TileEncoder(nn.Module):
 
 
 def _read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
+    obj: Any  # a state dict, possibly wrapped
     try:
         if path.endswith(".safetensors"):
             from safetensors.torch import load_file
@@ -337,7 +349,7 @@ def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -
             ignored: tuple[str, ...] = _TRUNC_IGNORED
         else:
             model = _timm_model(name[len(TIMM_PREFIX) :])
-            classifier = model.pretrained_cfg.get("classifier") if hasattr(model, "pretrained_cfg") else None
+            classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
             heads = (
                 list(classifier) if isinstance(classifier, (list, tuple)) else [classifier] * bool(classifier)
             )

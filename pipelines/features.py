@@ -29,8 +29,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from cluster.storage import filesystem, full_uri, is_local, write_bytes_atomic
-from pipelines.labels import read_labels
+from slidestream.cluster.errors import SlidestreamError
+from slidestream.cluster.storage import filesystem, full_uri, is_local, write_bytes_atomic
+from slidestream.pipelines.labels import read_labels
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ _FOOTER_THREADS = 16
 _LIST_MAX = 10
 
 
-class FeatureBagError(ValueError):
+class FeatureBagError(SlidestreamError, ValueError):
     """A feature bag (or a directory of them) that cannot be used; the message names slide, file, column."""
 
 

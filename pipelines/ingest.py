@@ -16,30 +16,27 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 
-from cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
-from cluster.runtime import ensure_ray
-from cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
-from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
-from pipelines.shards import Tile, encode_image, shard_stem, write_shards
-from pipelines.slides import Discovery, SlideRef, discover_slides
-from pipelines.tiling import ReadPlan, grid_positions, read_plan
+from slidestream.cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
+from slidestream.pipelines.shards import Tile, encode_image, shard_stem, write_shards
+from slidestream.pipelines.slides import Discovery, SlideRef, discover_slides
+from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
+from slidestream.pipelines.tile_store import tiles_stage
+from slidestream.pipelines.tiling import ReadPlan, grid_positions, read_plan
 
 if TYPE_CHECKING:
-    from pipelines.embed import EmbedStage
+    from slidestream.pipelines.embed import EmbedStage
 
 log = logging.getLogger(__name__)
 INGEST_VERSION = "ingest-1"
-
-
-def tiles_stage(tiling: TilingConfig) -> str:
-    return f"tiles/{tiling.key}"
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -69,7 +66,9 @@ def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
 
 def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig) -> list[dict]:
     """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions."""
-    from pipelines.tissue import tissue_mask  # here: scikit-image/SciPy cost every read worker ~0.5 s
+    from slidestream.pipelines.tissue import (
+        tissue_mask,  # here: scikit-image/SciPy cost every read worker ~0.5 s
+    )
 
     try:
         try:
@@ -192,28 +191,6 @@ def read_chunk(
 # ----------------------------------------------------------------------------------------------- driver
 
 
-@dataclass
-class SlideProgress:
-    slide: SlideRef
-    n_chunks: int = -1
-    results: list[dict] = field(default_factory=list)
-
-    @property
-    def complete(self) -> bool:
-        return self.n_chunks >= 0 and len({r["chunk"] for r in self.results}) >= max(self.n_chunks, 1)
-
-
-def completed_slides(dataset: ray.data.Dataset, pending: dict[str, SlideProgress]) -> Iterator[SlideProgress]:
-    """Consume chunk results; yield each slide as soon as all its chunks are in (and forget it)."""
-    for row in dataset.iter_rows():
-        progress = pending[row["slide_id"]]
-        progress.n_chunks = row["n_chunks"]
-        progress.results.append(row)
-        if progress.complete:
-            del pending[row["slide_id"]]
-            yield progress
-
-
 def planned_chunks(slides: str, config: Config) -> Iterator[tuple[SlideRef, Any, dict, ReadPlan]]:
     """Serial planning in this process (baselines and checks): (slide, open handle, chunk, read plan)."""
     for slide in discover_slides(slides, config.ingest.slide_extensions).slides:
@@ -233,33 +210,6 @@ def planned_chunks(slides: str, config: Config) -> Iterator[tuple[SlideRef, Any,
                 chunk,
                 ReadPlan(level, downsample, chunk["read_px"], config.tiling.tile_px, chunk["side0"]),
             )
-
-
-@dataclass
-class IngestReport:
-    stage: str
-    out: str
-    discovered: int = 0
-    skipped_unchanged: int = 0
-    ok: list[str] = field(default_factory=list)
-    failed: dict[str, str] = field(default_factory=dict)
-    ignored_files: int = 0
-    tiles: int = 0
-    shard_bytes: int = 0
-    nodes: set[str] = field(default_factory=set)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        lines = [
-            f"ingest → {self.out} [{self.stage}]",
-            f"  slides: {self.discovered} found, {self.skipped_unchanged} unchanged (skipped), "
-            f"{len(self.ok)} ingested, {len(self.failed)} failed; "
-            f"{self.ignored_files} non-slide files ignored",
-            f"  tiles: {self.tiles} ({self.shard_bytes / 1e6:.1f} MB of shards) in {self.seconds:.1f} s "
-            f"on {len(self.nodes)} node(s)",
-        ]
-        lines += [f"  FAILED {slide_id}: {reason}" for slide_id, reason in sorted(self.failed.items())]
-        return "\n".join(lines)
 
 
 def _entry(
@@ -303,17 +253,6 @@ def slides_to_do(
 ) -> list[SlideRef]:
     """The ledger diff: slides that are new, changed, or failed transiently in any of `stages`."""
     return [s for s in slides if any(_needs_work(s, state.get((st, s.slide_id))) for st in stages)]
-
-
-def committed_shards(out: str, tiling: TilingConfig) -> dict[str, list[str]]:
-    """URIs of the committed shards per ingested slide: what readers of the tiles should open."""
-    stage = tiles_stage(tiling)
-    stage_uri = join(out, stage)
-    return {
-        e.slide_id: [join(stage_uri, name) for name in e.shards]
-        for e in Ledger(out).entries(stage)
-        if e.status == "ok"
-    }
 
 
 def collect_garbage(ledger: Ledger, stage: str, stage_uri: str) -> int:
@@ -384,13 +323,6 @@ def run_ingest(
     return report
 
 
-def no_fusion() -> dict[str, Any]:
-    """As a `ray_remote_args_fn`, keeps Ray Data from fusing a task stage into the encoder actors, so
-    decoding runs in parallel tasks rather than serialised inside the actor pool. (Ray 2.60; the
-    argument is deprecated for 2.64, where an explicit TaskPoolStrategy size can do the same.)"""
-    return {}
-
-
 def _stream(
     todo: list[SlideRef],
     stage: str,
@@ -433,20 +365,14 @@ def _stream(
         dataset = embed.attach(dataset)
     # One chunk per block: otherwise all chunks of a slide travel in one block and are read by one task.
     dataset.context.target_max_block_size = 1
-    for progress in completed_slides(dataset, by_id):
+
+    def entries_of(progress: SlideProgress) -> list[LedgerEntry]:
         entry = _entry(stage, progress.slide, progress)
-        entries = [entry]
-        if embed is not None:
-            entries.append(embed.complete(progress.slide, progress.results, entry))
-        ledger.commit(entries)  # shards and features of a slide become visible together
         report.nodes.update(entry.extra["nodes"])
-        if entry.status == "ok":
-            report.ok.append(entry.slide_id)
-            report.tiles += entry.n_tiles
-            report.shard_bytes += sum(r["shard_bytes"] for r in progress.results)
-        else:
-            report.failed[entry.slide_id] = entry.error or ""
-        if progress_callback is not None:
-            progress_callback(entry)
+        if embed is None:
+            return [entry]
+        return [entry, embed.complete(progress.slide, progress.results, entry)]  # visible together
+
+    commit_slides(dataset, by_id, ledger, report, entries_of, progress_callback)
     for progress in by_id.values():  # cannot happen unless Ray dropped rows: never commit a partial slide
         report.failed[progress.slide.slide_id] = "incomplete: not all chunks came back"

@@ -8,12 +8,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from cluster.storage import read_bytes
+from slidestream.cluster.errors import SlidestreamError
+from slidestream.cluster.storage import read_bytes
 
 REQUIRED = ("slide_id", "label")
 
 
-class LabelsError(ValueError):
+class LabelsError(SlidestreamError, ValueError):
     """A labels file that cannot be used; the message names the file and the column or row."""
 
 

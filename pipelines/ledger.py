@@ -15,7 +15,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from cluster.storage import filesystem, join, write_bytes_atomic
+from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
 
 LEDGER_FORMAT = 1
 _READ_ATTEMPTS = 5

@@ -10,10 +10,10 @@ import numpy as np
 from PIL import Image
 from tiffslide import TiffSlide
 
-from cluster.storage import filesystem, is_local, scrub_secrets, storage_options
-from pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, on_white, supports
-from pipelines.slides import fingerprint_of
-from pipelines.tiling import ReadPlan
+from slidestream.cluster.storage import filesystem, is_local, scrub_secrets, storage_options
+from slidestream.pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, on_white, supports
+from slidestream.pipelines.slides import fingerprint_of
+from slidestream.pipelines.tiling import ReadPlan
 
 
 class SlideError(Exception):
@@ -82,12 +82,12 @@ def _to_tile(region: np.ndarray, plan: ReadPlan) -> np.ndarray:
     factor, remainder = divmod(plan.read_px, plan.tile_px)
     if remainder == 0:
         return np.asarray(image.reduce(factor))
-    return np.asarray(image.resize((plan.tile_px, plan.tile_px), Image.BOX))
+    return np.asarray(image.resize((plan.tile_px, plan.tile_px), Image.Resampling.BOX))
 
 
 def resize_tile(tile: np.ndarray, px: int) -> np.ndarray:
     """A tile resized to `px` (e.g. to an encoder's input size), antialiased."""
-    return np.asarray(Image.fromarray(tile).resize((px, px), Image.BILINEAR, reducing_gap=2.0))
+    return np.asarray(Image.fromarray(tile).resize((px, px), Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
 def read_tile(slide: TiffSlide, x: int, y: int, plan: ReadPlan) -> np.ndarray:

@@ -17,7 +17,7 @@ from fsspec.utils import merge_offset_ranges
 from tifffile import TiffPage
 from tiffslide import TiffSlide
 
-from cluster.storage import filesystem
+from slidestream.cluster.storage import filesystem
 
 _GLASS = 255  # value for TIFF tiles a sparse file leaves out
 _MAX_GAP = 256 * 1024  # merge byte ranges closer than this into one read

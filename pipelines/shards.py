@@ -18,9 +18,9 @@ from typing import IO
 import numpy as np
 from PIL import Image
 
-from cluster.config import ShardConfig
-from cluster.storage import filesystem, join, write_bytes_atomic
-from pipelines.slides import version_digest
+from slidestream.cluster.config import ShardConfig
+from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
+from slidestream.pipelines.slides import version_digest
 
 
 @dataclass

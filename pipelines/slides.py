@@ -10,12 +10,13 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from cluster.storage import filesystem, full_uri
+from slidestream.cluster.errors import SlidestreamError
+from slidestream.cluster.storage import filesystem, full_uri
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(SlidestreamError, ValueError):
     """The slide source itself is unusable (missing prefix, malformed slide list, id clash)."""
 
 

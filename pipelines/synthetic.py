@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import fsspec
 import numpy as np
@@ -125,8 +125,8 @@ def _value_noise(rng: np.random.Generator, ny: int, nx: int, spacing: float, per
     """Value noise in [0, 1] on an (ny, nx) grid, lattice spacing in grid pixels; optionally tileable."""
     if periodic:
         ly, lx = max(1, round(ny / spacing)), max(1, round(nx / spacing))
-        uy = (np.arange(ny) + 0.5) * ly / ny
-        ux = (np.arange(nx) + 0.5) * lx / nx
+        uy: np.ndarray = (np.arange(ny) + 0.5) * ly / ny
+        ux: np.ndarray = (np.arange(nx) + 0.5) * lx / nx
     else:
         ly, lx = int(ny / spacing) + 2, int(nx / spacing) + 2
         uy = (np.arange(ny) + 0.5) / spacing
@@ -428,7 +428,7 @@ class _SlideModel:
         stain = 0.82 + 0.36 * _value_noise(rng, self.gh, self.gw, 30, False)
 
         names = ["tissue", "density", "orient", "stain"]
-        arrays = [tissue, density, orient, stain]
+        arrays: list[np.ndarray] = [tissue, density, orient, stain]
         if faint_field is not None:
             names.append("faint")
             arrays.append(faint_field)
@@ -460,7 +460,8 @@ class _SlideModel:
         ]
         conc, rank = _nuclei_texture(rng, _P_NUCLEI, angle1, k)
         self.nuc_conc, self.nuc_rank = _Tex(conc, "od"), _Tex(rank, "min")
-        self.tum_e = self.tum_h = None
+        self.tum_e: _Tex | None = None
+        self.tum_h: _Tex | None = None
         if tumour is not None:
             te, th = _tumour_texture(rng, _P_TUMOUR, k)
             self.tum_e, self.tum_h = _Tex(te, "od"), _Tex(th, "od")
@@ -653,14 +654,16 @@ class _SlideModel:
         present = v4(self.nuc_rank.window(d, iy0, ix0, h, w)) < bc(view.smooth(self.index["density"]))
         conc_h = np.where(present, v4(self.nuc_conc.window(d, iy0, ix0, h, w)), np.float32(0.0)) + 0.04
         if "tumour" in self.index:
+            tum_e, tum_h = self.tum_e, self.tum_h
+            assert tum_e is not None and tum_h is not None  # made together with the tumour field
             tum = view.alpha(self.index["tumour"])
             if isinstance(tum, np.ndarray):
                 tum4 = v4(tum)
-                conc_e = conc_e + tum4 * (v4(self.tum_e.window(d, iy0, ix0, h, w)) - conc_e)
-                conc_h = conc_h + tum4 * (v4(self.tum_h.window(d, iy0, ix0, h, w)) - conc_h)
+                conc_e = conc_e + tum4 * (v4(tum_e.window(d, iy0, ix0, h, w)) - conc_e)
+                conc_h = conc_h + tum4 * (v4(tum_h.window(d, iy0, ix0, h, w)) - conc_h)
             elif tum == 1.0:
-                conc_e = v4(self.tum_e.window(d, iy0, ix0, h, w))
-                conc_h = v4(self.tum_h.window(d, iy0, ix0, h, w))
+                conc_e = v4(tum_e.window(d, iy0, ix0, h, w))
+                conc_h = v4(tum_h.window(d, iy0, ix0, h, w))
         if isinstance(strength, np.ndarray):
             conc_e = conc_e * v4(strength)
             conc_h = conc_h * v4(strength)
@@ -735,7 +738,7 @@ def write_slide(path: str | os.PathLike, spec: SlideSpec) -> SlideTruth:
     model = _SlideModel(spec)
     levels = _level_sizes(spec.width, spec.height)
     t = spec.tile
-    common = {
+    common: dict[str, Any] = {
         "dtype": np.uint8,
         "photometric": "rgb",
         "compression": "jpeg",

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cluster.config import TilingConfig
+from slidestream.cluster.config import TilingConfig
 
 _LEVEL_TOLERANCE = 1.002  # level downsamples from image sizes are not exact (e.g. 4.0007)
 

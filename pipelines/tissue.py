@@ -11,7 +11,7 @@ from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, opening, remove_small_objects
 
-from cluster.config import TissueConfig
+from slidestream.cluster.config import TissueConfig
 
 # Hues of green and blue marker ink (HSV hue in [0, 1]); H&E stains sit in the pink-to-purple range.
 _PEN_HUE_RANGE = (0.15, 0.70)
@@ -59,7 +59,7 @@ def low_resolution_rgb(slide, mpp0: float, mask_mpp: float) -> tuple[np.ndarray,
         )[..., :3]
         strip_h = round((top + rows) * scale) - rows_done
         if strip_h > 0:
-            strips.append(np.asarray(Image.fromarray(region).resize((out_w, strip_h), Image.BOX)))
+            strips.append(np.asarray(Image.fromarray(region).resize((out_w, strip_h), Image.Resampling.BOX)))
             rows_done += strip_h
     return np.concatenate(strips, axis=0), level_w * downsamples[level] / out_w
 

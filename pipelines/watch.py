@@ -9,7 +9,7 @@ long enough to look still fails as a truncated slide, and is retried once its fi
 Exactly-once comes from the ledger: a slide's outputs are visible only through its commit. SIGTERM or
 SIGINT stop the watcher after the slide being committed (a second signal stops at once); the rest of the
 burst is left uncommitted and taken by the next start. Storage errors (object store down) back off and
-retry. One watcher per OUT, enforced by `pipelines.writer_lock`.
+retry. One watcher per OUT, enforced by `slidestream.pipelines.writer_lock`.
 """
 
 from __future__ import annotations
@@ -28,16 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cluster.config import Config
-from cluster.runtime import ensure_ray
-from cluster.storage import join, scrub_secrets, write_bytes_atomic
-from pipelines.ingest import run_ingest, slides_to_do, tiles_stage
-from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.slides import Discovery, DiscoveryError, SlideRef, discover_slides
-from pipelines.writer_lock import WriterLock, WriterLockError
+from slidestream.cluster.config import Config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join, scrub_secrets, write_bytes_atomic
+from slidestream.pipelines.ingest import run_ingest, slides_to_do
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.slides import Discovery, DiscoveryError, SlideRef, discover_slides
+from slidestream.pipelines.tile_store import tiles_stage
+from slidestream.pipelines.writer_lock import WriterLock, WriterLockError
 
 if TYPE_CHECKING:
-    from pipelines.embed import EmbedStage
+    from slidestream.pipelines.embed import EmbedStage
 
 log = logging.getLogger(__name__)
 

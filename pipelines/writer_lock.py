@@ -18,7 +18,8 @@ import threading
 import time
 import uuid
 
-from cluster.storage import filesystem, join, write_bytes_atomic
+from slidestream.cluster.errors import SlidestreamError
+from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ LOCK_NAME = "writer.lock"
 _SETTLE_S = 0.3  # wait between writing the lock and reading it back (a concurrent writer shows up)
 
 
-class WriterLockError(ValueError):
+class WriterLockError(SlidestreamError, ValueError):
     """The output root is held by another live writer (the message says which); a ValueError, like other
     unusable command-line arguments."""
 

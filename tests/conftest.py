@@ -13,11 +13,10 @@ os.environ.setdefault("SLIDESTREAM_PROGRESS", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
-from support.helpers import make_config
-from support.s3server import S3Server, start_s3_server, stop_s3_server
-
-from cluster.runtime import ensure_ray
-from pipelines.synthetic import write_dataset
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.helpers import make_config
+from slidestream.testing.s3server import S3Server, start_s3_server, stop_s3_server
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines.annotations import AnnotationError, GeoJSONMask, MaskImage, Region, find_annotation
-from trainers.cdma_data import augment, half_batches, split_slides, steps_per_epoch
-from trainers.data import TrainDataError
-from trainers.seg_infer import mask_polygons
-from trainers.seg_metrics import segmentation_metrics
+from slidestream.pipelines.annotations import AnnotationError, GeoJSONMask, MaskImage, Region, find_annotation
+from slidestream.trainers.cdma.data import augment, half_batches, split_slides, steps_per_epoch
+from slidestream.trainers.cdma.infer import mask_polygons
+from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
+from slidestream.trainers.data import TrainDataError
 
 CLASSES = ["background", "tumour"]
 

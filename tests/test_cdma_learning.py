@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.cli import main
-from pipelines.synthetic import write_dataset
+from slidestream.cli import main
+from slidestream.pipelines.synthetic import write_dataset
 
 SETTINGS = (
     "tiling.mpp=2.0",

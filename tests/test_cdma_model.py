@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipelines.encoders import EncoderError
-from trainers.cdma_losses import (
+from slidestream.pipelines.encoders import EncoderError
+from slidestream.trainers.cdma.losses import (
     CDMALoss,
     cross_decoder_distillation,
     dice_loss,
     distillation,
     mean_entropy,
 )
-from trainers.models.mtnet import (
+from slidestream.trainers.models.mtnet import (
     ASPP,
     CBAM,
     ChannelAttention,

@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support.helpers import make_config
 
-from cluster.cli import main
-from cluster.config import load_config
-from pipelines.annotations import GeoJSONMask, Region
-from pipelines.ingest import run_ingest
-from trainers.cdma import CDMAJob, make_optimizer, set_learning_rate
-from trainers.models.mtnet import build_mtnet
+from slidestream.cli import main
+from slidestream.cluster.config import load_config
+from slidestream.pipelines.annotations import GeoJSONMask, Region
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.cdma.run import CDMAJob, make_optimizer, set_learning_rate
+from slidestream.trainers.models.mtnet import build_mtnet
 
 TILING = ("tiling.mpp=2.0", "tiling.tile_px=64")
 SETTINGS = (

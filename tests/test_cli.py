@@ -8,14 +8,23 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster.cli import main
+import pytest
+
+from slidestream import cli
+from slidestream.cli import main
+from slidestream.cluster.config import Config
+from slidestream.cluster.errors import UsageError
 
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
 
 
 def _slidestream(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], env=ENV, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "slidestream.cli", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -60,3 +69,18 @@ def test_bad_config_and_missing_inputs_are_clear_errors(tmp_path: Path):
         "ingest", "--slides", str(tmp_path), "--out", str(tmp_path / "o"), "--labels", str(labels)
     )
     assert bad_labels.returncode == 2 and "lacks column(s) slide_id" in bad_labels.stderr
+
+
+def test_a_slidestream_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    def refuses(config: Config, *, out: str, as_json: bool, stage: str | None) -> int:
+        raise UsageError(f"cannot use {out}")
+
+    def breaks(config: Config, *, out: str, as_json: bool, stage: str | None) -> int:
+        raise ValueError("an internal mistake")
+
+    monkeypatch.setattr(cli, "_command", lambda name: refuses)
+    assert main(["status", "--out", "here", "--json"]) == UsageError.exit_code == 2
+    assert capsys.readouterr().err == "slidestream status: cannot use here\n"
+    monkeypatch.setattr(cli, "_command", lambda name: breaks)
+    with pytest.raises(ValueError, match="an internal mistake"):
+        main(["status", "--out", "here"])

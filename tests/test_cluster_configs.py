@@ -14,7 +14,7 @@ import yaml
 from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from cluster.config import load_config
+from slidestream.cluster.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
@@ -129,7 +129,7 @@ def test_rayjob_manifest():
     spec = manifest["spec"]
     entry = spec["entrypoint"]
     assert "slidestream run" in entry and "slidestream train mhim" in entry
-    assert "--gpus" in entry and "cluster.job_entry" in entry
+    assert "--gpus" in entry and "slidestream.job_entry" in entry
     uris = re.findall(r"--(?:slides|out|labels) (\S+)", entry)
     assert uris and all(u.startswith("s3://") for u in uris)
     assert spec["shutdownAfterJobFinishes"] is True

@@ -1,9 +1,11 @@
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
 
-from cluster.config import Config, ConfigError, load_config
+from slidestream.cluster.config import Config, ConfigError, TrainConfig, load_config
+from slidestream.trainers.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,3 +50,7 @@ def test_config_file_errors(tmp_path):
 def test_set_needs_key_value():
     with pytest.raises(ConfigError, match="key=value"):
         load_config(None, ["tiling.mpp"])
+
+
+def test_the_config_accepts_exactly_the_models_of_the_registry():
+    assert set(get_args(TrainConfig.model_fields["model"].annotation)) == set(MODELS)

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 pytestmark = pytest.mark.slow
-DEMO = [sys.executable, "-m", "cluster.cli", "demo"]
+DEMO = [sys.executable, "-m", "slidestream.cli", "demo"]
 
 
 def test_demo_trains_mhim_abmil_and_draws_heatmaps(tmp_path: Path, s3_server):

@@ -12,18 +12,19 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from support.helpers import committed_samples, make_config
 
-from cluster.config import Config
-from cluster.runtime import ensure_ray
-from cluster.storage import join
-from pipelines.embed import EmbedStage, run_embed, with_input_px
-from pipelines.encoders import build_encoder
-from pipelines.features import FeatureBags
-from pipelines.ingest import IngestReport, run_ingest
-from pipelines.ledger import Ledger
-from pipelines.reader import open_slide_uncached, read_tiles, resize_tile
-from pipelines.tiling import read_plan
+from slidestream.cluster.config import Config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join
+from slidestream.pipelines.embed import EmbedStage, run_embed, with_input_px
+from slidestream.pipelines.encoders import build_encoder
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.reader import open_slide_uncached, read_tiles, resize_tile
+from slidestream.pipelines.stream import IngestReport
+from slidestream.pipelines.tiling import read_plan
+from slidestream.testing.helpers import committed_samples, make_config
 
 SETTINGS = ("tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
 

@@ -10,7 +10,7 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from pipelines.encoders import (
+from slidestream.pipelines.encoders import (
     ENCODER_NAMES,
     IMAGENET_MEAN,
     IMAGENET_STD,

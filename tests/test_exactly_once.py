@@ -9,17 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from support.helpers import committed_samples, make_config, session_driver_env
-
-from cluster.cli import main
-from pipelines.ingest import run_ingest
-from pipelines.ledger import Ledger
+from slidestream.cli import main
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.ledger import Ledger
+from slidestream.testing.helpers import committed_samples, make_config, session_driver_env
 
 SETTINGS = ("tiling.tile_px=64", "shards.max_tiles=150")  # many small tiles → a run long enough to kill
 
 
 def _ingest_command(slides: Path, out: Path) -> list[str]:
-    command = [sys.executable, "-m", "cluster.cli", "ingest", "--slides", str(slides), "--out", str(out)]
+    command = [sys.executable, "-m", "slidestream.cli", "ingest", "--slides", str(slides), "--out", str(out)]
     for setting in (*SETTINGS, "ray.num_cpus=2", "ray.object_store_mb=512"):
         command += ["--set", setting]
     return command

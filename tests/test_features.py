@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.features import (
+from slidestream.pipelines.features import (
     FEATURE_FORMAT,
     BagMeta,
     FeatureBagError,
@@ -211,7 +211,7 @@ def test_unlabelled_bag_is_excluded_with_a_warning(tmp_path, caplog):
     root = tmp_path / "bags"
     _write(root, "labelled")
     _write(root, "orphan")
-    with caplog.at_level(logging.WARNING, logger="pipelines.features"):
+    with caplog.at_level(logging.WARNING, logger="slidestream.pipelines.features"):
         bags = FeatureBags(str(root), _labels(tmp_path / "l.csv", [("labelled", "1")]))
     assert bags.slide_ids == ["labelled"]
     assert any("orphan" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)

@@ -12,9 +12,8 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from pipelines.features import Bag
-from trainers.models.sparse_pool import GigaSSLNet, SparseResNetPool, load_resnet18_layer4
-from trainers.sparse_maps import (
+from slidestream.pipelines.features import Bag
+from slidestream.trainers.gigassl.sparse_maps import (
     augment_coords,
     build_batch,
     draw_view,
@@ -23,7 +22,8 @@ from trainers.sparse_maps import (
     merge_duplicates,
     to_cells,
 )
-from trainers.spconv_compat import cpu_shim_active
+from slidestream.trainers.models.sparse_pool import GigaSSLNet, SparseResNetPool, load_resnet18_layer4
+from slidestream.trainers.spconv_compat import cpu_shim_active
 
 D = 8
 

@@ -16,19 +16,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support.helpers import make_config
 
-from cluster.cli import main
-from cluster.runtime import ensure_ray
-from cluster.storage import join
-from pipelines.embed import EmbedStage, run_embed
-from pipelines.features import BagMeta, bag_table, write_bag
-from pipelines.ingest import run_ingest
-from pipelines.synthetic import write_dataset
-from trainers.data import TrainDataError
-from trainers.gigassl import GigaSSLRun, export_embeddings, global_batch, read_embeddings
-from trainers.optim import LARS, warmup_cosine
-from trainers.probe import run_probe
+from slidestream.cli import main
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join
+from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.features import BagMeta, bag_table, write_bag
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.gigassl.probe import read_embeddings, run_probe
+from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings, global_batch
+from slidestream.trainers.optim import LARS, warmup_cosine
 
 SMALL = ("gigassl.workers=0", "gigassl.epochs=30", "gigassl.batch_size=16", "gigassl.dim=32",
          "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.lr=0.001",

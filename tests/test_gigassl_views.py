@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import numpy as np
-from support.helpers import committed_samples, make_config
 
-from cluster.storage import join
-from pipelines.embed import EmbedStage, run_embed
-from pipelines.features import FeatureBags
-from pipelines.gigassl_views import ViewParams, apply_view, draw_params, sample_views, slide_rng
-from pipelines.ingest import run_ingest
+from slidestream.cluster.storage import join
+from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.gigassl_views import ViewParams, apply_view, draw_params, sample_views, slide_rng
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.testing.helpers import committed_samples, make_config
 
 IDENTITY = ViewParams(
     crop=(0.0, 0.0, 1.0, 1.0), jitter=None, jitter_order=(0, 1, 2, 3), grayscale=False, blur_sigma=None

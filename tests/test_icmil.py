@@ -13,13 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
-from support.helpers import make_config
 
-from cluster.cli import main
-from pipelines.encoders import build_encoder
-from pipelines.ingest import run_ingest
-from pipelines.synthetic import write_dataset
-from trainers.icmil import ICMILRun
+from slidestream.cli import main
+from slidestream.pipelines.encoders import build_encoder
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.icmil.rounds import ICMILRun
 
 # Tiny on purpose: 6 slides at 2 µm/px (≈ 20 tiles each), 32 px encoder input, few epochs and tiles.
 SETTINGS = (
@@ -45,7 +45,7 @@ SPLIT = {
 
 @pytest.fixture(scope="module")
 def ingested(tmp_path_factory: pytest.TempPathFactory, s3_server) -> tuple[Path, Path]:
-    from cluster.runtime import ensure_ray
+    from slidestream.cluster.runtime import ensure_ray
 
     root = tmp_path_factory.mktemp("icmil")
     made = write_dataset(str(root / "slides"), 6, seed=3, size="tiny", fmt="svs")

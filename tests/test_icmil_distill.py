@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.embed import with_input_px
-from pipelines.encoders import TileEncoder, build_encoder
-from trainers.icmil_distill import (
+from slidestream.pipelines.embed import with_input_px
+from slidestream.pipelines.encoders import TileEncoder, build_encoder
+from slidestream.trainers.icmil.distill import (
     InstanceTeacher,
     augmented_view,
     check_model,
@@ -20,8 +20,8 @@ from trainers.icmil_distill import (
     distill_losses,
     make_student,
 )
-from trainers.icmil_finetune import Views
-from trainers.models import build_model
+from slidestream.trainers.icmil.finetune import Views
+from slidestream.trainers.models import build_model
 
 INPUT_PX = 32
 

@@ -8,12 +8,12 @@ import os
 
 import numpy as np
 from PIL import Image
-from support.helpers import committed_samples, make_config
 from tiffslide import TiffSlide
 
-from pipelines.ingest import run_ingest
-from pipelines.ledger import Ledger
-from pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from slidestream.testing.helpers import committed_samples, make_config
 
 
 def test_ingest_writes_micrometre_exact_tiles(ray_local, slide_root, tmp_path):

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from support.helpers import committed_samples, make_config
 
-from pipelines.ingest import run_ingest
-from pipelines.ledger import Ledger
-from pipelines.slides import DiscoveryError, discover_slides
-from pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.slides import DiscoveryError, discover_slides
+from slidestream.pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from slidestream.testing.helpers import committed_samples, make_config
 
 SIZE = (8192, 6144)
 

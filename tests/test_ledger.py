@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
 
 
 def _entry(slide_id: str, version: str, status: str = "ok") -> LedgerEntry:

@@ -10,9 +10,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from trainers.mhim import PRESETS, consistency_loss, cosine_decay, cosine_value, ema_update, mask_instances
-from trainers.models.abmil import ABMIL
-from trainers.models.layers import InstanceEmbedding, init_weights
+from slidestream.trainers.mil.mhim import (
+    PRESETS,
+    consistency_loss,
+    cosine_decay,
+    cosine_value,
+    ema_update,
+    mask_instances,
+)
+from slidestream.trainers.models.abmil import ABMIL
+from slidestream.trainers.models.layers import InstanceEmbedding, init_weights
 
 
 def _golden_attn() -> torch.Tensor:

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from support.bags import write_bags
-from support.helpers import make_config
 
-from trainers.models import MODELS
-from trainers.predict import predict_run
-from trainers.runner import run_training
+from slidestream.testing.bags import write_bags
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.mil.predict import predict_run
+from slidestream.trainers.mil.runner import run_training
+from slidestream.trainers.models import MODELS
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
-from support.bags import write_bags
 
-from pipelines.features import BagMeta, FeatureBagError, bag_table, write_bag
-from trainers.data import LabelledBags, TrainDataError
-from trainers.loop import EarlyStopping
-from trainers.metrics import choose_threshold, classification_metrics, summarise
-from trainers.splits import make_splits
+from slidestream.pipelines.features import BagMeta, FeatureBagError, bag_table, write_bag
+from slidestream.testing.bags import write_bags
+from slidestream.trainers.data import LabelledBags, TrainDataError
+from slidestream.trainers.metrics import choose_threshold, classification_metrics, summarise
+from slidestream.trainers.mil.loop import EarlyStopping
+from slidestream.trainers.splits import make_splits
 
 
 @pytest.fixture(scope="module")

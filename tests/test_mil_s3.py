@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pyarrow.parquet as pq
-from support.bags import write_bags
-from support.helpers import make_config
 
-from cluster.storage import filesystem, read_bytes
-from trainers.predict import predict_run
-from trainers.runner import run_training
+from slidestream.cluster.storage import filesystem, read_bytes
+from slidestream.testing.bags import write_bags
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.mil.predict import predict_run
+from slidestream.trainers.mil.runner import run_training
 
 
 def test_training_reads_and_writes_object_storage(ray_local, s3_server, tmp_path):

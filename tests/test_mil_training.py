@@ -23,15 +23,15 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from support.bags import write_bags
-from support.helpers import make_config, session_driver_env
 
-from trainers.data import TrainDataError
-from trainers.loop import MHIMStep
-from trainers.mhim import PRESETS
-from trainers.models import build_model
-from trainers.models.base import as_bag
-from trainers.runner import run_training
+from slidestream.testing.bags import write_bags
+from slidestream.testing.helpers import make_config, session_driver_env
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.mil.loop import MHIMStep
+from slidestream.trainers.mil.mhim import PRESETS
+from slidestream.trainers.mil.runner import run_training
+from slidestream.trainers.models import build_model
+from slidestream.trainers.models.base import as_bag
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ("train.workers=0", "train.parallel_folds=1", "train.folds=2", "train.lr=1e-3")
@@ -291,9 +291,8 @@ def test_two_worker_run_writes_outputs_with_sane_metrics(ray_local, clear_bags, 
 
 _CHILD = """
 import sys
-sys.path.insert(0, "tests")
-from support.helpers import make_config
-from trainers.runner import run_training
+from slidestream.testing.helpers import make_config
+from slidestream.trainers.mil.runner import run_training
 out, features, labels, *settings = sys.argv[1:]
 run_training("mil", "resumable", out, features, labels, make_config(*settings))
 """

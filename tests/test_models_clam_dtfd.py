@@ -7,9 +7,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainers.models import build_model
-from trainers.models.clam import CLAMSB
-from trainers.models.dtfd import DISTILL_MODES, DTFDMIL
+from slidestream.trainers.models import build_model
+from slidestream.trainers.models.clam import CLAMSB
+from slidestream.trainers.models.dtfd import DISTILL_MODES, DTFDMIL
 
 SIZES = [1, 3, 7, 300]
 

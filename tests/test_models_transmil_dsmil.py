@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from trainers.models import build_model
-from trainers.models.dsmil import DSMIL
-from trainers.models.transmil import PPEG, NystromAttention, TransMIL, pinv_iterative
+from slidestream.trainers.models import build_model
+from slidestream.trainers.models.dsmil import DSMIL
+from slidestream.trainers.models.transmil import PPEG, NystromAttention, TransMIL, pinv_iterative
 
 
 def _exact_attention(attn: NystromAttention, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import ray
 from ray.cluster_utils import Cluster
-from support.helpers import committed_samples, make_config
 
-from cluster.runtime import ensure_ray
-from pipelines.ingest import run_ingest
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.testing.helpers import committed_samples, make_config
 
 SETTINGS = ("tiling.tile_px=64", "shards.max_tiles=150")
 

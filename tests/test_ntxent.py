@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from trainers.ntxent import backward_global, global_ntxent, ntxent
+from slidestream.trainers.gigassl.ntxent import backward_global, global_ntxent, ntxent
 
 B, DIM, WORLD = 8, 256, 2
 

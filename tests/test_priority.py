@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from pipelines.priority import at_idle_priority
+from slidestream.pipelines.priority import at_idle_priority
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 
@@ -40,8 +40,8 @@ def test_the_wrapper_keeps_the_name_ray_data_shows() -> None:
 
 
 def test_the_embedding_stage_feeds_its_actors_at_idle_priority_unless_configured_not_to() -> None:
-    from cluster.config import load_config
-    from pipelines.embed import EmbedStage
+    from slidestream.cluster.config import load_config
+    from slidestream.pipelines.embed import EmbedStage
 
     def stage(*overrides: str) -> EmbedStage:
         config = load_config(None, list(overrides))

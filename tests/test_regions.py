@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from tiffslide import TiffSlide
 
-from cluster.config import TilingConfig
-from cluster.storage import filesystem
-from pipelines.reader import open_slide_uncached, read_tile, read_tiles
-from pipelines.regions import Rect, RegionReader, level_page, supports
-from pipelines.tiling import read_plan
+from slidestream.cluster.config import TilingConfig
+from slidestream.cluster.storage import filesystem
+from slidestream.pipelines.reader import open_slide_uncached, read_tile, read_tiles
+from slidestream.pipelines.regions import Rect, RegionReader, level_page, supports
+from slidestream.pipelines.tiling import read_plan
 
 CORNERS = [(0, 0), (512, 1024), (1100, 2333), (8192 - 600, 6144 - 600)]  # aligned, unaligned, at the edge
 

@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from support.helpers import committed_samples, make_config
 
-from cluster.storage import filesystem
-from pipelines.ingest import run_ingest
+from slidestream.cluster.storage import filesystem
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.testing.helpers import committed_samples, make_config
 
 
 @pytest.fixture()
@@ -40,7 +40,7 @@ def test_ingest_from_and_to_object_storage(ray_local, s3_server, s3_slides, slid
 
     env = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
     status = subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "status", "--out", out, "--json"],
+        [sys.executable, "-m", "slidestream.cli", "status", "--out", out, "--json"],
         env=env,
         capture_output=True,
         text=True,

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support.s3server import (
+
+from slidestream.testing.s3server import (
     EXTERNAL_ENDPOINT_VAR,
     S3Server,
     S3ServerError,

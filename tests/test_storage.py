@@ -8,7 +8,7 @@ import time
 import pytest
 from botocore.exceptions import EndpointConnectionError
 
-from cluster.storage import DEFAULT_MAX_ATTEMPTS, filesystem, storage_options
+from slidestream.cluster.storage import DEFAULT_MAX_ATTEMPTS, filesystem, storage_options
 
 
 def _closed_port() -> int:

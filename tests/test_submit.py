@@ -15,10 +15,10 @@ from types import SimpleNamespace
 import pytest
 from support.localhead import LocalHead, free_port
 
-from cluster import job_entry, submit
-from cluster.cli import build_parser, main
-from cluster.runtime import JOB_CONFIG_ENV, driver_runtime_env
-from cluster.storage import STORAGE_ENV_VARS
+from slidestream import job_entry, submit
+from slidestream.cli import build_parser, main
+from slidestream.cluster.runtime import JOB_CONFIG_ENV, driver_runtime_env
+from slidestream.cluster.storage import STORAGE_ENV_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_SECRET = "fake-secret-Zq8yXv2Lr5"  # a test value that must never be printed
@@ -30,7 +30,7 @@ def test_parser_leaves_the_command_after_dashdash_alone():
          "slidestream", "run", "--out", "s3://b/o", "--set", "embed.actors=2", "--config", "c.yaml"]
     )  # fmt: skip
     assert args.command == "submit" and args.address == "http://head:8265" and args.no_wait
-    assert args.gpus == 2 and args.overrides == [] and args.config is None
+    assert args.gpus == 2 and args.overrides == [] and args.config_file is None
     command = args.job_command[1:] if args.job_command[0] == "--" else args.job_command
     inner = ["run", "--out", "s3://b/o", "--set", "embed.actors=2", "--config", "c.yaml"]
     assert command == ["slidestream", *inner]
@@ -38,12 +38,13 @@ def test_parser_leaves_the_command_after_dashdash_alone():
 
 def test_entrypoint():
     assert submit.entrypoint(["--", "slidestream", "synth", "--out", "/tmp/a b"]) == (
-        "python -m cluster.cli synth --out '/tmp/a b'"
+        "python -m slidestream.cli synth --out '/tmp/a b'"
     )  # a leading `slidestream` runs the uploaded code
     assert submit.entrypoint(["python", "-c", "print(1)"]) == "python -c 'print(1)'"
     wrapped = submit.entrypoint(["slidestream", "status", "--out", "s3://b/o"], gpus=2, wait_s=60)
     assert wrapped == (
-        "python -m cluster.job_entry --gpus=2 --cpus=0 --wait-s=60 -- python -m cluster.cli status --out s3://b/o"
+        "python -m slidestream.job_entry --gpus=2 --cpus=0 --wait-s=60 -- "
+        "python -m slidestream.cli status --out s3://b/o"
     )
     with pytest.raises(ValueError, match="nothing to run"):
         submit.entrypoint(["--"])
@@ -125,7 +126,7 @@ def test_unreachable_cluster_is_a_clear_error(capsys):
 
 def _submit(head: LocalHead, *args: str, env: dict | None = None, timeout: float = 240):
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", "submit", "--address", head.dashboard_url, *args],
+        [sys.executable, "-m", "slidestream.cli", "submit", "--address", head.dashboard_url, *args],
         env=env or head.client_env(),
         capture_output=True,
         text=True,
@@ -195,7 +196,7 @@ def test_autoscaler_adds_a_gpu_node_for_the_embedding_stage(head, tmp_path):
     artifact of one-machine fake clusters (real nodes have their own disks). The working dir is covered by
     the tests above; here the nodes use the installed project, as on a cluster built from an image.
     """
-    from pipelines.synthetic import write_dataset
+    from slidestream.pipelines.synthetic import write_dataset
 
     assert not any(n["resources_total"].get("GPU") for n in _state(head, "nodes")), "GPU nodes start at 0"
     write_dataset(str(tmp_path / "slides"), 1, seed=3, size="tiny")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from tiffslide import TiffSlide
 
-from pipelines.synthetic import (
+from slidestream.pipelines.synthetic import (
     MASK_DOWNSAMPLE,
     SIZES,
     SlideSpec,

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from cluster.config import TilingConfig
-from pipelines.tiling import choose_level, grid_positions, read_plan
-from pipelines.tissue import TissueMask
+from slidestream.cluster.config import TilingConfig
+from slidestream.pipelines.tiling import choose_level, grid_positions, read_plan
+from slidestream.pipelines.tissue import TissueMask
 
 
 def test_level_choice_never_upsamples():

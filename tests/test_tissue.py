@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 from tiffslide import TiffSlide
 
-from cluster.config import TissueConfig
-from pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
-from pipelines.tissue import tissue_mask
+from slidestream.cluster.config import TissueConfig
+from slidestream.pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
+from slidestream.pipelines.tissue import tissue_mask
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -17,11 +17,11 @@ from typing import Any
 
 import pytest
 from ray.tune.schedulers import TrialScheduler
-from support.bags import write_bags
 
-from cluster.cli import main
-from cluster.config import load_config
-from trainers.tune import early_stopping
+from slidestream.cli import main
+from slidestream.cluster.config import load_config
+from slidestream.testing.bags import write_bags
+from slidestream.trainers.tune.sweep import early_stopping
 
 pytestmark = pytest.mark.slow
 ENV = {**os.environ, "SLIDESTREAM_PROGRESS": "0"}
@@ -29,7 +29,7 @@ BASE = ("--set", "ray.num_cpus=2", "--set", "train.folds=2", "--set", "train.min
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cluster.cli", *args]
+    return [sys.executable, "-m", "slidestream.cli", *args]
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from matplotlib._pylab_helpers import Gcf
 from PIL import Image
 from tiffslide import TiffSlide
 
-from pipelines.reader import SlideError
-from pipelines.synthetic import SIZES, SlideSpec, write_slide
-from trainers import viz
-from trainers.viz import (
+from slidestream.pipelines.reader import SlideError
+from slidestream.pipelines.synthetic import SIZES, SlideSpec, write_slide
+from slidestream.trainers import viz
+from slidestream.trainers.viz import (
     attention_heatmap,
     rank_normalise,
     slide_heatmap,

@@ -18,21 +18,21 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from support.bags import write_bags
-from support.helpers import committed_samples, make_config, session_driver_env
-from support.s3server import start_s3_server, stop_s3_server
 
-from cluster.cli import main
-from pipelines.embed import EmbedStage
-from pipelines.features import FeatureBags
-from pipelines.ingest import tiles_stage
-from pipelines.ledger import Ledger, LedgerEntry
-from pipelines.slides import discover_slides
-from pipelines.synthetic import SlideSpec, write_slide
-from pipelines.watch import Watcher
-from pipelines.writer_lock import WriterLock, WriterLockError
-from trainers.runner import run_training
-from trainers.stream_scoring import NewSlideScorer
+from slidestream.cli import main
+from slidestream.pipelines.embed import EmbedStage
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.slides import discover_slides
+from slidestream.pipelines.synthetic import SlideSpec, write_slide
+from slidestream.pipelines.tile_store import tiles_stage
+from slidestream.pipelines.watch import Watcher
+from slidestream.pipelines.writer_lock import WriterLock, WriterLockError
+from slidestream.testing.bags import write_bags
+from slidestream.testing.helpers import committed_samples, make_config, session_driver_env
+from slidestream.testing.s3server import start_s3_server, stop_s3_server
+from slidestream.trainers.mil.runner import run_training
+from slidestream.trainers.mil.stream_scoring import NewSlideScorer
 
 # Small slides, big tiles, a small encoder input: a slide takes a second or two on 2 cores.
 SETTINGS = (
@@ -200,7 +200,7 @@ def test_writer_lock_refuses_a_second_writer_and_takes_over_a_dead_ones(tmp_path
 
 def _slidestream(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args], env=ENV, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "slidestream.cli", *args], env=ENV, capture_output=True, text=True, timeout=120
     )
 
 
@@ -227,7 +227,7 @@ def test_watch_refuses_bad_input_before_starting(small_slides, trained_run, tmp_
 
 
 def _watch_command(slides: str, out: str, status: Path) -> list[str]:
-    command = [sys.executable, "-m", "cluster.cli", "watch", "--slides", slides, "--out", out]
+    command = [sys.executable, "-m", "slidestream.cli", "watch", "--slides", slides, "--out", out]
     command += ["--encoder", "resnet18_trunc", "--weights", "random", "--json-status", str(status)]
     for setting in (*SETTINGS, "watch.status_every_s=0", "ray.num_cpus=2", "ray.object_store_mb=512"):
         command += ["--set", setting]

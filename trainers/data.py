@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipelines.features import Bag, FeatureBagError, FeatureBags
+from slidestream.cluster.errors import SlidestreamError
+from slidestream.pipelines.features import Bag, FeatureBagError, FeatureBags
 
 __all__ = ["BagCache", "LabelledBags", "TrainDataError"]
 
@@ -16,7 +17,7 @@ _CHECK_THREADS = 8
 _PROBLEMS_SHOWN = 5
 
 
-class TrainDataError(ValueError):
+class TrainDataError(SlidestreamError, ValueError):
     """Training inputs that cannot be used (labels, classes, folds); the message names slide and file."""
 
 

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 __all__ = ["choose_threshold", "classification_metrics", "summarise"]
 
 
-def choose_threshold(targets: Sequence[int], positive_prob: Sequence[float]) -> float:
+def choose_threshold(targets: Sequence[int], positive_prob: Sequence[float] | np.ndarray) -> float:
     """The positive-class threshold maximising Youden's J (TPR − FPR) on validation predictions.
 
     Every cut between the lowest score called positive and the next lower score gives the same J; the
@@ -31,7 +31,10 @@ def choose_threshold(targets: Sequence[int], positive_prob: Sequence[float]) -> 
 
 
 def classification_metrics(
-    targets: Sequence[int], probs: np.ndarray, classes: Sequence[str], threshold: float | None = None
+    targets: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    threshold: float | None = None,
 ) -> dict[str, float]:
     """AUC, accuracy and F1. Binary: at `threshold` (validation-chosen) and at 0.5; multi-class: macro
     averages (one-vs-rest AUC, argmax predictions) plus per-class AUC and F1."""

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
-from trainers.data import LabelledBags, TrainDataError
+from slidestream.trainers.data import LabelledBags, TrainDataError
 
 __all__ = ["FoldSplit", "make_splits"]
 

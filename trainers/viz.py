@@ -2,7 +2,7 @@
 
 Everything draws on `matplotlib.figure.Figure` objects that pyplot never sees, rendered by the Agg canvas,
 so nothing depends on a display and no figure outlives its call (hundreds of slides leak nothing).
-PNGs go to local paths or object storage through `cluster.storage.write_bytes_atomic`.
+PNGs go to local paths or object storage through `slidestream.cluster.storage.write_bytes_atomic`.
 
 Thumbnails never read level 0 of a pyramid whole: the smallest level that still gives `max_px` pixels is
 read in horizontal bands of bounded size and box-filtered down, so memory stays bounded even for a slide
@@ -26,9 +26,9 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from tiffslide import TiffSlide
 
-from cluster.storage import write_bytes_atomic
-from pipelines.reader import SlideError, open_slide_uncached, slide_info
-from pipelines.regions import on_white
+from slidestream.cluster.storage import write_bytes_atomic
+from slidestream.pipelines.reader import SlideError, open_slide_uncached, slide_info
+from slidestream.pipelines.regions import on_white
 
 __all__ = [
     "attention_heatmap",

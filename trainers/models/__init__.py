@@ -1,22 +1,26 @@
-"""MIL aggregator models (instance embedding + pooling + linear head) and a registry by name."""
+"""MIL aggregator models (instance embedding + pooling + linear head) and a registry by name.
+
+The registry is the one list of the MIL model names (the command line's choices come from it); importing
+this package costs no torch: a model's module is imported when it is built."""
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from trainers.models.base import MILModel
+if TYPE_CHECKING:
+    from slidestream.trainers.models.base import MILModel
 
-__all__ = ["MODELS", "MILModel", "build_model"]
+__all__ = ["MODELS", "build_model"]
 
 # name → (module, class). Imported on demand so that one model's import cost is paid only when used.
 MODELS: dict[str, tuple[str, str]] = {
-    "abmil": ("trainers.models.abmil", "ABMIL"),
-    "transmil": ("trainers.models.transmil", "TransMIL"),
-    "dsmil": ("trainers.models.dsmil", "DSMIL"),
-    "clam_sb": ("trainers.models.clam", "CLAMSB"),
-    "dtfd": ("trainers.models.dtfd", "DTFDMIL"),
-    "maxpool": ("trainers.models.maxpool", "MaxPoolMIL"),
+    "abmil": ("slidestream.trainers.models.abmil", "ABMIL"),
+    "transmil": ("slidestream.trainers.models.transmil", "TransMIL"),
+    "dsmil": ("slidestream.trainers.models.dsmil", "DSMIL"),
+    "clam_sb": ("slidestream.trainers.models.clam", "CLAMSB"),
+    "dtfd": ("slidestream.trainers.models.dtfd", "DTFDMIL"),
+    "maxpool": ("slidestream.trainers.models.maxpool", "MaxPoolMIL"),
 }
 
 

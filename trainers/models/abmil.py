@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.models.base import MILModel, as_bag
-from trainers.models.layers import InstanceEmbedding, init_weights
+from slidestream.trainers.models.base import MILModel, as_bag
+from slidestream.trainers.models.layers import InstanceEmbedding, init_weights
 
 __all__ = ["ABMIL"]
 

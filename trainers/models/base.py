@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from trainers.models.layers import InstanceEmbedding
+from slidestream.trainers.models.layers import InstanceEmbedding
 
 __all__ = ["MILModel", "as_bag"]
 

@@ -6,8 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainers.models.base import MILModel, as_bag
-from trainers.models.layers import InstanceEmbedding, init_weights
+from slidestream.trainers.models.base import MILModel, as_bag
+from slidestream.trainers.models.layers import InstanceEmbedding, init_weights
 
 __all__ = ["CLAMSB", "GatedAttention"]
 

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from trainers.models.base import MILModel, as_bag
-from trainers.models.clam import GatedAttention
-from trainers.models.layers import InstanceEmbedding, init_weights
+from slidestream.trainers.models.base import MILModel, as_bag
+from slidestream.trainers.models.clam import GatedAttention
+from slidestream.trainers.models.layers import InstanceEmbedding, init_weights
 
 __all__ = ["DISTILL_MODES", "DTFDMIL"]
 

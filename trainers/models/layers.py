@@ -31,6 +31,9 @@ class InstanceEmbedding(nn.Sequential):
         self.register_buffer("feature_mean", torch.zeros(in_dim))
         self.register_buffer("feature_std", torch.ones(in_dim))
 
+    feature_mean: Tensor  # buffers, registered in __init__
+    feature_std: Tensor
+
     def set_statistics(self, mean: Tensor, std: Tensor) -> None:
         """Standardise inputs as (x − mean) / std from now on (std floored at 1e-6)."""
         self.feature_mean.copy_(mean.to(self.feature_mean))

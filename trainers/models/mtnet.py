@@ -9,6 +9,7 @@ Training returns the three logit maps; evaluation returns decoder 1's alone (the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -195,7 +196,7 @@ class MTNet(nn.Module):
         import timm
 
         self.spec = spec or MTNetSpec.official()
-        encoder = timm.create_model(
+        encoder: Any = timm.create_model(  # a timm features model: feature_info
             self.spec.encoder, pretrained=False, features_only=True, output_stride=16, out_indices=(1, 4)
         )
         self.encoder = freeze_batchnorm(encoder)
@@ -235,7 +236,7 @@ def build_mtnet(n_classes: int, network: str = "official", weights: str | None =
     """MTNet by configuration name; `weights` is a local ImageNet state dict for the encoder (else random)."""
     model = MTNet(n_classes, MTNetSpec.named(network))
     if weights:
-        from pipelines.encoders import _load_weights
+        from slidestream.pipelines.encoders import _load_weights
 
         _load_weights(model.encoder, weights, f"cdma {network} encoder", ("fc.",))
     return model

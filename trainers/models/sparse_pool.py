@@ -1,6 +1,6 @@
 """Giga-SSL's slide encoder: ResNet-18 layer4 made sparse (spconv), pooled over active sites, + projector.
 
-Input: a sparse 2-D map per slide whose active sites hold tile features (`trainers.sparse_maps`).
+Input: a sparse 2-D map per slide whose active sites hold tile features (`trainers/gigassl/sparse_maps.py`).
 Block 0 (256 → 512, stride 2): strided 3×3 conv → BN → ReLU → submanifold 3×3 → BN, plus the shortcut
 3×3 stride-2 average pooling (÷ 9, a frozen strided conv with identity/9 taps) → submanifold 1×1 → BN;
 add; ReLU. Block 1: two submanifold 3×3 with BN/ReLU and an identity shortcut. BatchNorm runs over all
@@ -17,8 +17,8 @@ import io
 import torch
 from torch import nn
 
-from cluster.storage import read_bytes
-from trainers.spconv_compat import spconv as sp
+from slidestream.cluster.storage import read_bytes
+from slidestream.trainers.spconv_compat import spconv as sp
 
 __all__ = ["GigaSSLNet", "Projector", "SparseResNetPool", "load_resnet18_layer4", "site_keys"]
 

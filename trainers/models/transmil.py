@@ -22,8 +22,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from trainers.models.base import MILModel, as_bag
-from trainers.models.layers import InstanceEmbedding, init_weights
+from slidestream.trainers.models.base import MILModel, as_bag
+from slidestream.trainers.models.layers import InstanceEmbedding, init_weights
 
 __all__ = ["PPEG", "NystromAttention", "TransLayer", "TransMIL", "pinv_iterative"]
 

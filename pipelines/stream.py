@@ -1,0 +1,102 @@
+"""The slide-stream driver that ingest and embed share: a Ray Data stream of per-chunk results is
+consumed on the driver, and each slide is committed to the ledger as soon as all its chunks are in.
+
+    plan → read → consume (encoder actors) → commit_slides: one ledger commit per slide
+
+A slide's outputs become visible only through that commit (exactly-once at slide granularity); the
+report and the caller's callback learn about each slide right after its commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.slides import SlideRef
+
+
+@dataclass
+class SlideProgress:
+    slide: SlideRef
+    n_chunks: int = -1
+    results: list[dict] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_chunks >= 0 and len({r["chunk"] for r in self.results}) >= max(self.n_chunks, 1)
+
+
+@dataclass
+class IngestReport:
+    stage: str
+    out: str
+    discovered: int = 0
+    skipped_unchanged: int = 0
+    ok: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    ignored_files: int = 0
+    tiles: int = 0
+    shard_bytes: int = 0
+    nodes: set[str] = field(default_factory=set)
+    seconds: float = 0.0
+
+    def record(self, entry: LedgerEntry, results: list[dict]) -> None:
+        """Count one committed slide."""
+        if entry.status == "ok":
+            self.ok.append(entry.slide_id)
+            self.tiles += entry.n_tiles
+            self.shard_bytes += sum(r.get("shard_bytes", 0) for r in results)
+        else:
+            self.failed[entry.slide_id] = entry.error or ""
+
+    def summary(self) -> str:
+        lines = [
+            f"ingest → {self.out} [{self.stage}]",
+            f"  slides: {self.discovered} found, {self.skipped_unchanged} unchanged (skipped), "
+            f"{len(self.ok)} ingested, {len(self.failed)} failed; "
+            f"{self.ignored_files} non-slide files ignored",
+            f"  tiles: {self.tiles} ({self.shard_bytes / 1e6:.1f} MB of shards) in {self.seconds:.1f} s "
+            f"on {len(self.nodes)} node(s)",
+        ]
+        lines += [f"  FAILED {slide_id}: {reason}" for slide_id, reason in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+def completed_slides(dataset: ray.data.Dataset, pending: dict[str, SlideProgress]) -> Iterator[SlideProgress]:
+    """Consume chunk results; yield each slide as soon as all its chunks are in (and forget it)."""
+    for row in dataset.iter_rows():
+        progress = pending[row["slide_id"]]
+        progress.n_chunks = row["n_chunks"]
+        progress.results.append(row)
+        if progress.complete:
+            del pending[row["slide_id"]]
+            yield progress
+
+
+def commit_slides(
+    dataset: ray.data.Dataset,
+    pending: dict[str, SlideProgress],
+    ledger: Ledger,
+    report: IngestReport,
+    entries_of: Callable[[SlideProgress], list[LedgerEntry]],
+    progress_callback: Callable[[LedgerEntry], Any] | None = None,
+) -> None:
+    """Commit each completed slide: `entries_of` gives its ledger entries (the first is the one
+    reported), committed together in one ledger commit so that they become visible together."""
+    for progress in completed_slides(dataset, pending):
+        entries = entries_of(progress)
+        ledger.commit(entries)
+        report.record(entries[0], progress.results)
+        if progress_callback is not None:
+            progress_callback(entries[0])
+
+
+def no_fusion() -> dict[str, Any]:
+    """As a `ray_remote_args_fn`, keeps Ray Data from fusing a task stage into the encoder actors, so
+    decoding runs in parallel tasks rather than serialised inside the actor pool. (Ray 2.60; the
+    argument is deprecated for 2.64, where an explicit TaskPoolStrategy size can do the same.)"""
+    return {}

@@ -1,0 +1,433 @@
+"""What each `slidestream` command does (argument parsing lives in `slidestream.cli`).
+
+A command is `cmd_<name>(config, *, flag=value, …) -> exit code`: the resolved configuration and,
+keyword-only and typed, the flags that are not settings (those are in the config already).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+
+from slidestream.cluster.config import Config
+from slidestream.cluster.errors import UsageError
+from slidestream.cluster.storage import filesystem, join
+from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.labels import read_labels
+from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.slides import discover_slides
+from slidestream.pipelines.stream import IngestReport
+from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.tile_store import tiles_stage
+from slidestream.pipelines.writer_lock import WriterLock
+
+log = logging.getLogger("slidestream")
+
+EXIT_FAILED_SLIDES = 3  # --strict and some slides failed
+
+
+def print_json(payload: dict) -> None:
+    print(json.dumps(payload, indent=1, sort_keys=False))
+
+
+def cmd_synth(
+    config: Config,
+    *,
+    out: str,
+    n_slides: int,
+    seed: int,
+    size: str,
+    fmt: str,
+    positive_fraction: float,
+    no_pen_marks: bool,
+) -> int:
+    made = write_dataset(
+        out,
+        n_slides,
+        seed=seed,
+        size=size,
+        fmt=fmt,
+        positive_fraction=positive_fraction,
+        pen_marks=not no_pen_marks,
+    )
+    positives = sum(made.labels)
+    print(f"wrote {len(made.uris)} {size} {fmt} slides ({positives} positive) to {out}")
+    print(f"labels: {made.labels_uri}")
+    return 0
+
+
+def _check_labels(labels_uri: str, report: IngestReport, out: str) -> None:
+    labelled = set(read_labels(labels_uri).column("slide_id").to_pylist())
+    ingested = {e.slide_id for e in Ledger(out).entries(report.stage) if e.status == "ok"}
+    if unlabelled := sorted(ingested - labelled):
+        log.warning(
+            "%d ingested slide(s) have no label in %s: %s",
+            len(unlabelled),
+            labels_uri,
+            ", ".join(unlabelled[:10]),
+        )
+    if absent := sorted(labelled - ingested):
+        log.warning("%d labelled slide(s) were not ingested: %s", len(absent), ", ".join(absent[:10]))
+
+
+def _ingest(
+    config: Config,
+    command: str,
+    slides: str,
+    out: str,
+    labels: str | None,
+    strict: bool,
+    embed: EmbedStage | None,
+) -> int:
+    if labels:
+        read_labels(labels)  # fail before any work when the labels file is unusable
+    with WriterLock(out, command, config.watch.lock_ttl_s):
+        report = run_ingest(slides, out, config, embed=embed)
+    print(report.summary())
+    if embed is not None:
+        print(f"  features: {join(out, embed.stage)} ({embed.info.dim}-d, weights {embed.weights})")
+    if labels:
+        _check_labels(labels, report, out)
+    return EXIT_FAILED_SLIDES if strict and report.failed else 0
+
+
+def cmd_ingest(config: Config, *, slides: str, out: str, labels: str | None, strict: bool) -> int:
+    return _ingest(config, "ingest", slides, out, labels, strict, None)
+
+
+def _views(
+    config: Config, out: str, encoder: str, weights: str, views: tuple[int, int] | None, strict: bool
+) -> int:
+    """Giga-SSL views from the committed shards, when `--gigassl-views` asks for them."""
+    if not views:
+        return 0
+    stage = EmbedStage(encoder, weights, config.tiling, config.embed, views=views)
+    report = run_embed(out, config, stage)
+    print(
+        f"Giga-SSL views: {len(report.ok)} slides ({report.tiles} augmented tiles embedded), "
+        f"{len(report.failed)} failed → {join(out, stage.stage)}"
+    )
+    return EXIT_FAILED_SLIDES if strict and report.failed else 0
+
+
+def cmd_run(
+    config: Config,
+    *,
+    slides: str,
+    out: str,
+    encoder: str,
+    weights: str,
+    labels: str | None,
+    strict: bool,
+    gigassl_views: tuple[int, int] | None,
+) -> int:
+    embed = EmbedStage(encoder, weights, config.tiling, config.embed)
+    status = _ingest(config, "run", slides, out, labels, strict, embed)
+    return _views(config, out, encoder, weights, gigassl_views, strict) or status
+
+
+def cmd_embed(
+    config: Config,
+    *,
+    out: str,
+    encoder: str,
+    weights: str,
+    strict: bool,
+    gigassl_views: tuple[int, int] | None,
+) -> int:
+    stage = EmbedStage(encoder, weights, config.tiling, config.embed)
+    with WriterLock(out, "embed", config.watch.lock_ttl_s):
+        report = run_embed(out, config, stage)
+    print(report.summary())
+    print(f"  features: {join(out, stage.stage)} ({stage.info.dim}-d, weights {stage.weights})")
+    status = EXIT_FAILED_SLIDES if strict and report.failed else 0
+    return _views(config, out, encoder, weights, gigassl_views, strict) or status
+
+
+def cmd_watch(
+    config: Config,
+    *,
+    slides: str,
+    out: str,
+    encoder: str,
+    weights: str,
+    score_run: str | None,
+    json_status: str | None,
+) -> int:
+    from slidestream.pipelines.watch import Watcher
+
+    discover_slides(slides, config.ingest.slide_extensions)  # a wrong source fails before Ray starts
+    embed = EmbedStage(encoder, weights, config.tiling, config.embed)
+    features = join(out, embed.stage)
+    scorer = None
+    if score_run:
+        from slidestream.trainers.mil.stream_scoring import NewSlideScorer
+
+        name = score_run.rstrip("/").rsplit("/", 1)[-1]
+        output = join(out, "watch", "predict", name)
+        scorer = NewSlideScorer(score_run, features, output, dim=embed.info.dim)
+    watcher = Watcher(slides, out, config, embed, status_uri=json_status, on_committed=scorer)
+    print(f"watching {slides} every {config.watch.interval_s:g} s → {features}", flush=True)
+    print(f"  status: {watcher.status_uri}; stop with Ctrl-C or SIGTERM", flush=True)
+    status = watcher.run()
+    lat = status.latency()
+    print(
+        f"watch stopped: {status.committed} committed, {status.failed} failed, {status.seen} seen, "
+        f"{status.bursts} bursts, latency p50 {lat['p50']} s p95 {lat['p95']} s",
+        flush=True,
+    )
+    return 0
+
+
+def status_payload(entries: list[LedgerEntry]) -> dict:
+    counts = Counter(e.status for e in entries)
+    return {
+        "slides": [
+            {"slide_id": e.slide_id, "status": e.status, "n_tiles": e.n_tiles, "error": e.error}
+            for e in entries
+        ],
+        "totals": {
+            "slides": len(entries),
+            "ok": counts["ok"],
+            "failed": counts["failed"],
+            "skipped": counts["skipped"],
+            "tiles": sum(e.n_tiles for e in entries),
+        },
+    }
+
+
+def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) -> int:
+    stage = stage or tiles_stage(config.tiling)
+    payload = status_payload(Ledger(out).entries(stage))
+    if as_json:
+        print_json({"stage": stage, **payload})
+        return 0
+    print(f"{out} [{stage}]")
+    print(f"{'slide_id':<28} {'status':<7} {'tiles':>7}  error")
+    for slide in payload["slides"]:
+        print(f"{slide['slide_id']:<28} {slide['status']:<7} {slide['n_tiles']:>7}  {slide['error'] or ''}")
+    totals = payload["totals"]
+    print(f"{totals['slides']} slides: {totals['ok']} ok, {totals['failed']} failed, {totals['tiles']} tiles")
+    return 0
+
+
+def _features_dir(out: str, features: str | None, under: str = "features") -> str:
+    """`--features`, or the single feature directory under OUT/<under> (an error when it is ambiguous);
+    `under="gigassl"`: the Giga-SSL view sets."""
+    if features:
+        return features
+    fs, root = filesystem(join(out, under))
+    found = (
+        sorted(e["name"] for e in fs.ls(root, detail=True) if e["type"] == "directory")
+        if fs.exists(root)
+        else []
+    )
+    if len(found) != 1:
+        names = ", ".join(p.rsplit("/", 1)[-1] for p in found) or "none"
+        raise UsageError(f"pass --features: {join(out, under)} holds {len(found)} feature sets ({names})")
+    return join(out, under, found[0].rsplit("/", 1)[-1])
+
+
+def _print_outputs(run_dir: str, **files: str) -> None:
+    """One line per output of a finished run: `  <what>: <run_dir>/<file>`."""
+    for what, name in files.items():
+        print(f"  {what}: {join(run_dir, name)}")
+
+
+def _train_icmil(
+    config: Config,
+    name: str,
+    out: str,
+    labels: str | None,
+    encoder: str | None,
+    weights: str | None,
+    rounds: int,
+) -> int:
+    from slidestream.trainers.icmil.rounds import ICMILError, format_rounds, run_icmil
+
+    if not labels or not encoder or not weights:
+        raise UsageError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
+    run_dir = join(out, "runs", name)
+    print(f"train icmil: {config.train.model} ⇄ {encoder}, {rounds} round(s) → {run_dir}")
+    try:
+        summary = run_icmil(name, out, labels, encoder, weights, config, rounds)
+    except ICMILError as exc:
+        print(f"slidestream train: {exc}")
+        return 1
+    print(format_rounds(summary.metrics))
+    _print_outputs(run_dir, metrics="metrics.json", rounds="rounds.png")
+    return 0
+
+
+def _train_cdma(config: Config, name: str, out: str) -> int:
+    from slidestream.trainers.cdma.run import format_cdma_table, run_cdma
+
+    print(f"train cdma: {config.cdma.network} MTNet on {out} → {join(out, 'runs', name)}")
+    metrics = run_cdma(name, out, config)
+    print(format_cdma_table(metrics))
+    run_dir = join(out, "runs", name)
+    _print_outputs(run_dir, metrics="metrics.json", **{"slide masks, overlays, GeoJSON": "slides"})
+    return 0
+
+
+def _train_gigassl(config: Config, name: str, out: str, features: str | None, export: bool) -> int:
+    from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings, tile_features_for
+
+    views = _features_dir(out, features, "gigassl")
+    run_dir = join(out, "runs", name)
+    if export:  # --features: the bags to embed; default: the un-augmented tiles of the views' slides
+        bags = features or tile_features_for(views) or views
+        target = export_embeddings(
+            run_dir, bags, export_chunks=config.gigassl.export_chunks, export_bn=config.gigassl.export_bn
+        )
+        print(f"embeddings of {bags} with run {name} → {target}")
+        return 0
+    cfg = config.gigassl
+    print(
+        f"train gigassl: {cfg.epochs} epochs, batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
+        f"over {max(1, cfg.workers)} worker(s), on {views} → {run_dir}"
+    )
+    summary = GigaSSLRun(name, out, views, config).execute()
+    last = summary.history[-1]
+    print(f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)")
+    print(f"  embeddings: {summary.embeddings}")
+    _print_outputs(summary.run_dir, curves="curves.png")
+    return 0
+
+
+def cmd_probe(
+    config: Config,
+    *,
+    embeddings: str,
+    labels: str,
+    baseline_features: str | None,
+    sizes: str,
+    repeats: int,
+    test_frac: float,
+    output: str | None,
+) -> int:
+    from slidestream.trainers.gigassl.probe import format_probe, run_probe
+
+    try:
+        small = tuple(int(v) for v in sizes.split(",") if v.strip())
+    except ValueError:
+        raise UsageError(f"--sizes expects comma-separated integers, got {sizes!r}") from None
+    report = run_probe(embeddings, labels, baseline_features, small, repeats, test_frac, output=output)
+    print(
+        f"linear probe (logistic regression C=10, balanced; ROC-AUC over {repeats} stratified "
+        f"splits) of {report.n_slides} slides, classes {report.classes}"
+    )
+    print(format_probe(report))
+    print(f"  results: {report.report}")
+    print(f"  embedding map: {report.picture}")
+    return 0
+
+
+def cmd_train(
+    config: Config,
+    *,
+    kind: str,
+    name: str,
+    out: str,
+    features: str | None = None,
+    labels: str | None = None,
+    rounds: int = 1,
+    encoder: str | None = None,
+    weights: str | None = None,
+    export: bool = False,
+) -> int:
+    from slidestream.trainers.fit import TrainingError
+    from slidestream.trainers.mil.runner import format_table, run_training
+
+    if kind == "icmil":
+        return _train_icmil(config, name, out, labels, encoder, weights, rounds)
+    if kind == "cdma":
+        return _train_cdma(config, name, out)
+    if kind == "gigassl":
+        return _train_gigassl(config, name, out, features, export)
+    if not labels:
+        raise UsageError(f"train {kind} needs --labels")
+    features = _features_dir(out, features)
+    print(f"train {kind}: {config.train.model} on {features} → {join(out, 'runs', name)}")
+    try:
+        summary = run_training(kind, name, out, features, labels, config)
+    except TrainingError as exc:
+        print(f"slidestream train: {exc}")
+        return 1
+    print(format_table(summary.metrics))
+    _print_outputs(
+        summary.run_dir, metrics="metrics.json", predictions="predictions.parquet", curves="curves.png"
+    )
+    return 0
+
+
+def cmd_tune(
+    config: Config,
+    *,
+    kind: str,
+    name: str,
+    out: str,
+    space: str,
+    trials: int,
+    features: str | None,
+    labels: str | None,
+) -> int:
+    from slidestream.trainers.tune.sweep import run_sweep
+
+    bags = (
+        None
+        if kind == "cdma"
+        else _features_dir(out, features, "gigassl" if kind == "gigassl" else "features")
+    )
+    summary = run_sweep(kind, name, out, space, config, trials, bags, labels)
+    monitor = summary.monitor
+    keys = list(summary.best_params)
+    print(f"{'trial':<22} " + " ".join(f"{k[-18:]:>18}" for k in keys) + f" {monitor:>10} {'epochs':>6}")
+    for row in sorted(summary.table, key=lambda r: str(r["trial"])):
+        cells = " ".join(f"{str(row[k])[:18]:>18}" for k in keys)
+        print(f"{str(row['trial'])[-22:]:<22} {cells} {row[monitor]:>10.4f} {row['epochs']:>6}")
+    print(f"best: {summary.best_params}")
+    print(f"  best config: {summary.best_config}  (slidestream train … --config {summary.best_config})")
+    print(f"  results: {join(summary.sweep_dir, 'results.csv')}, {join(summary.sweep_dir, 'results.png')}")
+    return 0
+
+
+def cmd_predict(
+    config: Config, *, run: str, features: str, output: str | None, heatmaps: bool, slides: str | None
+) -> int:
+    from slidestream.trainers.mil.predict import predict_run
+
+    report = predict_run(run, features, output=output, heatmaps=heatmaps, slides=slides)
+    print(f"predicted {report.n_slides} slides → {report.predictions}")
+    if heatmaps:
+        where = report.heatmaps[0].rsplit("/", 1)[0] if report.heatmaps else "-"
+        print(f"  heatmaps: {len(report.heatmaps)} written, {len(report.heatmap_failures)} skipped → {where}")
+    return 0
+
+
+def cmd_demo(config: Config, *, out: str, n_slides: int) -> int:
+    """The embedded default: synthetic slides on local disk → tiles + features in one pass → summary."""
+    slides = join(out, "slides")
+    labels = join(slides, "labels.csv")
+    fs, path = filesystem(slides)
+    if not fs.exists(join(path, "labels.csv")):
+        made = write_dataset(slides, n_slides, seed=0, size="tiny", fmt="svs")
+        print(f"demo: wrote {len(made.uris)} synthetic slides to {slides}")
+    print("demo: encoder resnet18_trunc with RANDOM weights (no pretrained weights are downloaded)")
+    embed = EmbedStage("resnet18_trunc", "random", config.tiling, config.embed)
+    report = run_ingest(slides, out, config, embed=embed)
+    print(report.summary())
+    _check_labels(labels, report, out)
+    cmd_status(config, out=out, as_json=False, stage=report.stage)
+    features = join(out, embed.stage)
+    bags = FeatureBags(features, labels)
+    print(f"feature bags: {len(bags)} slides, {bags.dim}-d, in {features}")
+    print("demo: MHIM-MIL on ABMIL (teacher = a baseline trained first on each fold)")
+    name = "demo-mhim-abmil"
+    if status := cmd_train(config, kind="mhim", name=name, out=out, features=features, labels=labels):
+        return status
+    run_dir = join(out, "runs", name)
+    return cmd_predict(config, run=run_dir, features=features, output=None, heatmaps=True, slides=None)

@@ -1,0 +1,1 @@
+"""CDMA: semi-supervised tissue segmentation (MTNet) on the tile shards, its inference and metrics."""

@@ -1,0 +1,378 @@
+"""`slidestream train cdma`: CDMA semi-supervised segmentation on Ray Train, and the same run supervised
+only (the unlabelled slides switched off) for comparison; then slide inference on the held-out slides.
+
+Layout under `OUT/runs/<name>/`: `run.json` (the slide split and settings), `config.yaml`, `ray/<job>/`
+(Ray Train storage, a checkpoint per epoch), `jobs/<job>/` (`weights.pt` = best validation Dice,
+`result.json` written last), `slides/<job>/<slide_id>.{mask.png,overlay.png,geojson}` and `metrics.json`
+with per-slide Dice / Jaccard / HD95 / ASD and mean ± std for both runs side by side. Rerunning the same
+name resumes: finished jobs are kept, an unfinished one continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from slidestream.cluster.config import CDMAConfig, Config, TilingConfig
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
+from slidestream.pipelines.ledger import Ledger
+from slidestream.pipelines.tile_store import tiles_stage
+from slidestream.trainers.cdma.data import (
+    TileSet,
+    augment,
+    half_batches,
+    load_tiles,
+    normalise,
+    split_slides,
+    steps_per_epoch,
+)
+from slidestream.trainers.cdma.infer import predict_slide, write_geojson, write_overlay
+from slidestream.trainers.cdma.losses import CDMALoss
+from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world
+from slidestream.trainers.fit import fit_once, write_or_check_plan
+from slidestream.trainers.metrics import summarise
+from slidestream.trainers.models.mtnet import MTNet, build_mtnet
+from slidestream.trainers.session import (
+    bf16_autocast,
+    load_weights,
+    report_epoch,
+    restore_state,
+    train_device,
+)
+
+__all__ = ["CDMAJob", "format_cdma_table", "make_optimizer", "run_cdma", "train_cdma"]
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "result.json"
+WEIGHTS_FILE = "weights.pt"
+_LR_SCALE = {"pretrained_weight": 1.0, "pretrained_bias": 2.0, "new_weight": 10.0, "new_bias": 20.0}
+_RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "infer_batch")
+_METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+@dataclass
+class CDMAJob:
+    """One training (plain data: it travels to the Ray Train workers)."""
+
+    name: str  # "cdma" or "supervised"
+    semi_supervised: bool
+    out: str
+    tiling: dict[str, Any]
+    cdma: dict[str, Any]
+    labelled: list[str]
+    unlabelled: list[str]
+    val: list[str]
+    steps: int  # per epoch, the same for both runs
+    result_dir: str
+    reporter: str = "train"  # "tune": a sweep trial running the loop itself
+
+    def to_config(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def make_optimizer(model: MTNet, cfg: CDMAConfig) -> torch.optim.SGD:
+    """SGD (Nesterov) with the four learning-rate groups; each group remembers its scale."""
+    groups = [
+        {"params": params, "lr": cfg.lr * _LR_SCALE[name], "scale": _LR_SCALE[name], "name": name}
+        for name, params in model.parameter_groups().items()
+        if params
+    ]
+    return torch.optim.SGD(
+        groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay
+    )
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: CDMAConfig, epoch: int) -> float:
+    """The step schedule: base lr × 0.1 per milestone reached; returns the base lr of the epoch."""
+    base = cfg.lr * 0.1 ** sum(epoch >= m for m in cfg.milestones)
+    for group in optimizer.param_groups:
+        group["lr"] = base * group["scale"]
+    return base
+
+
+def annotations_for(cfg: CDMAConfig, slide_ids: list[str]) -> dict[str, SlideAnnotation]:
+    root = _annotation_root(cfg)
+    found = {
+        s: find_annotation(root, s, cfg.mask_suffix, cfg.mask_downsample, cfg.classes) for s in slide_ids
+    }
+    if missing := [s for s, a in found.items() if a is None]:
+        raise TrainDataError(f"cdma: no annotation for slide(s) {missing[:5]} under {root}")
+    return found  # type: ignore[return-value]
+
+
+def _annotation_root(cfg: CDMAConfig) -> str:
+    if not cfg.annotations:
+        raise TrainDataError("cdma: no annotation directory; give --annotations DIR (cdma.annotations)")
+    return cfg.annotations
+
+
+# ------------------------------------------------------------------------------------------- the loop
+
+
+@torch.no_grad()
+def tile_dice(model: MTNet, tiles: TileSet, n_classes: int, batch: int, device: torch.device) -> float:
+    """Decoder 1's Dice over all validation pixels jointly, mean over foreground classes (ranks share)."""
+    rank, world = rank_and_world()
+    model.eval()
+    inter = np.zeros(n_classes)
+    total = np.zeros(n_classes)
+    assert tiles.masks is not None
+    mine = np.arange(rank, len(tiles), world)
+    for start in range(0, len(mine), batch):
+        idx = mine[start : start + batch]
+        with bf16_autocast(device):
+            pred = model(normalise(tiles.images[idx], device)).argmax(1).cpu().numpy()
+        truth = tiles.masks[idx]
+        for c in range(1, n_classes):
+            inter[c] += np.sum((pred == c) & (truth == c))
+            total[c] += np.sum(pred == c) + np.sum(truth == c)
+    parts = gather_objects((inter, total))
+    inter = sum(p[0] for p in parts)
+    total = sum(p[1] for p in parts)
+    dice = [2 * inter[c] / total[c] if total[c] else 1.0 for c in range(1, n_classes)]
+    return float(np.mean(dice))
+
+
+def _state_dict_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def train_cdma(config: dict[str, Any]) -> None:
+    """The Ray Train loop (every worker runs it): half-labelled batches, averaged gradients, a checkpoint
+    every epoch, best-validation-Dice weights, and `result.json` written last by rank 0."""
+    job = CDMAJob(**config)
+    cfg = CDMAConfig(**job.cdma)
+    tiling = TilingConfig(**job.tiling)
+    rank, world = rank_and_world()
+    device = train_device()
+    n_classes = len(cfg.classes)
+    annotations = annotations_for(cfg, job.labelled + job.val)
+    labelled = load_tiles(job.out, tiling, job.labelled, annotations, cfg.min_tissue_frac)
+    unlabelled = (
+        load_tiles(job.out, tiling, job.unlabelled, None, cfg.min_tissue_frac)
+        if job.semi_supervised and job.unlabelled
+        else None
+    )
+    val = load_tiles(job.out, tiling, job.val, annotations, cfg.min_tissue_frac) if job.val else None
+    torch.manual_seed(cfg.seed)
+    model = build_mtnet(n_classes, cfg.network, cfg.weights).to(device)
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = CDMALoss(
+        cfg.kd_weight, cfg.entropy_weight, cfg.unsup_start_epoch, cfg.temperature, job.semi_supervised
+    )
+    start, history, best, best_state = 0, [], -math.inf, None
+    saved = restore_state(job.reporter)
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start, history, best = int(saved["epoch"]) + 1, list(saved["history"]), float(saved["best"])
+        best_state = saved["best_model"]
+    half = cfg.batch_size // 2
+    n_unl = len(unlabelled) if unlabelled is not None else 0
+    for epoch in range(start, cfg.epochs):
+        lr = set_learning_rate(optimizer, cfg, epoch)
+        started = time.perf_counter()
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
+        sums: dict[str, float] = {}
+        batches = half_batches(len(labelled), n_unl, half, job.steps, cfg.seed, epoch, rank, world)
+        for lab_idx, unl_idx in batches:
+            x, y = augment(
+                normalise(labelled.images[lab_idx], device),
+                torch.from_numpy(labelled.masks[lab_idx]).to(device).long(),  # type: ignore[index]
+                gen, cfg.noise_std, cfg.noise_p,
+            )  # fmt: skip
+            assert y is not None  # the masks went in, so they come out
+            if unlabelled is not None:
+                xu, _ = augment(
+                    normalise(unlabelled.images[unl_idx], device), None, gen, cfg.noise_std, cfg.noise_p
+                )
+                x = torch.cat([x, xu])
+            with bf16_autocast(device):
+                logits = model(x)
+            loss, parts = loss_fn([z.float() for z in logits], y, len(lab_idx), epoch)
+            optimizer.zero_grad(set_to_none=False)
+            loss.backward()
+            average_gradients(model)
+            optimizer.step()
+            for key, value in parts.items():
+                sums[key] = sums.get(key, 0.0) + value / job.steps
+        seconds = time.perf_counter() - started  # training steps only (validation excluded)
+        val_dice = tile_dice(model, val, n_classes, cfg.infer_batch, device) if val is not None else math.nan
+        if val is None or val_dice > best:
+            best, best_state = (val_dice if val is not None else best), _state_dict_copy(model)
+        metrics = {
+            "epoch": epoch,
+            "lr": lr,
+            "epoch_s": seconds,
+            "val_dice": val_dice,
+            **{f"loss_{k}": v for k, v in sums.items()},
+        }
+        history.append(metrics)
+        log.info("%s epoch %d: %s", job.name, epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        state = None
+        if rank == 0:
+            state = {
+                "model": _state_dict_copy(model),
+                "optimizer": optimizer.state_dict(),
+                "epoch": epoch,
+                "history": history,
+                "best": best,
+                "best_model": best_state,
+            }
+        report_epoch(job.reporter, metrics, state)
+    if rank == 0:
+        buffer = io.BytesIO()
+        torch.save(best_state if best_state is not None else _state_dict_copy(model), buffer)
+        write_bytes_atomic(join(job.result_dir, WEIGHTS_FILE), buffer.getvalue())
+        result = {
+            "history": history,
+            "best_val_dice": best,
+            "tiles": {"labelled": len(labelled), "unlabelled": n_unl},
+        }
+        write_bytes_atomic(join(job.result_dir, RESULT_FILE), json.dumps(result, indent=1).encode())
+
+
+# ----------------------------------------------------------------------------------------- the run
+
+
+class CDMARun:
+    """One named CDMA run under an output root (split, training jobs, inference, metrics)."""
+
+    def __init__(self, name: str, out: str, config: Config) -> None:
+        if not name or any(c in name for c in "/\\") or name.startswith("."):
+            raise TrainDataError(f"--name must be a plain name (no slashes), got {name!r}")
+        self.name, self.out, self.config = name, out, config
+        self.cfg = config.cdma
+        self.run_dir = join(out, "runs", name)
+        stage = tiles_stage(config.tiling)
+        self.entries = {e.slide_id: e for e in Ledger(out).entries(stage) if e.status == "ok"}
+        if not self.entries:
+            raise TrainDataError(f"no committed tiles under {join(out, stage)}; run slidestream ingest first")
+        root = _annotation_root(self.cfg)
+        found = {
+            s: find_annotation(root, s, self.cfg.mask_suffix, self.cfg.mask_downsample, self.cfg.classes)
+            for s in sorted(self.entries)
+        }
+        self.annotations = {s: a for s, a in found.items() if a is not None}
+        if not self.annotations:
+            raise TrainDataError(
+                f"cdma: none of the {len(found)} ingested slides has an annotation in {root}"
+            )
+        foreground = {s: a.has_foreground() for s, a in self.annotations.items()}
+        unannotated = sorted(set(self.entries) - set(self.annotations))
+        self.split = split_slides(
+            foreground, unannotated, self.cfg.labelled_frac, self.cfg.test_frac, self.cfg.val_slides,
+            self.cfg.split_seed,
+        )  # fmt: skip
+
+    def plan(self) -> dict[str, Any]:
+        cdma = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _RESOURCE_KEYS}
+        return {"kind": "cdma", "tiling": self.config.tiling.model_dump(mode="json"), "cdma": cdma,
+                "split": self.split.to_dict()}  # fmt: skip
+
+    def jobs(self) -> list[CDMAJob]:
+        half = self.cfg.batch_size // 2
+        n_lab = sum(self.entries[s].n_tiles for s in self.split.labelled)
+        n_unl = sum(self.entries[s].n_tiles for s in self.split.unlabelled)
+        steps = steps_per_epoch(n_lab, n_unl, half, max(1, self.cfg.workers), self.cfg.steps_per_epoch)
+        kinds = [("cdma", True)] + ([("supervised", False)] if self.cfg.supervised_baseline else [])
+        return [
+            CDMAJob(
+                name=name,
+                semi_supervised=semi,
+                out=self.out,
+                tiling=self.config.tiling.model_dump(mode="json"),
+                cdma=self.cfg.model_dump(mode="json"),
+                labelled=self.split.labelled,
+                unlabelled=self.split.unlabelled if semi else [],
+                val=self.split.val,
+                steps=steps,
+                result_dir=join(self.run_dir, "jobs", name),
+            )
+            for name, semi in kinds
+        ]
+
+    def execute(self) -> dict[str, Any]:
+        ensure_ray(self.config.ray)
+        write_or_check_plan(self.run_dir, self.name, self.plan(), self.config)
+        jobs = self.jobs()
+        for job in jobs:
+            result_uri = join(job.result_dir, RESULT_FILE)
+            fit_once(train_cdma, job.to_config(), job.name, self.cfg, join(self.run_dir, "ray"), result_uri)
+        metrics: dict[str, Any] = {
+            "kind": "cdma", "classes": self.cfg.classes, "network": self.cfg.network,
+            "split": self.split.to_dict(), "runs": {},
+        }  # fmt: skip
+        for job in jobs:
+            metrics["runs"][job.name] = self.evaluate(job)
+        write_bytes_atomic(join(self.run_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())
+        return metrics
+
+    def evaluate(self, job: CDMAJob) -> dict[str, Any]:
+        """Slide inference on the test slides with the job's best weights: outputs and metrics per slide."""
+        model = build_mtnet(len(self.cfg.classes), self.cfg.network)
+        model.load_state_dict(load_weights(join(job.result_dir, WEIGHTS_FILE)))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        result = json.loads(read_bytes(join(job.result_dir, RESULT_FILE)))
+        rows = [self._slide(model, job, slide_id, device) for slide_id in self.split.test]
+        numeric = [{k: v for k, v in r.items() if k not in ("slide_id", "windows")} for r in rows]
+        mean, std = summarise(numeric)
+        return {"slides": rows, "mean": mean, "std": std, "best_val_dice": result["best_val_dice"],
+                "history": result["history"]}  # fmt: skip
+
+    def _slide(self, model: MTNet, job: CDMAJob, slide_id: str, device: torch.device) -> dict[str, Any]:
+        ds = self.cfg.mask_downsample
+        uri = self.entries[slide_id].uri
+        pred = predict_slide(
+            model, uri, self.config.tiling, self.config.tissue, ds, self.cfg.infer_overlap,
+            self.cfg.infer_batch, device,
+        )  # fmt: skip
+        truth = self.annotations[slide_id].region(Region(0, 0, pred.mask.shape[1], pred.mask.shape[0], ds))
+        base = join(self.run_dir, "slides", job.name, slide_id)
+        buffer = io.BytesIO()
+        Image.fromarray(pred.mask).save(buffer, format="PNG")
+        write_bytes_atomic(f"{base}.mask.png", buffer.getvalue())
+        write_overlay(uri, pred.mask, ds, f"{base}.overlay.png")
+        write_geojson(pred.mask, ds, self.cfg.classes, f"{base}.geojson")
+        row: dict[str, Any] = {"slide_id": slide_id, "windows": pred.windows}
+        per_class = [
+            segmentation_metrics(pred.mask == c, truth == c, ds * pred.slide_mpp)
+            for c in range(1, len(self.cfg.classes))
+        ]
+        for c, values in enumerate(per_class, start=1):
+            row.update({f"{k}_{self.cfg.classes[c]}": v for k, v in values.items()})
+        for key in _METRICS:
+            finite = [v[key] for v in per_class if math.isfinite(v[key])]
+            row[key] = float(np.mean(finite)) if finite else math.nan
+        return row
+
+
+def format_cdma_table(metrics: dict[str, Any]) -> str:
+    """CDMA and supervised-only side by side: mean ± std of each metric over the test slides."""
+    lines = [f"{'run':<12} " + " ".join(f"{k:>16}" for k in _METRICS)]
+    for name, run in metrics["runs"].items():
+        cells = " ".join(
+            f"{run['mean'].get(k, math.nan):>8.3f}±{run['std'].get(k, math.nan):<7.3f}" for k in _METRICS
+        )
+        lines.append(f"{name:<12} {cells}")
+    return "\n".join(lines)
+
+
+def run_cdma(name: str, out: str, config: Config) -> dict[str, Any]:
+    return CDMARun(name, out, config).execute()

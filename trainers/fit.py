@@ -1,0 +1,125 @@
+"""Fitting a training loop with Ray Train, the same way for every method: resources, storage (local or
+s3://), resuming, a job trained once, and the saved plan that a rerun must match.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Protocol
+
+from slidestream.cluster.config import Config
+from slidestream.cluster.storage import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
+from slidestream.trainers.data import TrainDataError
+
+RUN_FILE = "run.json"
+# Settings that may change between a run and its resumption (resources, not results).
+RESOURCE_KEYS = (
+    "workers",
+    "cpus_per_worker",
+    "gpus_per_worker",
+    "parallel_folds",
+    "max_failures",
+    "cache_mb",
+)
+
+
+class Resources(Protocol):
+    """The resource settings of a method's config section (train, icmil, gigassl, cdma)."""
+
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    max_failures: int
+
+
+class TrainingError(RuntimeError):
+    """A run that could not finish (some folds failed); the message names the folds and why."""
+
+
+def write_or_check_plan(run_dir: str, name: str, plan: dict[str, Any], config: Config) -> bool:
+    """A new run saves its plan (`run.json`) and `config.yaml`; a rerun must have the same plan, else it
+    is refused naming the settings that differ. True for a rerun (a resume)."""
+    uri = join(run_dir, RUN_FILE)
+    if not exists(uri):
+        write_bytes_atomic(uri, json.dumps(plan, indent=1).encode())
+        write_bytes_atomic(join(run_dir, "config.yaml"), config.to_yaml().encode())
+        return False
+    if changed := changed_settings(json.loads(read_bytes(uri)), plan):
+        raise TrainDataError(
+            f"run {name!r} already exists in {run_dir} with different "
+            f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
+        )
+    return True
+
+
+def changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the plan entries that differ (e.g. `train.model ('abmil' → 'dsmil')`)."""
+    changed = []
+    for key in sorted(set(saved) | set(plan)):
+        old, new = saved.get(key), plan.get(key)
+        if old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            changed += changed_settings(old, new, f"{prefix}{key}.")
+        elif isinstance(old, list | dict) or isinstance(new, list | dict):
+            changed.append(prefix + key)
+        else:
+            changed.append(f"{prefix}{key} ({old!r} → {new!r})")
+    return changed
+
+
+def describe_error(exc: BaseException) -> str:
+    """The last line of an exception's message (Ray wraps the cause in a long traceback)."""
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__
+
+
+def train_storage(path: str) -> tuple[str, Any]:
+    """Ray Train `storage_path` and `storage_filesystem` for a local path or an s3:// URI."""
+    if is_local(path):
+        return filesystem(path)[1], None
+    import pyarrow.fs
+
+    fs, inner = filesystem(path)
+    return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def fit_loop(loop: Any, loop_config: dict[str, Any], name: str, resources: Resources, storage: str) -> None:
+    """Run `loop(loop_config)` on Ray Train workers as run `name` under `storage` (resuming from its last
+    checkpoint when there is one)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_worker > 0
+    per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
+    storage_path, storage_fs = train_storage(storage)
+    trainer = TorchTrainer(
+        loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=use_gpu,
+            resources_per_worker=per_worker if resources.workers else None,
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=resources.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+
+
+def fit_once(
+    loop: Any, loop_config: dict[str, Any], name: str, resources: Resources, storage: str, result_uri: str
+) -> None:
+    """`fit_loop`, unless `result_uri` (which the loop writes last) exists: a finished job is never
+    retrained, an unfinished one resumes from its checkpoint. A loop that ends without it is an error."""
+    if exists(result_uri):
+        return
+    fit_loop(loop, loop_config, name, resources, storage)
+    if not exists(result_uri):
+        raise TrainingError(f"{name}: training ended without writing {result_uri.rsplit('/', 1)[-1]}")

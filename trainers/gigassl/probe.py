@@ -1,0 +1,174 @@
+"""Linear probing of slide embeddings (Giga-SSL's evaluation): logistic regression (C = 10, balanced
+class weights) on standardised embeddings, ROC-AUC over repeated stratified train/test splits, with the
+full training part and with small training sets (e.g. 20, 50 slides); the same protocol on mean-pooled
+tile features is the baseline. Writes `probe.json` and an embedding map (PCA, coloured by label)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
+from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.labels import read_labels
+from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.metrics import classification_metrics
+
+__all__ = [
+    "ProbeReport",
+    "format_probe",
+    "mean_pooled",
+    "probe",
+    "probe_auc",
+    "read_embeddings",
+    "run_probe",
+]
+
+C, MAX_ITER = 10.0, 1000
+
+
+def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
+    """slide ids and the (N, D) embeddings of an embeddings Parquet file (`slide_id`, `embedding`)."""
+    try:
+        table = pq.read_table(io.BytesIO(read_bytes(uri)))
+    except (OSError, pa.ArrowException) as exc:
+        raise TrainDataError(f"cannot read embeddings {uri}: {exc}") from None
+    for column in ("slide_id", "embedding"):
+        if column not in table.column_names:
+            raise TrainDataError(f"embeddings {uri}: missing column {column!r} (has {table.column_names})")
+    values = table.column("embedding").to_pylist()
+    if not values or len({len(v) for v in values}) != 1:
+        raise TrainDataError(f"embeddings {uri}: column 'embedding' is empty or has rows of unequal length")
+    matrix = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(matrix).all():
+        raise TrainDataError(f"embeddings {uri}: column 'embedding' has NaN/inf values")
+    return [str(s) for s in table.column("slide_id").to_pylist()], matrix
+
+
+def _classifier():
+    return make_pipeline(
+        StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER)
+    )
+
+
+def probe_auc(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str]
+) -> float:
+    """ROC-AUC on the test part of the probe fitted on the training part (class indices in y)."""
+    model = _classifier().fit(x_train, y_train)
+    return classification_metrics(y_test, model.predict_proba(x_test), classes)["auc"]
+
+
+def probe(
+    x: np.ndarray, y: np.ndarray, classes: list[str], sizes: list[int], repeats: int, test_frac: float,
+    seed: int,
+) -> dict[str, dict[str, Any]]:  # fmt: skip
+    """ROC-AUC (mean, std over `repeats` stratified splits) per training-set size: "full" (the whole
+    training part) and each size smaller than it (a stratified subsample of the training part)."""
+    splitter = StratifiedShuffleSplit(n_splits=repeats, test_size=test_frac, random_state=seed)
+    aucs: dict[str, list[float]] = {}
+    n_train: dict[str, int] = {}
+    for r, (train, test) in enumerate(splitter.split(x, y)):
+        plans = {"full": train}
+        for size in sizes:
+            if len(classes) <= size < len(train):
+                plans[str(size)], _ = train_test_split(train, train_size=size, stratify=y[train],
+                                                       random_state=seed * 1000 + r)  # fmt: skip
+        for name, part in plans.items():
+            aucs.setdefault(name, []).append(probe_auc(x[part], y[part], x[test], y[test], classes))
+            n_train[name] = len(part)
+    return {
+        name: {"n_train": n_train[name], "auc_mean": float(np.nanmean(v)), "auc_std": float(np.nanstd(v)),
+               "repeats": len(v)}
+        for name, v in aucs.items()
+    }  # fmt: skip
+
+
+def mean_pooled(features: str, slide_ids: list[str]) -> np.ndarray:
+    """The mean tile feature of each slide's bag (the baseline slide representation)."""
+    bags = FeatureBags(features, require_labels=False)
+    missing = [s for s in slide_ids if s not in bags]
+    if missing:
+        raise TrainDataError(f"baseline features {features} have no bag for {len(missing)} slide(s): "
+                             f"{', '.join(missing[:10])}")  # fmt: skip
+    return np.stack([bags.load(s).features.double().mean(0).numpy() for s in slide_ids])
+
+
+def _labels(uri: str, slide_ids: list[str]) -> tuple[list[str], list[str]]:
+    """(slides with both an embedding and a label, their labels)."""
+    table = read_labels(uri)
+    by_id = dict(zip(table.column("slide_id").to_pylist(), table.column("label").to_pylist(), strict=True))
+    kept = [s for s in slide_ids if s in by_id]
+    if len(kept) < 4:
+        raise TrainDataError(f"only {len(kept)} embedded slides have a label in {uri}; probing needs ≥ 4")
+    return kept, [str(by_id[s]) for s in kept]
+
+
+@dataclass
+class ProbeReport:
+    results: dict[str, dict[str, dict[str, Any]]]  # representation → size → auc stats
+    classes: list[str]
+    n_slides: int
+    report: str  # probe.json
+    picture: str  # embedding map PNG
+
+
+def run_probe(
+    embeddings: str, labels: str, baseline: str | None = None, sizes: tuple[int, ...] = (20, 50),
+    repeats: int = 20, test_frac: float = 0.3, seed: int = 0, output: str | None = None,
+) -> ProbeReport:  # fmt: skip
+    """Probe the embeddings (and mean-pooled `baseline` features); results next to the embeddings file
+    unless `output` (a directory) is given."""
+    from slidestream.trainers.viz import embedding_map
+
+    ids, matrix = read_embeddings(embeddings)
+    kept, names = _labels(labels, ids)
+    classes = sorted(set(names))
+    counts = [names.count(c) for c in classes]
+    if len(classes) < 2 or min(counts) < 2:
+        raise TrainDataError(f"labels {labels}: probing needs ≥ 2 classes with ≥ 2 slides each "
+                             f"(have {dict(zip(classes, counts, strict=True))})")  # fmt: skip
+    y = np.array([classes.index(n) for n in names])
+    rows = [ids.index(s) for s in kept]
+    points = {"gigassl": matrix[rows]}
+    if baseline:
+        points["mean-pooled features"] = mean_pooled(baseline, kept)
+    results = {name: probe(x, y, classes, list(sizes), repeats, test_frac, seed)
+               for name, x in points.items()}  # fmt: skip
+    where = output or embeddings.rsplit("/", 1)[0]
+    report = join(where, "probe.json")
+    payload = {"embeddings": embeddings, "labels": labels, "baseline": baseline, "classes": classes,
+               "n_slides": len(kept), "repeats": repeats, "test_frac": test_frac, "C": C,
+               "results": results}  # fmt: skip
+    write_bytes_atomic(report, json.dumps(payload, indent=1).encode())
+    picture = join(where, "embedding_map.png")
+    embedding_map(points, names, picture)
+    return ProbeReport(results, classes, len(kept), report, picture)
+
+
+def format_probe(report: ProbeReport) -> str:
+    """A table: one row per representation, one column per training-set size (AUC mean ± std)."""
+    found = {k for r in report.results.values() for k in r}
+    sizes = ["full", *sorted((k for k in found if k != "full"), key=int)]
+    head = f"{'representation':<22} " + " ".join(f"{'n=' + k:>16}" for k in sizes)
+    lines = [head]
+    for name, by_size in report.results.items():
+        cells = []
+        for k in sizes:
+            stats = by_size.get(k)
+            text = "-" if stats is None or math.isnan(stats["auc_mean"]) else (
+                f"{stats['auc_mean']:.3f}±{stats['auc_std']:.3f}")  # fmt: skip
+            cells.append(f"{text:>16}")
+        lines.append(f"{name:<22} " + " ".join(cells))
+    return "\n".join(lines)

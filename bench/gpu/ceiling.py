@@ -17,8 +17,8 @@ import time
 import torch
 from common import device, sync, write_result
 
-from pipelines.embed import with_input_px
-from pipelines.encoders import build_encoder
+from slidestream.pipelines.embed import with_input_px
+from slidestream.pipelines.encoders import build_encoder
 
 
 def measure(encoder, tiles: torch.Tensor, dev: torch.device, batch: int) -> float:

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 from common import device, sync, write_result
 
-from cluster.config import load_config
-from pipelines.ingest import planned_chunks
-from pipelines.reader import read_tiles
-from pipelines.shards import decode_sample, encode_image
-from pipelines.synthetic import write_dataset
+from slidestream.cluster.config import load_config
+from slidestream.pipelines.ingest import planned_chunks
+from slidestream.pipelines.reader import read_tiles
+from slidestream.pipelines.shards import decode_sample, encode_image
+from slidestream.pipelines.synthetic import write_dataset
 
 
 def shard_jpegs(n: int) -> list[bytes]:

@@ -29,12 +29,13 @@ from pathlib import Path
 
 from common import GpuSampler, write_result
 
-from cluster.config import load_config
-from cluster.runtime import ensure_ray
-from pipelines.embed import EmbedStage, run_embed
-from pipelines.ingest import IngestReport, run_ingest
-from pipelines.ledger import LedgerEntry
-from pipelines.synthetic import write_dataset
+from slidestream.cluster.config import load_config
+from slidestream.cluster.runtime import ensure_ray
+from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.ledger import LedgerEntry
+from slidestream.pipelines.stream import IngestReport
+from slidestream.pipelines.synthetic import write_dataset
 
 
 class CommitClock:

@@ -1,4 +1,4 @@
-# One venv for everything; torch/torchvision pinned through constraints.txt (local wheels, see FACTS.md).
+# One venv for everything; torch/torchvision pinned through constraints.txt (pip finds them on the package index).
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q -c constraints.txt

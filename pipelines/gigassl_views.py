@@ -1,8 +1,8 @@
 """Giga-SSL offline views: per slide, NAUG augmentations, each ONE parameter draw applied to all NT tiles
 it covers (drawn with replacement), so a view is a consistently augmented sample of the slide.
 
-The recipe (`specs/gigassl.md`): random resized crop (scale 0.5–1), colour jitter (0.4, 0.4, 0.4, 0.2)
-with p 0.8, grayscale p 0.2, Gaussian blur 5×5 with σ ∈ [0.1, 1] and p 0.5.
+The official Giga-SSL code's recipe: random resized crop (scale 0.5–1), colour jitter (0.4, 0.4, 0.4,
+0.2) with p 0.8, grayscale p 0.2, Gaussian blur 5×5 with σ ∈ [0.1, 1] and p 0.5.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Giga-SSL training on Ray Train and the export of per-slide embeddings (`specs/gigassl.md`).
+"""Giga-SSL training on Ray Train and the export of per-slide embeddings (the official Giga-SSL recipe).
 
 A step takes the GLOBAL batch of `gigassl.batch_size` slides, split evenly across the workers; every
 worker draws two views of each of its slides (T tiles of one stored augmentation, augmented

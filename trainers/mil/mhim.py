@@ -1,6 +1,6 @@
 """MHIM-MIL building blocks: hard-instance masking, schedules, consistency loss and EMA (no Ray).
 
-Choices where the official code is ambiguous or accidental (see ``docs``/spec ``mhim.md``):
+Choices where the official code is ambiguous or accidental (the official MHIM-MIL code's):
 
 * Kept instances are returned in ascending original index order (the official order comes from a
   Python ``set`` and is an accident).

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slidestream.cluster.config import CDMAConfig, Config, TilingConfig
+from slidestream.cluster.config import CDMAConfig, Config, TilingConfig, WorkerResources
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.pt"
 _LR_SCALE = {"pretrained_weight": 1.0, "pretrained_bias": 2.0, "new_weight": 10.0, "new_bias": 20.0}
-_RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "infer_batch")
+_RESOURCE_KEYS = (*WorkerResources.model_fields, "infer_batch")  # may change when a run resumes
 _METRICS = ("dice", "jaccard", "hd95", "asd")
 
 

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from slidestream.cluster.config import Config, GigaSSLConfig
+from slidestream.cluster.config import Config, GigaSSLConfig, WorkerResources
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import Bag, FeatureBags
@@ -61,9 +61,7 @@ WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 EMBEDDINGS_FILE = "embeddings.parquet"
 # Settings that may change between a run and its resumption (resources and export, not training).
-_FREE_KEYS = (
-    "workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "cache_mb", "export_chunks", "export_bn",
-)  # fmt: skip
+_FREE_KEYS = (*WorkerResources.model_fields, "cache_mb", "export_chunks", "export_bn")
 
 
 @dataclass

@@ -43,6 +43,7 @@ from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world
 from slidestream.trainers.fit import fit_once, write_or_check_plan
+from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.metrics import summarise
 from slidestream.trainers.models.mtnet import MTNet, build_mtnet
 from slidestream.trainers.session import (
@@ -374,5 +375,7 @@ def format_cdma_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_cdma(name: str, out: str, config: Config) -> dict[str, Any]:
-    return CDMARun(name, out, config).execute()
+def run_cdma(request: TrainRequest, config: Config) -> dict[str, Any]:
+    """`slidestream train cdma` (the method table's entry): the metrics that `format_cdma_table` prints."""
+    print(f"train cdma: {config.cdma.network} MTNet on {request.out} → {request.run_dir}")
+    return CDMARun(request.name, request.out, config).execute()

@@ -120,8 +120,19 @@ class MHIMConfig(_Section):
     teacher_init: str = "auto"  # auto: train the baseline of the same fold/seed first; none; or a path
 
 
-class TrainConfig(_Section):
-    """MIL training and its protocol (folds, validation, seeds, workers)."""
+class WorkerResources(_Section):
+    """The Ray Train workers of a method's training (`trainers.fit.fit_loop`), declared once for the
+    sections that train (train, cdma, icmil, gigassl)."""
+
+    workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver, for debugging)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
+    max_failures: int = Field(default=2, ge=0)  # worker restarts before the training fails
+
+
+class TrainConfig(WorkerResources):
+    """MIL training and its protocol (folds, validation, seeds, workers). Each fold gets `workers`
+    workers and `max_failures` restarts."""
 
     model: Literal["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"] = "abmil"
     model_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {gated: true}
@@ -136,17 +147,13 @@ class TrainConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0])
     protocol: Literal["standard", "c16_reproduction"] = "standard"  # c16_reproduction selects on test
     classes: list[str] | None = None  # class order (binary: [negative, positive]); default: sorted labels
-    workers: int = Field(default=1, ge=0)  # Ray Train workers per fold (0: in the driver, for debugging)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
     parallel_folds: int | None = Field(default=None, ge=1)  # null: as many as the cluster's CPUs allow
-    max_failures: int = Field(default=2, ge=0)  # worker restarts per fold before giving up
     cache_mb: int = Field(default=2048, ge=0)  # bags kept in memory per worker
     standardize: bool = True  # centre and scale features by the training part's statistics (see yaml)
     mhim: MHIMConfig = Field(default_factory=MHIMConfig)
 
 
-class CDMAConfig(_Section):
+class CDMAConfig(WorkerResources):
     """CDMA semi-supervised segmentation: data split, MTNet, losses, SGD schedule, slide inference."""
 
     network: Literal["official", "light"] = "official"  # light: ResNet-18, narrow head (CPU tests, demo)
@@ -177,14 +184,11 @@ class CDMAConfig(_Section):
     infer_overlap: float = Field(default=0.25, ge=0, lt=1)  # sliding-window overlap at inference
     infer_batch: int = Field(default=16, ge=1)
     seed: int = 0
-    workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
-    max_failures: int = Field(default=2, ge=0)
 
 
-class ICMILConfig(_Section):
-    """ICMIL: the bag classifier (train.*) and the tile embedder trained in turns on one fold split."""
+class ICMILConfig(WorkerResources):
+    """ICMIL: the bag classifier (train.*) and the tile embedder trained in turns on one fold split. The
+    workers here are those of the embedder's fine-tuning (the classifier's are train.workers)."""
 
     fold: int = Field(default=0, ge=0)  # which split of the fold plan (first seed) every round uses
     epochs: int = Field(default=1, ge=1)  # embedder fine-tuning epochs per round
@@ -200,13 +204,9 @@ class ICMILConfig(_Section):
     confidence: bool = False  # journal version: weight loss_c per tile by |2a - 1|^beta
     beta: float | None = Field(default=None, gt=0)  # null: 6 for abmil, 2 for dtfd
     shuffle_buffer: int = Field(default=512, ge=1)  # tiles held per worker for streaming shuffling
-    workers: int = Field(default=1, ge=0)  # Ray Train workers of the fine-tuning (0: in the driver)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
-    max_failures: int = Field(default=2, ge=0)
 
 
-class GigaSSLConfig(_Section):
+class GigaSSLConfig(WorkerResources):
     """Giga-SSL self-supervised slide embeddings (`slidestream train gigassl`, `specs/gigassl.md`)."""
 
     epochs: int = Field(default=100, ge=1)
@@ -226,10 +226,6 @@ class GigaSSLConfig(_Section):
     # BatchNorm at export: statistics recomputed over the exported slides' chunks, or training's running ones
     export_bn: Literal["recalibrate", "running"] = "recalibrate"
     seed: int = 0
-    workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
-    max_failures: int = Field(default=2, ge=0)
     cache_mb: int = Field(default=2048, ge=0)  # view bags kept in memory per worker
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import replace
 
 from slidestream.cluster.config import Config
 from slidestream.cluster.errors import UsageError
@@ -23,6 +24,7 @@ from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.writer_lock import WriterLock
+from slidestream.trainers.methods import METHODS, Method, TrainRequest
 
 log = logging.getLogger("slidestream")
 
@@ -214,9 +216,9 @@ def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) ->
     return 0
 
 
-def _features_dir(out: str, features: str | None, under: str = "features") -> str:
-    """`--features`, or the single feature directory under OUT/<under> (an error when it is ambiguous);
-    `under="gigassl"`: the Giga-SSL view sets."""
+def _features_dir(out: str, features: str | None, under: str) -> str:
+    """`--features`, or the single feature directory under OUT/<under> (an error when it is ambiguous):
+    the method table's `features_under` (the feature bags, or the Giga-SSL view sets)."""
     if features:
         return features
     fs, root = filesystem(join(out, under))
@@ -229,73 +231,6 @@ def _features_dir(out: str, features: str | None, under: str = "features") -> st
         names = ", ".join(p.rsplit("/", 1)[-1] for p in found) or "none"
         raise UsageError(f"pass --features: {join(out, under)} holds {len(found)} feature sets ({names})")
     return join(out, under, found[0].rsplit("/", 1)[-1])
-
-
-def _print_outputs(run_dir: str, **files: str) -> None:
-    """One line per output of a finished run: `  <what>: <run_dir>/<file>`."""
-    for what, name in files.items():
-        print(f"  {what}: {join(run_dir, name)}")
-
-
-def _train_icmil(
-    config: Config,
-    name: str,
-    out: str,
-    labels: str | None,
-    encoder: str | None,
-    weights: str | None,
-    rounds: int,
-) -> int:
-    from slidestream.trainers.icmil.rounds import ICMILError, format_rounds, run_icmil
-
-    if not labels or not encoder or not weights:
-        raise UsageError("train icmil needs --labels, --encoder and --weights (a local file, or 'random')")
-    run_dir = join(out, "runs", name)
-    print(f"train icmil: {config.train.model} ⇄ {encoder}, {rounds} round(s) → {run_dir}")
-    try:
-        summary = run_icmil(name, out, labels, encoder, weights, config, rounds)
-    except ICMILError as exc:
-        print(f"slidestream train: {exc}")
-        return 1
-    print(format_rounds(summary.metrics))
-    _print_outputs(run_dir, metrics="metrics.json", rounds="rounds.png")
-    return 0
-
-
-def _train_cdma(config: Config, name: str, out: str) -> int:
-    from slidestream.trainers.cdma.run import format_cdma_table, run_cdma
-
-    print(f"train cdma: {config.cdma.network} MTNet on {out} → {join(out, 'runs', name)}")
-    metrics = run_cdma(name, out, config)
-    print(format_cdma_table(metrics))
-    run_dir = join(out, "runs", name)
-    _print_outputs(run_dir, metrics="metrics.json", **{"slide masks, overlays, GeoJSON": "slides"})
-    return 0
-
-
-def _train_gigassl(config: Config, name: str, out: str, features: str | None, export: bool) -> int:
-    from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings, tile_features_for
-
-    views = _features_dir(out, features, "gigassl")
-    run_dir = join(out, "runs", name)
-    if export:  # --features: the bags to embed; default: the un-augmented tiles of the views' slides
-        bags = features or tile_features_for(views) or views
-        target = export_embeddings(
-            run_dir, bags, export_chunks=config.gigassl.export_chunks, export_bn=config.gigassl.export_bn
-        )
-        print(f"embeddings of {bags} with run {name} → {target}")
-        return 0
-    cfg = config.gigassl
-    print(
-        f"train gigassl: {cfg.epochs} epochs, batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
-        f"over {max(1, cfg.workers)} worker(s), on {views} → {run_dir}"
-    )
-    summary = GigaSSLRun(name, out, views, config).execute()
-    last = summary.history[-1]
-    print(f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)")
-    print(f"  embeddings: {summary.embeddings}")
-    _print_outputs(summary.run_dir, curves="curves.png")
-    return 0
 
 
 def cmd_probe(
@@ -326,6 +261,13 @@ def cmd_probe(
     return 0
 
 
+def _needs(method: Method) -> str:
+    """The flags `train KIND` cannot do without, as its usage error says them."""
+    *first, last = [f"--{flag}" for flag in method.needs]
+    listed = f"{', '.join(first)} and {last}" if first else last
+    return listed + (f" ({method.needs_note})" if method.needs_note else "")
+
+
 def cmd_train(
     config: Config,
     *,
@@ -339,28 +281,37 @@ def cmd_train(
     weights: str | None = None,
     export: bool = False,
 ) -> int:
+    """Runs the method table's entry for `kind`: its run (which says what starts), its printed summary,
+    then the run's outputs; a run that could not finish is exit 1."""
     from slidestream.trainers.fit import TrainingError
-    from slidestream.trainers.mil.runner import format_table, run_training
 
-    if kind == "icmil":
-        return _train_icmil(config, name, out, labels, encoder, weights, rounds)
-    if kind == "cdma":
-        return _train_cdma(config, name, out)
-    if kind == "gigassl":
-        return _train_gigassl(config, name, out, features, export)
-    if not labels:
-        raise UsageError(f"train {kind} needs --labels")
-    features = _features_dir(out, features)
-    print(f"train {kind}: {config.train.model} on {features} → {join(out, 'runs', name)}")
+    method = METHODS[kind]
+    request = TrainRequest(
+        kind,
+        name,
+        out,
+        features,
+        labels=labels,
+        encoder=encoder,
+        weights=weights,
+        rounds=rounds,
+        export=export,
+    )
+    if not all(getattr(request, flag) for flag in method.needs):
+        raise UsageError(f"train {kind} needs {_needs(method)}")
+    if method.features_under:
+        request = replace(request, feature_dir=_features_dir(out, features, method.features_under))
+    if export and (exporter := method.exporter()):
+        print(exporter(request, config))
+        return 0
     try:
-        summary = run_training(kind, name, out, features, labels, config)
+        result = method.runner()(request, config)
     except TrainingError as exc:
         print(f"slidestream train: {exc}")
         return 1
-    print(format_table(summary.metrics))
-    _print_outputs(
-        summary.run_dir, metrics="metrics.json", predictions="predictions.parquet", curves="curves.png"
-    )
+    print(method.reporter()(result))
+    for what, file in method.outputs:
+        print(f"  {what}: {join(request.run_dir, file)}")
     return 0
 
 
@@ -377,11 +328,8 @@ def cmd_tune(
 ) -> int:
     from slidestream.trainers.tune.sweep import run_sweep
 
-    bags = (
-        None
-        if kind == "cdma"
-        else _features_dir(out, features, "gigassl" if kind == "gigassl" else "features")
-    )
+    under = METHODS[kind].features_under
+    bags = _features_dir(out, features, under) if under else None
     summary = run_sweep(kind, name, out, space, config, trials, bags, labels)
     monitor = summary.monitor
     keys = list(summary.best_params)

@@ -84,3 +84,20 @@ def test_a_slidestream_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypat
     monkeypatch.setattr(cli, "_command", lambda name: breaks)
     with pytest.raises(ValueError, match="an internal mistake"):
         main(["status", "--out", "here"])
+
+
+def test_train_and_tune_refuse_missing_flags_in_one_line(tmp_path: Path, capsys):
+    """What each kind needs comes from the method table; the wording is the command line's."""
+    out = ["--name", "r", "--out", str(tmp_path)]
+    cases = {
+        ("train", "mil"): "train mil needs --labels",
+        ("train", "icmil", "--labels", "l.csv"): (
+            "train icmil needs --labels, --encoder and --weights (a local file, or 'random')"
+        ),
+        ("train", "mhim", "--labels", "l.csv"): f"pass --features: {tmp_path}/features holds 0 feature sets",
+        ("train", "gigassl", "--export"): f"pass --features: {tmp_path}/gigassl holds 0 feature sets",
+        ("tune", "gigassl", "--space", "s.yaml"): f"pass --features: {tmp_path}/gigassl holds 0 feature sets",
+    }
+    for args, message in cases.items():
+        assert main([*args[:2], *out, *args[2:]]) == UsageError.exit_code
+        assert capsys.readouterr().err.startswith(f"slidestream {args[0]}: {message}")

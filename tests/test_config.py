@@ -4,7 +4,7 @@ from typing import get_args
 import pytest
 import yaml
 
-from slidestream.cluster.config import Config, ConfigError, TrainConfig, load_config
+from slidestream.cluster.config import Config, ConfigError, TrainConfig, WorkerResources, load_config
 from slidestream.trainers.models import MODELS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,3 +54,20 @@ def test_set_needs_key_value():
 
 def test_the_config_accepts_exactly_the_models_of_the_registry():
     assert set(get_args(TrainConfig.model_fields["model"].annotation)) == set(MODELS)
+
+
+def test_the_sections_that_train_share_one_declaration_of_their_workers():
+    config = Config()
+    sections = {name for name in Config.model_fields if isinstance(getattr(config, name), WorkerResources)}
+    assert sections == {"train", "cdma", "icmil", "gigassl"}
+    for name in sections:
+        own = vars(type(getattr(config, name))).get("__annotations__", {})
+        assert not set(own) & set(WorkerResources.model_fields), f"{name} declares its workers again"
+
+
+@pytest.mark.parametrize("section", ["train", "cdma", "icmil", "gigassl"])
+def test_worker_settings_are_validated_and_named_in_every_section(section):
+    assert load_config(None, [f"{section}.workers=0"]).model_dump()[section]["workers"] == 0  # in the driver
+    for key, bad in (("workers", -1), ("cpus_per_worker", 0), ("gpus_per_worker", -1), ("max_failures", -1)):
+        with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
+            load_config(None, [f"{section}.{key}={bad}"])

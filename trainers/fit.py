@@ -5,31 +5,15 @@ s3://), resuming, a job trained once, and the saved plan that a rerun must match
 from __future__ import annotations
 
 import json
-from typing import Any, Protocol
+from typing import Any
 
-from slidestream.cluster.config import Config
+from slidestream.cluster.config import Config, WorkerResources
 from slidestream.cluster.storage import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
 from slidestream.trainers.data import TrainDataError
 
 RUN_FILE = "run.json"
 # Settings that may change between a run and its resumption (resources, not results).
-RESOURCE_KEYS = (
-    "workers",
-    "cpus_per_worker",
-    "gpus_per_worker",
-    "parallel_folds",
-    "max_failures",
-    "cache_mb",
-)
-
-
-class Resources(Protocol):
-    """The resource settings of a method's config section (train, icmil, gigassl, cdma)."""
-
-    workers: int
-    cpus_per_worker: float
-    gpus_per_worker: float
-    max_failures: int
+RESOURCE_KEYS = (*WorkerResources.model_fields, "parallel_folds", "cache_mb")
 
 
 class TrainingError(RuntimeError):
@@ -84,7 +68,9 @@ def train_storage(path: str) -> tuple[str, Any]:
     return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
-def fit_loop(loop: Any, loop_config: dict[str, Any], name: str, resources: Resources, storage: str) -> None:
+def fit_loop(
+    loop: Any, loop_config: dict[str, Any], name: str, resources: WorkerResources, storage: str
+) -> None:
     """Run `loop(loop_config)` on Ray Train workers as run `name` under `storage` (resuming from its last
     checkpoint when there is one)."""
     import ray
@@ -114,7 +100,12 @@ def fit_loop(loop: Any, loop_config: dict[str, Any], name: str, resources: Resou
 
 
 def fit_once(
-    loop: Any, loop_config: dict[str, Any], name: str, resources: Resources, storage: str, result_uri: str
+    loop: Any,
+    loop_config: dict[str, Any],
+    name: str,
+    resources: WorkerResources,
+    storage: str,
+    result_uri: str,
 ) -> None:
     """`fit_loop`, unless `result_uri` (which the loop writes last) exists: a finished job is never
     retrained, an unfinished one resumes from its checkpoint. A loop that ends without it is an error."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from slidestream.cluster.config import CDMAConfig, Config, TilingConfig
+from slidestream.cluster.config import CDMAConfig, Config, TilingConfig, WorkerResources
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
@@ -43,6 +43,7 @@ from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.dist import average_gradients, gather_objects, rank_and_world
 from slidestream.trainers.fit import fit_once, write_or_check_plan
+from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.metrics import summarise
 from slidestream.trainers.models.mtnet import MTNet, build_mtnet
 from slidestream.trainers.session import (
@@ -60,7 +61,7 @@ log = logging.getLogger(__name__)
 RESULT_FILE = "result.json"
 WEIGHTS_FILE = "weights.pt"
 _LR_SCALE = {"pretrained_weight": 1.0, "pretrained_bias": 2.0, "new_weight": 10.0, "new_bias": 20.0}
-_RESOURCE_KEYS = ("workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "infer_batch")
+_RESOURCE_KEYS = (*WorkerResources.model_fields, "infer_batch")  # may change when a run resumes
 _METRICS = ("dice", "jaccard", "hd95", "asd")
 
 
@@ -374,5 +375,7 @@ def format_cdma_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_cdma(name: str, out: str, config: Config) -> dict[str, Any]:
-    return CDMARun(name, out, config).execute()
+def run_cdma(request: TrainRequest, config: Config) -> dict[str, Any]:
+    """`slidestream train cdma` (the method table's entry): the metrics that `format_cdma_table` prints."""
+    print(f"train cdma: {config.cdma.network} MTNet on {request.out} → {request.run_dir}")
+    return CDMARun(request.name, request.out, config).execute()

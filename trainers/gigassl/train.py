@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from slidestream.cluster.config import Config, GigaSSLConfig
+from slidestream.cluster.config import Config, GigaSSLConfig, WorkerResources
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import Bag, FeatureBags
@@ -44,6 +44,7 @@ from slidestream.trainers.gigassl.sparse_maps import (
     grid_step,
     to_cells,
 )
+from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.models.sparse_pool import GigaSSLNet, load_resnet18_layer4
 from slidestream.trainers.optim import build_optimizer, warmup_cosine
 
@@ -51,6 +52,9 @@ __all__ = [
     "GigaSSLJob",
     "GigaSSLRun",
     "export_embeddings",
+    "export_run",
+    "format_gigassl",
+    "run_gigassl",
     "tile_features_for",
     "train_gigassl",
 ]
@@ -61,9 +65,7 @@ WEIGHTS_FILE = "weights.pt"
 RESULT_FILE = "result.json"
 EMBEDDINGS_FILE = "embeddings.parquet"
 # Settings that may change between a run and its resumption (resources and export, not training).
-_FREE_KEYS = (
-    "workers", "cpus_per_worker", "gpus_per_worker", "max_failures", "cache_mb", "export_chunks", "export_bn",
-)  # fmt: skip
+_FREE_KEYS = (*WorkerResources.model_fields, "cache_mb", "export_chunks", "export_bn")
 
 
 @dataclass
@@ -392,3 +394,37 @@ class GigaSSLRun:
         embeddings = export_embeddings(self.run_dir, self.export_from, export_chunks=self.cfg.export_chunks,
                                        export_bn=self.cfg.export_bn)  # fmt: skip
         return GigaSSLSummary(self.name, self.run_dir, history, embeddings)
+
+
+# -- the method table's entries (`slidestream train gigassl`) ------------------------------------------------
+
+
+def run_gigassl(request: TrainRequest, config: Config) -> GigaSSLSummary:
+    """Train on the views `request.feature_dir`, then export the slides' embeddings."""
+    assert request.feature_dir  # the command line made sure of it (the method table)
+    cfg = config.gigassl
+    print(
+        f"train gigassl: {cfg.epochs} epochs, batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
+        f"over {max(1, cfg.workers)} worker(s), on {request.feature_dir} → {request.run_dir}"
+    )
+    return GigaSSLRun(request.name, request.out, request.feature_dir, config).execute()
+
+
+def format_gigassl(summary: GigaSSLSummary) -> str:
+    last = summary.history[-1]
+    return (
+        f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)\n"
+        f"  embeddings: {summary.embeddings}"
+    )
+
+
+def export_run(request: TrainRequest, config: Config) -> str:
+    """`--export`: no training; the embeddings of the finished run for `--features`, by default the
+    un-augmented tiles of the views' slides (else the views)."""
+    assert request.feature_dir  # the command line made sure of it (the method table)
+    bags = request.features or tile_features_for(request.feature_dir) or request.feature_dir
+    cfg = config.gigassl
+    target = export_embeddings(
+        request.run_dir, bags, export_chunks=cfg.export_chunks, export_bn=cfg.export_bn
+    )
+    return f"embeddings of {bags} with run {request.name} → {target}"

@@ -33,9 +33,10 @@ from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.tile_store import committed_shards, tiles_stage
 from slidestream.trainers.data import TrainDataError
-from slidestream.trainers.fit import RESOURCE_KEYS, fit_loop, write_or_check_plan
+from slidestream.trainers.fit import RESOURCE_KEYS, TrainingError, fit_loop, write_or_check_plan
 from slidestream.trainers.icmil.distill import check_model
 from slidestream.trainers.icmil.finetune import ENCODER_FILE, RESULT_FILE, DistillJob, finetune_embedder
+from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.mil.runner import Run
 from slidestream.trainers.session import WEIGHTS_FILE
 
@@ -47,7 +48,7 @@ MANIFEST = "manifest.json"
 _TABLE_KEYS = ("auc", "acc", "f1")
 
 
-class ICMILError(RuntimeError):
+class ICMILError(TrainingError):
     """A round step that could not finish; the message names the round, the step and why."""
 
 
@@ -251,7 +252,14 @@ def format_rounds(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_icmil(
-    name: str, out: str, labels: str, encoder: str, weights: str, config: Config, rounds: int
-) -> ICMILSummary:
-    return ICMILRun(name, out, labels, encoder, weights, config, rounds).execute()
+def run_icmil(request: TrainRequest, config: Config) -> dict[str, Any]:
+    """`slidestream train icmil` (the method table's entry): the metrics that `format_rounds` prints."""
+    assert request.labels and request.encoder and request.weights  # the command line made sure of them
+    print(
+        f"train icmil: {config.train.model} ⇄ {request.encoder}, {request.rounds} round(s) "
+        f"→ {request.run_dir}"
+    )
+    run = ICMILRun(
+        request.name, request.out, request.labels, request.encoder, request.weights, config, request.rounds
+    )
+    return run.execute().metrics

@@ -30,6 +30,7 @@ from slidestream.trainers.fit import (
     fit_once,
     write_or_check_plan,
 )
+from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.metrics import summarise
 from slidestream.trainers.mil.loop import PREDICTIONS_FILE, FoldJob, train_fold
 from slidestream.trainers.mil.mhim import PRESETS
@@ -43,6 +44,7 @@ __all__ = [
     "fit_job",
     "format_table",
     "resolve_mhim",
+    "run_mil",
     "run_training",
 ]
 
@@ -302,3 +304,11 @@ def _pm(mean: float, std: float) -> str:
 
 def run_training(kind: str, name: str, out: str, features: str, labels: str, config: Config) -> RunSummary:
     return Run(kind, name, out, features, labels, config).execute()
+
+
+def run_mil(request: TrainRequest, config: Config) -> dict[str, Any]:
+    """`slidestream train mil|mhim` (the method table's entry): the metrics that `format_table` prints."""
+    assert request.feature_dir and request.labels  # the command line made sure of them (the method table)
+    print(f"train {request.kind}: {config.train.model} on {request.feature_dir} → {request.run_dir}")
+    run = Run(request.kind, request.name, request.out, request.feature_dir, request.labels, config)
+    return run.execute().metrics

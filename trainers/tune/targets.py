@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict
 from typing import Any
 
-from slidestream.cluster.config import Config, with_values
+from slidestream.cluster.config import Config, WorkerResources, with_values
 from slidestream.cluster.storage import exists, join, read_bytes
 from slidestream.pipelines.features import FeatureBags
 from slidestream.trainers.data import LabelledBags, TrainDataError
@@ -93,8 +93,8 @@ def _trial_context(params: dict[str, Any], base: dict[str, Any], trials_dir: str
     return config, join(trials_dir, ray.tune.get_context().get_trial_id())
 
 
-def _fit_in_trial(loop: Any, job_config: dict[str, Any], resources: Any, trial_dir: str, result_uri: str,
-                  counted: Any) -> None:  # fmt: skip
+def _fit_in_trial(loop: Any, job_config: dict[str, Any], resources: WorkerResources, trial_dir: str,
+                  result_uri: str, counted: Any) -> None:  # fmt: skip
     """Train in a trial: the loop itself (reporting each epoch to Tune) with 0 workers, else a Ray Train
     run whose `counted(result)` epoch is reported once it finished."""
     import ray.tune

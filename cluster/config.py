@@ -207,7 +207,7 @@ class ICMILConfig(WorkerResources):
 
 
 class GigaSSLConfig(WorkerResources):
-    """Giga-SSL self-supervised slide embeddings (`slidestream train gigassl`, `specs/gigassl.md`)."""
+    """Giga-SSL self-supervised slide embeddings (`slidestream train gigassl`; the official recipe)."""
 
     epochs: int = Field(default=100, ge=1)
     batch_size: int = Field(default=256, ge=2)  # slides per step, the GLOBAL batch split across workers

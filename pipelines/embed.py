@@ -27,7 +27,7 @@ from slidestream.pipelines.reader import classify, resize_tile
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples, tile_position
 from slidestream.pipelines.slides import SlideRef, version_digest
 from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
-from slidestream.pipelines.tile_store import committed_shards, tiles_stage
+from slidestream.pipelines.tile_store import committed_tiles, shard_uris
 
 EMBED_VERSION = "embed-1"
 _PARTS = "_parts"
@@ -313,11 +313,10 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
     started = time.monotonic()
     ledger = Ledger(out)
     state = ledger.state()
-    stage = tiles_stage(config.tiling)
     report = IngestReport(stage=embed.stage, out=out)
     embed.prepare(out, ledger)
-    tiles = {e.slide_id: e for e in ledger.entries(stage) if e.status == "ok"}
-    shards = committed_shards(out, config.tiling)
+    tiles = committed_tiles(ledger, config.tiling)
+    shards = {sid: shard_uris(out, config.tiling, entry) for sid, entry in tiles.items()}
     report.discovered = len(tiles)
     todo = []
     for slide_id, entry in tiles.items():

@@ -14,8 +14,9 @@ import torch
 
 from slidestream.cluster.config import TilingConfig
 from slidestream.pipelines.annotations import Region, SlideAnnotation
+from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples
-from slidestream.pipelines.tile_store import committed_shards, slide_mpps, tiles_stage
+from slidestream.pipelines.tile_store import committed_tiles, shard_uris, slide_mpp, tiles_stage
 from slidestream.trainers.data import TrainDataError
 
 __all__ = ["SegSplit", "TileSet", "augment", "half_batches", "load_tiles", "normalise", "split_slides"]
@@ -97,8 +98,8 @@ def load_tiles(
 ) -> TileSet:
     """The slides' committed tiles with at least `min_tissue_frac` tissue (background dropped), with masks
     rasterised onto each tile when `annotations` is given."""
-    shards = committed_shards(out, tiling)
-    mpps = slide_mpps(out, tiling)
+    tiles = committed_tiles(Ledger(out), tiling)
+    shards = {sid: shard_uris(out, tiling, entry) for sid, entry in tiles.items()}
     images: list[np.ndarray] = []
     masks: list[np.ndarray] = []
     owners: list[str] = []
@@ -116,7 +117,7 @@ def load_tiles(
                 images.append(image)
                 owners.append(slide_id)
                 if annotations is not None:
-                    side0 = meta["tile_px"] * meta["mpp"] / mpps[slide_id]
+                    side0 = meta["tile_px"] * meta["mpp"] / slide_mpp(tiles[slide_id])
                     scale = side0 / image.shape[0]
                     region = Region(meta["x"], meta["y"], image.shape[1], image.shape[0], scale)
                     masks.append(annotations[slide_id].region(region))

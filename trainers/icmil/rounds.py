@@ -31,7 +31,7 @@ from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import exists, is_local, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.ledger import Ledger
-from slidestream.pipelines.tile_store import committed_shards, tiles_stage
+from slidestream.pipelines.tile_store import committed_tiles, shard_uris
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.fit import RESOURCE_KEYS, TrainingError, fit_loop, write_or_check_plan
 from slidestream.trainers.icmil.distill import check_model
@@ -161,8 +161,9 @@ class ICMILRun:
         """Round r's fine-tuning: the previous round's encoder and bag classifier, the tiles of the
         split's training slides (validation slides only score epochs; test slides are never read)."""
         prev, split = self.manifest(r - 1), self.manifest(0)["mil"]["split"]
-        shards = committed_shards(self.out, self.config.tiling)
-        tiles = {e.slide_id: e.n_tiles for e in Ledger(self.out).entries(tiles_stage(self.config.tiling))}
+        tiling = self.config.tiling
+        committed = committed_tiles(Ledger(self.out), tiling)
+        shards = {sid: shard_uris(self.out, tiling, entry) for sid, entry in committed.items()}
         if missing := [s for s in split["train"] if s not in shards]:
             raise ICMILError(f"round {r} distill: training slides without committed tiles: {missing[:5]}")
         icmil, train = self.config.icmil, self.config.train
@@ -173,7 +174,8 @@ class ICMILRun:
             n_classes=len(prev["mil"]["classes"]),
             train_shards=[u for s in split["train"] for u in shards[s]],
             val_shards=[u for s in split["val"] for u in shards.get(s, [])],
-            train_tiles=sum(tiles[s] for s in split["train"]), result_dir=join(self.round_dir(r), "distill"),
+            train_tiles=sum(committed[s].n_tiles for s in split["train"]),
+            result_dir=join(self.round_dir(r), "distill"),
             icmil=icmil.model_dump(mode="json"), seed=split["seed"],
         )  # fmt: skip
 

@@ -128,13 +128,13 @@ def environment() -> dict[str, Any]:
     return env
 
 
-def extra_args(check: Check, done: dict[str, dict[str, Any]], cpu: bool) -> list[str]:
+def extra_args(check: Check, done: dict[str, dict[str, Any]]) -> list[str]:
     """The stream check runs at the encoder's best batch from check 1 and is measured against it."""
     ceiling = (done.get("ceiling") or {}).get("result")
     if check.name != "stream" or not ceiling:
         return []
     encoder = ceiling["encoders"][0]
-    batch = int(encoder["best_batch"]) if not cpu else 16
+    batch = encoder["best_batch"]
     return ["--batch", str(batch), "--ceiling", str(encoder["tiles_per_s"][str(batch)])]
 
 
@@ -144,7 +144,7 @@ def run_check(
     log = out / "logs" / f"{check.name}.log"
     result_file = out / "logs" / f"{check.name}.json"
     argv = [sys.executable, str(ROOT / check.script), *(check.cpu_args if cpu else check.gpu_args).split()]
-    argv += extra_args(check, done, cpu)
+    argv += extra_args(check, done)
     if check.writes_json:
         argv += ["--json", str(result_file)]
     limit = int(min(check.cpu_limit_s if cpu else check.gpu_limit_s, budget_s))

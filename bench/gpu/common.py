@@ -1,11 +1,9 @@
-"""What the GPU checks share: the device, synchronised timing, GPU utilisation sampling, JSON output."""
+"""What the GPU checks share: the device, synchronisation, GPU utilisation sampling, JSON output."""
 
 from __future__ import annotations
 
 import json
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +17,6 @@ def device() -> torch.device:
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
-
-
-def timed(fn: Callable[[], Any], dev: torch.device, repeats: int) -> float:
-    """Seconds per call of `fn`, the mean of `repeats` calls after one untimed call."""
-    fn()
-    sync(dev)
-    started = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync(dev)
-    return (time.perf_counter() - started) / repeats
 
 
 class GpuSampler(threading.Thread):

@@ -6,6 +6,7 @@ names the dotted key. The model's defaults and the shipped `ray_config.yaml` are
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slidestream.cluster.errors import SlidestreamError
+from slidestream.cluster.recipes import Recipe, recipe_values
 
 DEFAULT_CONFIG_NAME = "ray_config.yaml"
 
@@ -134,6 +136,8 @@ class TrainConfig(WorkerResources):
     """MIL training and its protocol (folds, validation, seeds, workers). Each fold gets `workers`
     workers and `max_failures` restarts."""
 
+    recipe: Recipe = "default"  # paper: the MHIM-MIL paper's recipe (cluster.recipes, docs/methods.md)
+
     model: Literal["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"] = "abmil"
     model_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {gated: true}
     epochs: int = Field(default=50, ge=1)
@@ -155,6 +159,8 @@ class TrainConfig(WorkerResources):
 
 class CDMAConfig(WorkerResources):
     """CDMA semi-supervised segmentation: data split, MTNet, losses, SGD schedule, slide inference."""
+
+    recipe: Recipe = "default"  # paper: the CDMA paper's recipe (cluster.recipes, docs/methods.md)
 
     network: Literal["official", "light"] = "official"  # light: ResNet-18, narrow head (CPU tests, demo)
     weights: str | None = None  # local ImageNet weights file for the encoder (null: random init)
@@ -190,6 +196,8 @@ class ICMILConfig(WorkerResources):
     """ICMIL: the bag classifier (train.*) and the tile embedder trained in turns on one fold split. The
     workers here are those of the embedder's fine-tuning (the classifier's are train.workers)."""
 
+    recipe: Recipe = "default"  # paper: the ICMIL paper's recipe (cluster.recipes, docs/methods.md)
+
     fold: int = Field(default=0, ge=0)  # which split of the fold plan (first seed) every round uses
     epochs: int = Field(default=1, ge=1)  # embedder fine-tuning epochs per round
     tiles_per_epoch: int | None = Field(default=None, ge=1)  # null: every tile of the training slides
@@ -207,7 +215,9 @@ class ICMILConfig(WorkerResources):
 
 
 class GigaSSLConfig(WorkerResources):
-    """Giga-SSL self-supervised slide embeddings (`slidestream train gigassl`; the official recipe)."""
+    """Giga-SSL self-supervised slide embeddings (`slidestream train gigassl`)."""
+
+    recipe: Recipe = "default"  # paper: the Giga-SSL paper's recipe (cluster.recipes, docs/methods.md)
 
     epochs: int = Field(default=100, ge=1)
     batch_size: int = Field(default=256, ge=2)  # slides per step, the GLOBAL batch split across workers
@@ -265,6 +275,18 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
+_MISSING = object()
+
+
+def _get_dotted(raw: dict[str, Any], key: str) -> Any:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
 def _set_dotted(raw: dict[str, Any], key: str, value: Any, where: str) -> None:
     parts = key.strip().split(".")
     node = raw
@@ -302,6 +324,19 @@ def _describe(error: ValidationError) -> str:
     return "invalid configuration:\n" + "\n".join(lines)
 
 
+def _apply_recipes(raw: dict[str, Any], requested: dict[str, Any]) -> None:
+    """Sets the settings of each requested `paper` recipe that `raw` leaves absent or at its default."""
+    sections = {
+        name: section.get("recipe", "default")
+        for name, section in requested.items()
+        if isinstance(section, dict)
+    }
+    defaults = Config().model_dump(mode="json")
+    for key, value in recipe_values(sections).items():
+        if _get_dotted(raw, key) in (_MISSING, _get_dotted(defaults, key)):
+            _set_dotted(raw, key, value, "recipe")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config (default: `default_config_path()`), apply `key=value` overrides, validate."""
     raw: dict[str, Any] = {}
@@ -316,6 +351,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {source} must hold a mapping at the top level")
         raw = loaded
+    requested = copy.deepcopy(raw)  # the file with the overrides: which recipes are asked for
+    for assignment in overrides:
+        _apply_override(requested, assignment)
+    _apply_recipes(raw, requested)
     for assignment in overrides:
         _apply_override(raw, assignment)
     try:

@@ -151,6 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--model", choices=list(MODELS))
     train.add_argument("--folds", type=int, help="cross-validation folds (train.folds)")
+    train.add_argument(
+        "--recipe",
+        choices=["default", "paper"],
+        help="paper: the method's whole published recipe (docs/methods.md); your own settings still win",
+    )
     train.add_argument("--workers", type=int, help="Ray Train workers per fold (train.workers)")
     train.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
     train.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (train.seeds)")
@@ -187,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself, per-epoch ASHA)"
     )
     tune.add_argument("--epochs", type=int, help="maximum epochs per trial (train/gigassl/cdma.epochs)")
+    tune.add_argument("--recipe", choices=["default", "paper"], help="the recipe the trials start from")
 
     probe = commands.add_parser("probe", parents=[common], help="linear probe of slide embeddings (AUC)")
     probe.add_argument("--embeddings", required=True, help="Parquet slide_id, embedding (train gigassl)")
@@ -269,7 +275,9 @@ def _config_from(args: argparse.Namespace) -> Config:
     }
     if kind := getattr(args, "kind", None):  # these flags set the method's own section
         section = METHODS[kind].section
-        flag_keys.update(workers=f"{section}.workers", epochs=f"{section}.epochs")
+        flag_keys.update(
+            workers=f"{section}.workers", epochs=f"{section}.epochs", recipe=METHODS[kind].recipe_key
+        )
     for attr, key in flag_keys.items():
         value = getattr(args, attr, None)
         if value is not None:

@@ -71,3 +71,38 @@ def test_worker_settings_are_validated_and_named_in_every_section(section):
     for key, bad in (("workers", -1), ("cpus_per_worker", 0), ("gpus_per_worker", -1), ("max_failures", -1)):
         with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
             load_config(None, [f"{section}.{key}={bad}"])
+
+
+def test_paper_recipe_fills_defaults_and_leaves_changed_settings(tmp_path, monkeypatch):
+    from slidestream.cluster import recipes
+
+    monkeypatch.setitem(recipes.PAPER_RECIPES, "cdma", {"cdma.epochs": 150, "cdma.noise_p": 0.5})
+    shipped = load_config(None, ["cdma.recipe=paper"])
+    assert (shipped.cdma.epochs, shipped.cdma.noise_p) == (150, 0.5)
+    # --set wins over the recipe, even when it names the default value
+    default_epochs = load_config(None, []).cdma.epochs
+    explicit = load_config(None, ["cdma.recipe=paper", f"cdma.epochs={default_epochs}"])
+    assert explicit.cdma.epochs == default_epochs
+    # a file that changed a setting keeps it; a saved run config loads to the same values again
+    custom = tmp_path / "custom.yaml"
+    custom.write_text("cdma:\n  recipe: paper\n  noise_p: 0.1\n")
+    from_file = load_config(custom, [])
+    assert (from_file.cdma.epochs, from_file.cdma.noise_p) == (150, 0.1)
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(from_file.to_yaml())
+    assert load_config(saved, []) == from_file
+    # without the switch, nothing changes
+    assert load_config(custom, ["cdma.recipe=default"]).cdma.epochs == default_epochs
+
+
+def test_missing_starting_weights_name_the_setting(tmp_path):
+    from slidestream.cluster.init_weights import MissingWeightsError, starting_weights
+
+    with pytest.raises(MissingWeightsError, match=r"cdma\.weights.*cdma\.weights=random"):
+        starting_weights(None, setting="cdma.weights", needs="a ResNet-50 file")
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        starting_weights(str(tmp_path / "nope.pth"), setting="cdma.weights", needs="a ResNet-50 file")
+    assert starting_weights("random", setting="cdma.weights", needs="x") is None
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"x")
+    assert starting_weights(str(weights), setting="cdma.weights", needs="x") == weights

@@ -63,6 +63,12 @@ class Method:
     outputs: tuple[tuple[str, str], ...] = ()  # (what, file in the run directory) printed after the summary
     tune_target: str | None = None  # "module:class" of its sweep target; None: it cannot be swept
     tune_summary: str = ""  # what its trials are compared on
+    recipe_section: str = ""  # the section whose `recipe` --recipe sets ("": `section`)
+
+    @property
+    def recipe_key(self) -> str:
+        """The setting `--recipe` sets for this kind."""
+        return f"{self.recipe_section or self.section}.recipe"
 
     def runner(self) -> Callable[[TrainRequest, Config], Any]:
         return _load(self.run)
@@ -119,6 +125,7 @@ METHODS: dict[str, Method] = {
             run="slidestream.trainers.icmil.rounds:run_icmil",
             report="slidestream.trainers.icmil.rounds:format_rounds",
             outputs=(("metrics", "metrics.json"), ("rounds", "rounds.png")),
+            recipe_section="icmil",
         ),
         Method(
             "cdma",

@@ -143,6 +143,7 @@ class TrainConfig(WorkerResources):
     epochs: int = Field(default=50, ge=1)
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
+    grad_clip: float | None = Field(default=None, gt=0)  # gradient-norm clip per step (null: none)
     min_epochs: int = Field(default=10, ge=0)  # no early stop before this many epochs
     patience: int = Field(default=20, ge=1)  # epochs without validation improvement before stopping
     monitor: Literal["val_loss", "val_auc"] = "val_loss"

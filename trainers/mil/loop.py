@@ -271,6 +271,8 @@ def train_fold(config: dict[str, Any]) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(model)
+            if cfg.get("grad_clip") is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             optimizer.step()
             if mhim:
                 mhim.after_step(model, step)

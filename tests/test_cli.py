@@ -101,3 +101,14 @@ def test_train_and_tune_refuse_missing_flags_in_one_line(tmp_path: Path, capsys)
     for args, message in cases.items():
         assert main([*args[:2], *out, *args[2:]]) == UsageError.exit_code
         assert capsys.readouterr().err.startswith(f"slidestream {args[0]}: {message}")
+
+
+@pytest.mark.parametrize(
+    ("kind", "section"), [("mil", "train"), ("mhim", "train"), ("icmil", "icmil"), ("cdma", "cdma")]
+)
+def test_recipe_flag_switches_the_kinds_own_section(kind: str, section: str):
+    args = cli.build_parser().parse_args(["train", kind, "--name", "r", "--out", "o", "--recipe", "paper"])
+    config = cli._config_from(args)
+    assert getattr(config, section).recipe == "paper"
+    others = {"train", "icmil", "cdma", "gigassl"} - {section}
+    assert all(getattr(config, other).recipe == "default" for other in others)

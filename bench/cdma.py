@@ -10,7 +10,8 @@ slide's tissue with the trained weights, tiles/s for `--infer-batch` against bat
 `--learning` trains `--epochs` epochs with the real data loop and prints the test-slide Dice of both runs.
 
     python bench/cdma.py [--work DIR] [--slides 12] [--mpp 2.0] [--tile-px 64] [--network light]
-                         [--steps 8] [--batch 16] [--infer-batch 16] [--learning --epochs 30]
+                         [--weights random|PATH] [--steps 8] [--batch 16] [--infer-batch 16]
+                         [--learning --epochs 30]
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ def _config(args: argparse.Namespace, slides: str, *extra: str):
             f"tiling.mpp={args.mpp}",
             f"tiling.tile_px={args.tile_px}",
             f"cdma.network={args.network}",
+            f"cdma.weights={args.weights}",
             f"cdma.annotations={join(slides, 'masks')}",
             f"cdma.batch_size={args.batch}",
             "cdma.cpus_per_worker=1",
@@ -116,6 +118,9 @@ def main() -> None:
     parser.add_argument("--mpp", type=float, default=2.0)
     parser.add_argument("--tile-px", type=int, default=64)
     parser.add_argument("--network", default="light", choices=["light", "official"])
+    parser.add_argument(
+        "--weights", default="random", help="cdma.weights: the encoder's ImageNet file, or random (timing)"
+    )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16, help="per worker, half labelled (cdma.batch_size)")
     parser.add_argument("--infer-batch", type=int, default=16)

@@ -164,7 +164,7 @@ class CDMAConfig(WorkerResources):
     recipe: Recipe = "default"  # paper: the CDMA paper's recipe (cluster.recipes, docs/methods.md)
 
     network: Literal["official", "light"] = "official"  # light: ResNet-18, narrow head (CPU tests, demo)
-    weights: str | None = None  # local ImageNet weights file for the encoder (null: random init)
+    weights: str | None = None  # encoder's local ImageNet weights file; "random": random init (null refuses)
     classes: list[str] = Field(default_factory=lambda: ["background", "tumour"], min_length=2)
     annotations: str | None = None  # dir of <slide_id><mask_suffix> mask images / <slide_id>.geojson
     mask_suffix: str = ".tumour.png"
@@ -176,7 +176,7 @@ class CDMAConfig(WorkerResources):
     min_tissue_frac: float = Field(default=0.5, ge=0, le=1)  # background tiles below this are dropped
     batch_size: int = Field(default=16, ge=2)  # per worker: half labelled, half unlabelled
     epochs: int = Field(default=150, ge=1)
-    steps_per_epoch: int | None = Field(default=None, ge=1)  # null: one pass over the larger part
+    steps_per_epoch: int | None = Field(default=None, ge=1)  # null: one pass over the labelled tiles
     lr: float = Field(default=1e-3, gt=0)  # pretrained weights; 2x their biases, 10x/20x new weights/biases
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)

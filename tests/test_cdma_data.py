@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 
 from slidestream.pipelines.annotations import AnnotationError, GeoJSONMask, MaskImage, Region, find_annotation
-from slidestream.trainers.cdma.data import augment, half_batches, split_slides, steps_per_epoch
+from slidestream.trainers.cdma.data import (
+    TileSet,
+    augment,
+    half_batches,
+    split_slides,
+    steps_per_epoch,
+    training_batch,
+)
 from slidestream.trainers.cdma.infer import mask_polygons
 from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
 from slidestream.trainers.data import TrainDataError
@@ -120,17 +127,28 @@ def test_split_is_stratified_and_keeps_roles_apart() -> None:
         split_slides({"a": True, "b": False}, [], 0.1, 0.5, 1, 0)
 
 
-def test_half_batches_cover_both_parts_and_ranks_differ() -> None:
-    steps = steps_per_epoch(6, 20, 4, 2, None)
-    assert steps == 3
-    ranks = [list(half_batches(6, 20, 4, steps, 0, 1, r, 2)) for r in range(2)]
-    seen = np.concatenate([u for rank in ranks for _, u in rank])
-    assert len(set(seen.tolist())) == 20  # one pass over the unlabelled part per epoch
-    for lab, unl in ranks[0]:
-        assert len(lab) == 4 and len(unl) == 4 and lab.max() < 6
-    assert not np.array_equal(ranks[0][0][1], ranks[1][0][1])
-    again = list(half_batches(6, 20, 4, steps, 0, 1, 0, 2))
-    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again, ranks[0], strict=True))
+def test_an_epoch_is_one_labelled_pass_of_the_global_batch() -> None:
+    # the official sampler: len(labelled) // 8 steps; with 2 workers a global step takes 2 × 8 labelled
+    assert steps_per_epoch(100, 8, 1, None) == 12
+    assert steps_per_epoch(100, 8, 2, None) == 6
+    assert steps_per_epoch(5, 8, 1, None) == 1  # fewer labelled tiles than a batch: one (cycled) step
+    assert steps_per_epoch(100, 8, 1, 40) == 40  # cdma.steps_per_epoch overrides
+    steps = steps_per_epoch(20, 4, 2, None)
+    epoch = [list(half_batches(20, 24, 4, steps, 0, 3, r, 2)) for r in range(2)]
+    labelled = np.concatenate([lab for rank in epoch for lab, _ in rank])
+    assert len(labelled) == len(set(labelled.tolist())) == 16  # permuted once, no tile twice
+    assert not np.array_equal(epoch[0][0][1], epoch[1][0][1])  # each rank its own tiles
+    again = list(half_batches(20, 24, 4, steps, 0, 3, 0, 2))
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(again, epoch[0], strict=True))
+
+
+def test_unlabelled_tiles_run_on_across_epochs() -> None:
+    # 2 steps × 2 ranks × 4 = 16 unlabelled draws per epoch from 24 tiles: epoch 0 and the first step of
+    # epoch 1 make one pass over all 24 (a restart each epoch would repeat some and miss others)
+    steps = steps_per_epoch(20, 4, 2, None)
+    unl = {(e, r): [u for _, u in half_batches(20, 24, 4, steps, 0, e, r, 2)] for e in (0, 1) for r in (0, 1)}
+    first_pass = [*unl[0, 0], *unl[0, 1], unl[1, 0][0], unl[1, 1][0]]
+    assert sorted(np.concatenate(first_pass).tolist()) == list(range(24))
 
 
 def test_augment_moves_mask_with_image() -> None:
@@ -141,5 +159,17 @@ def test_augment_moves_mask_with_image() -> None:
     assert torch.equal(xa[:, 0].long(), ya)
     changed = [not torch.equal(augment(x, y, gen, 0.0, 0.0)[0], x) for _ in range(10)]
     assert any(changed)
-    noisy, _ = augment(x, None, gen, noise_std=0.1, noise_p=1.0)
-    assert 0.05 < (noisy - noisy.round()).abs().mean() < 0.2 or not torch.equal(noisy.round(), noisy)
+
+
+def test_noise_is_added_to_the_unit_image_before_normalisation() -> None:
+    grey = np.full((2, 16, 16, 3), 128, np.uint8)
+    tiles = TileSet(grey, np.zeros((2, 16, 16), np.uint8), ["a", "b"])
+    idx = np.arange(2)
+    gen = torch.Generator().manual_seed(0)
+    device = torch.device("cpu")
+    clean, _ = training_batch(tiles, None, idx, idx, gen, 0.1, 0.0, device)
+    noisy, masks = training_batch(tiles, tiles, idx, idx, gen, 0.1, 1.0, device)
+    assert noisy.shape == (4, 3, 16, 16) and masks.shape == (2, 16, 16)
+    # σ 0.1 on the [0, 1] image is σ 0.1 / std_c after normalisation (≈ 0.44, not 0.1)
+    spread = (noisy - clean.repeat(2, 1, 1, 1)).std(dim=(0, 2, 3))
+    assert spread.tolist() == pytest.approx([0.1 / 0.229, 0.1 / 0.224, 0.1 / 0.225], rel=0.05)

@@ -19,6 +19,7 @@ SETTINGS = (
     "tiling.tile_px=64",
     "ray.num_cpus=2",
     "cdma.network=light",
+    "cdma.weights=random",
     "cdma.labelled_frac=0.1",
     "cdma.epochs=10",
     "cdma.unsup_start_epoch=6",

@@ -85,6 +85,11 @@ def test_official_network_forward() -> None:
     assert (low_ch, high_ch) == (256, 2048)
     low, high = model.encoder(torch.randn(1, 3, 64, 64))
     assert low.shape == (1, 256, 16, 16) and high.shape == (1, 2048, 4, 4)  # strides 4 and 16
+    # output stride 16 as the official network: layer4 at stride 1 and undilated (not timm's dilation 2)
+    convs = [m for m in model.encoder.layer4.modules() if isinstance(m, torch.nn.Conv2d)]
+    three = [c for c in convs if c.kernel_size == (3, 3)]
+    assert len(three) == 3 and all(c.dilation == (1, 1) and c.padding == (1, 1) for c in three)
+    assert all(c.stride == (1, 1) for c in convs)
     model.train()
     outs = model(torch.randn(2, 3, 64, 64))
     assert len(outs) == 3 and all(o.shape == (2, 2, 64, 64) for o in outs)
@@ -136,9 +141,9 @@ def test_encoder_weights_from_a_local_file(tmp_path) -> None:
     torch.manual_seed(1)
     source = timm.create_model("resnet18", pretrained=False)
     torch.save(source.state_dict(), tmp_path / "r18.pt")
-    model = build_mtnet(2, "light", str(tmp_path / "r18.pt"))
+    model = build_mtnet(2, "light", tmp_path / "r18.pt")
     key = "layer1.0.conv1.weight"
     assert torch.equal(model.encoder.state_dict()[key], source.state_dict()[key])
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "bad.pt")
     with pytest.raises(EncoderError, match=r"bad\.pt"):
-        build_mtnet(2, "light", str(tmp_path / "bad.pt"))
+        build_mtnet(2, "light", tmp_path / "bad.pt")

@@ -15,10 +15,18 @@ from PIL import Image
 
 from slidestream.cli import main
 from slidestream.cluster.config import load_config
+from slidestream.cluster.init_weights import MissingWeightsError
+from slidestream.cluster.recipes import PAPER_RECIPES
 from slidestream.pipelines.annotations import GeoJSONMask, Region
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.testing.helpers import make_config
-from slidestream.trainers.cdma.run import CDMAJob, make_optimizer, set_learning_rate
+from slidestream.trainers.cdma.run import (
+    CDMAJob,
+    CDMARun,
+    encoder_weights,
+    make_optimizer,
+    set_learning_rate,
+)
 from slidestream.trainers.models.mtnet import build_mtnet
 
 TILING = ("tiling.mpp=2.0", "tiling.tile_px=64")
@@ -26,6 +34,7 @@ SETTINGS = (
     *TILING,
     "ray.num_cpus=2",
     "cdma.network=light",
+    "cdma.weights=random",
     "cdma.epochs=2",
     "cdma.steps_per_epoch=2",
     "cdma.batch_size=4",
@@ -64,6 +73,7 @@ def ingested(slide_root: Path, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_train_cdma_end_to_end_with_resume(ray_local, slide_root: Path, ingested: str) -> None:
     argv = ["train", "cdma", "--name", "seg", "--out", ingested, "--annotations", str(slide_root / "masks")]
     overrides = [x for s in SETTINGS for x in ("--set", s)]
+    assert main([*argv, *overrides, "--set", "cdma.weights=null"]) == 2  # random init is never implied
     assert main([*argv, *overrides]) == 0
     run = Path(ingested) / "runs" / "seg"
     metrics = json.loads((run / "metrics.json").read_text())
@@ -92,8 +102,8 @@ def test_train_cdma_end_to_end_with_resume(ray_local, slide_root: Path, ingested
         weights = torch.load(run / "jobs" / name / "weights.pt", weights_only=True)
         assert "decoders.0.tail.5.weight" in weights
         assert list((run / "ray" / name).glob("checkpoint_*"))
-    tiles = json.loads((run / "jobs" / "cdma" / "result.json").read_text())["tiles"]
-    assert tiles["unlabelled"] > 0
+    result = json.loads((run / "jobs" / "cdma" / "result.json").read_text())
+    assert result["tiles"]["unlabelled"] > 0 and result["steps_per_epoch"] == 2
 
     before = (run / "jobs" / "cdma" / "weights.pt").stat().st_mtime_ns
     assert main([*argv, *overrides]) == 0  # resumes: finished jobs are kept, only inference reruns
@@ -101,8 +111,47 @@ def test_train_cdma_end_to_end_with_resume(ray_local, slide_root: Path, ingested
     assert main([*argv, *overrides, "--set", "cdma.epochs=3"]) == 2  # refused, names the setting
 
 
+def test_cdma_refuses_an_implied_random_init(tmp_path: Path) -> None:
+    with pytest.raises(MissingWeightsError, match=r"cdma\.weights is not set.*ResNet-50"):
+        CDMARun("run", str(tmp_path), make_config())
+    with pytest.raises(MissingWeightsError, match=r"ResNet-18.*cdma\.weights=random"):
+        encoder_weights(make_config("cdma.network=light").cdma)
+    assert encoder_weights(make_config("cdma.weights=random").cdma) is None
+
+
+# the official training script's recipe, key by key (PAPER_RECIPES["cdma"] must equal it)
+PAPER_CDMA = {
+    "network": "official",
+    "labelled_frac": 0.1,
+    "batch_size": 16,
+    "epochs": 150,
+    "steps_per_epoch": None,
+    "lr": 1e-3,
+    "momentum": 0.9,
+    "weight_decay": 5e-4,
+    "milestones": [37, 75, 112],
+    "unsup_start_epoch": 15,
+    "kd_weight": 0.1,
+    "entropy_weight": 0.1,
+    "temperature": 10.0,
+    "noise_std": 0.1,
+    "noise_p": 0.25,
+    "infer_overlap": 0.25,
+}
+
+
+def test_paper_recipe_is_the_official_one() -> None:
+    assert PAPER_RECIPES["cdma"] == {f"cdma.{key}": value for key, value in PAPER_CDMA.items()}
+    paper = load_config(None, ["cdma.recipe=paper", "cdma.epochs=3"]).cdma
+    assert paper.recipe == "paper" and paper.epochs == 3  # a setting given stays the user's
+    assert {k: getattr(paper, k) for k in PAPER_CDMA if k != "epochs"} == {
+        k: v for k, v in PAPER_CDMA.items() if k != "epochs"
+    }
+    assert load_config(None, ["cdma.recipe=paper"]).cdma.epochs == 150
+
+
 def test_job_config_round_trips() -> None:
-    job = CDMAJob("cdma", True, "/o", {}, {}, ["a"], ["b"], [], 3, "/o/r")
+    job = CDMAJob("cdma", True, "/o", {}, {}, ["a"], ["b"], [], "/o/r")
     assert CDMAJob(**job.to_config()) == job
 
 

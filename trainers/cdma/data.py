@@ -4,7 +4,6 @@ half labelled and half unlabelled tiles, and the spec's augmentations."""
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -19,7 +18,20 @@ from slidestream.pipelines.shards import decode_sample, iter_shard_samples
 from slidestream.pipelines.tile_store import committed_tiles, shard_uris, slide_mpp, tiles_stage
 from slidestream.trainers.data import TrainDataError
 
-__all__ = ["SegSplit", "TileSet", "augment", "half_batches", "load_tiles", "normalise", "split_slides"]
+__all__ = [
+    "SegSplit",
+    "TileSet",
+    "augment",
+    "half_batches",
+    "load_tiles",
+    "normalise",
+    "split_slides",
+    "standardise",
+    "steps_per_epoch",
+    "to_unit",
+    "training_batch",
+    "unlabelled_stream",
+]
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -141,33 +153,61 @@ def _meta(sample: dict, uri: str) -> dict:
 def half_batches(
     n_labelled: int, n_unlabelled: int, half: int, steps: int, seed: int, epoch: int, rank: int, world: int
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """`steps` pairs (labelled indices, unlabelled indices) of `half` each for this rank: per-epoch
-    permutations (the same on every rank), cycled, every rank taking its own positions."""
-    rng = np.random.default_rng([seed, epoch])
-    lab = rng.permutation(n_labelled)
-    unl = rng.permutation(n_unlabelled) if n_unlabelled else np.zeros(0, np.int64)
+    """`steps` pairs (labelled indices, unlabelled indices) of `half` each for this rank.
+
+    A global step takes `half` tiles per rank from each part, rank r the r-th run of them. The labelled
+    part is permuted once per epoch (the same on every rank); the unlabelled part is one stream of
+    permutations that runs on across epochs without restarting, so a resumed epoch draws the same tiles."""
+    lab = np.random.default_rng([seed, epoch]).permutation(n_labelled)
     for step in range(steps):
         start = (step * world + rank) * half
         positions = np.arange(start, start + half)
-        yield lab[positions % n_labelled], (unl[positions % n_unlabelled] if n_unlabelled else unl)
+        unl_start = (epoch * steps * world) * half + start
+        unl = unlabelled_stream(n_unlabelled, seed, np.arange(unl_start, unl_start + half))
+        yield lab[positions % n_labelled], unl
 
 
-def steps_per_epoch(n_labelled: int, n_unlabelled: int, half: int, world: int, fixed: int | None) -> int:
-    """Steps covering the larger of the two parts once per epoch (or `fixed`)."""
-    return fixed or max(1, math.ceil(max(n_labelled, n_unlabelled) / (half * world)))
+def unlabelled_stream(n: int, seed: int, positions: np.ndarray) -> np.ndarray:
+    """The unlabelled indices at `positions` of an endless chain of permutations of range(n) (pass k is
+    permuted by seed and k): every tile once per pass, wherever an epoch boundary falls."""
+    if not n:
+        return np.zeros(0, np.int64)
+    passes = positions // n
+    out = np.empty(len(positions), np.int64)
+    for k in np.unique(passes):
+        here = passes == k
+        out[here] = np.random.default_rng([seed, 1, int(k)]).permutation(n)[positions[here] % n]
+    return out
+
+
+def steps_per_epoch(n_labelled: int, half: int, world: int, fixed: int | None) -> int:
+    """Steps of one epoch (or `fixed`): one pass over the labelled tiles, as the official sampler counts
+    them (len(labelled) // labelled per batch, the remainder dropped), where a global batch holds `half`
+    labelled tiles from each of `world` workers; at least one step."""
+    return fixed or max(1, n_labelled // (half * world))
+
+
+def to_unit(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (B, H, W, 3) → float (B, 3, H, W) in [0, 1] (where the augmentations work)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255
+
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images → ImageNet mean/std, the encoder's input."""
+    return (x - _MEAN.to(x.device)) / _STD.to(x.device)
 
 
 def normalise(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) → float (B, 3, H, W), ImageNet mean/std."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 255
-    return (x - _MEAN.to(device)) / _STD.to(device)
+    """uint8 (B, H, W, 3) → the encoder's input (no augmentation: validation and inference)."""
+    return standardise(to_unit(images, device))
 
 
 def augment(
     x: torch.Tensor, y: torch.Tensor | None, gen: torch.Generator, noise_std: float, noise_p: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per image: random horizontal and vertical flips, a random multiple of 90° rotation (the mask moves
-    with the image), and Gaussian noise (σ `noise_std`) with probability `noise_p`."""
+    """Per image in [0, 1] (before `standardise`, as the official code adds its noise): random horizontal
+    and vertical flips, a random multiple of 90° rotation (the mask moves with the image), and Gaussian
+    noise (σ `noise_std`, unclipped) with probability `noise_p`."""
     draws = torch.rand(len(x), 3, generator=gen)
     turns = torch.randint(0, 4, (len(x),), generator=gen)
     xs, ys = [], []
@@ -185,3 +225,28 @@ def augment(
         xs.append(xi)
         ys.append(yi)
     return torch.stack(xs), (torch.stack([yi for yi in ys if yi is not None]) if y is not None else None)
+
+
+def training_batch(
+    labelled: TileSet,
+    unlabelled: TileSet | None,
+    lab_idx: np.ndarray,
+    unl_idx: np.ndarray,
+    gen: torch.Generator,
+    noise_std: float,
+    noise_p: float,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's encoder input (labelled tiles first, then unlabelled ones when given) and the labelled
+    masks: augmented in [0, 1], standardised last."""
+    assert labelled.masks is not None
+    x, y = augment(
+        to_unit(labelled.images[lab_idx], device),
+        torch.from_numpy(labelled.masks[lab_idx]).to(device).long(),
+        gen, noise_std, noise_p,
+    )  # fmt: skip
+    assert y is not None  # the masks went in, so they come out
+    if unlabelled is not None:
+        xu, _ = augment(to_unit(unlabelled.images[unl_idx], device), None, gen, noise_std, noise_p)
+        x = torch.cat([x, xu])
+    return standardise(x), y

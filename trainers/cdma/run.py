@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from PIL import Image
 
 from slidestream.cluster.config import CDMAConfig, Config, TilingConfig, WorkerResources
+from slidestream.cluster.init_weights import starting_weights
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
@@ -30,12 +32,12 @@ from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.trainers.cdma.data import (
     TileSet,
-    augment,
     half_batches,
     load_tiles,
     normalise,
     split_slides,
     steps_per_epoch,
+    training_batch,
 )
 from slidestream.trainers.cdma.infer import predict_slide, write_geojson, write_overlay
 from slidestream.trainers.cdma.losses import CDMALoss
@@ -54,7 +56,7 @@ from slidestream.trainers.session import (
     train_device,
 )
 
-__all__ = ["CDMAJob", "format_cdma_table", "make_optimizer", "run_cdma", "train_cdma"]
+__all__ = ["CDMAJob", "encoder_weights", "format_cdma_table", "make_optimizer", "run_cdma", "train_cdma"]
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,6 @@ class CDMAJob:
     labelled: list[str]
     unlabelled: list[str]
     val: list[str]
-    steps: int  # per epoch, the same for both runs
     result_dir: str
     reporter: str = "train"  # "tune": a sweep trial running the loop itself
 
@@ -103,6 +104,17 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, cfg: CDMAConfig, epoch: 
     for group in optimizer.param_groups:
         group["lr"] = base * group["scale"]
     return base
+
+
+_WEIGHTS_NEEDED = {
+    "official": "a local torchvision/timm ResNet-50 ImageNet weights file, e.g. resnet50-0676ba61.pth",
+    "light": "a local torchvision/timm ResNet-18 ImageNet weights file, e.g. resnet18-f37072fd.pth",
+}
+
+
+def encoder_weights(cfg: CDMAConfig) -> Path | None:
+    """The encoder's ImageNet weights file; None only for an explicit `cdma.weights: random`."""
+    return starting_weights(cfg.weights, setting="cdma.weights", needs=_WEIGHTS_NEEDED[cfg.network])
 
 
 def annotations_for(cfg: CDMAConfig, slide_ids: list[str]) -> dict[str, SlideAnnotation]:
@@ -170,7 +182,7 @@ def train_cdma(config: dict[str, Any]) -> None:
     )
     val = load_tiles(job.out, tiling, job.val, annotations, cfg.min_tissue_frac) if job.val else None
     torch.manual_seed(cfg.seed)
-    model = build_mtnet(n_classes, cfg.network, cfg.weights).to(device)
+    model = build_mtnet(n_classes, cfg.network, encoder_weights(cfg)).to(device)
     optimizer = make_optimizer(model, cfg)
     loss_fn = CDMALoss(
         cfg.kd_weight, cfg.entropy_weight, cfg.unsup_start_epoch, cfg.temperature, job.semi_supervised
@@ -184,25 +196,18 @@ def train_cdma(config: dict[str, Any]) -> None:
         best_state = saved["best_model"]
     half = cfg.batch_size // 2
     n_unl = len(unlabelled) if unlabelled is not None else 0
+    steps = steps_per_epoch(len(labelled), half, world, cfg.steps_per_epoch)  # the same for both runs
     for epoch in range(start, cfg.epochs):
         lr = set_learning_rate(optimizer, cfg, epoch)
         started = time.perf_counter()
         model.train()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
         sums: dict[str, float] = {}
-        batches = half_batches(len(labelled), n_unl, half, job.steps, cfg.seed, epoch, rank, world)
+        batches = half_batches(len(labelled), n_unl, half, steps, cfg.seed, epoch, rank, world)
         for lab_idx, unl_idx in batches:
-            x, y = augment(
-                normalise(labelled.images[lab_idx], device),
-                torch.from_numpy(labelled.masks[lab_idx]).to(device).long(),  # type: ignore[index]
-                gen, cfg.noise_std, cfg.noise_p,
-            )  # fmt: skip
-            assert y is not None  # the masks went in, so they come out
-            if unlabelled is not None:
-                xu, _ = augment(
-                    normalise(unlabelled.images[unl_idx], device), None, gen, cfg.noise_std, cfg.noise_p
-                )
-                x = torch.cat([x, xu])
+            x, y = training_batch(
+                labelled, unlabelled, lab_idx, unl_idx, gen, cfg.noise_std, cfg.noise_p, device
+            )
             with bf16_autocast(device):
                 logits = model(x)
             loss, parts = loss_fn([z.float() for z in logits], y, len(lab_idx), epoch)
@@ -211,7 +216,7 @@ def train_cdma(config: dict[str, Any]) -> None:
             average_gradients(model)
             optimizer.step()
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + value / job.steps
+                sums[key] = sums.get(key, 0.0) + value / steps
         seconds = time.perf_counter() - started  # training steps only (validation excluded)
         val_dice = tile_dice(model, val, n_classes, cfg.infer_batch, device) if val is not None else math.nan
         if val is None or val_dice > best:
@@ -244,6 +249,7 @@ def train_cdma(config: dict[str, Any]) -> None:
             "history": history,
             "best_val_dice": best,
             "tiles": {"labelled": len(labelled), "unlabelled": n_unl},
+            "steps_per_epoch": steps,
         }
         write_bytes_atomic(join(job.result_dir, RESULT_FILE), json.dumps(result, indent=1).encode())
 
@@ -259,6 +265,7 @@ class CDMARun:
             raise TrainDataError(f"--name must be a plain name (no slashes), got {name!r}")
         self.name, self.out, self.config = name, out, config
         self.cfg = config.cdma
+        encoder_weights(self.cfg)  # refuse an implied random init before any work
         self.run_dir = join(out, "runs", name)
         stage = tiles_stage(config.tiling)
         self.entries = {e.slide_id: e for e in Ledger(out).entries(stage) if e.status == "ok"}
@@ -287,10 +294,6 @@ class CDMARun:
                 "split": self.split.to_dict()}  # fmt: skip
 
     def jobs(self) -> list[CDMAJob]:
-        half = self.cfg.batch_size // 2
-        n_lab = sum(self.entries[s].n_tiles for s in self.split.labelled)
-        n_unl = sum(self.entries[s].n_tiles for s in self.split.unlabelled)
-        steps = steps_per_epoch(n_lab, n_unl, half, max(1, self.cfg.workers), self.cfg.steps_per_epoch)
         kinds = [("cdma", True)] + ([("supervised", False)] if self.cfg.supervised_baseline else [])
         return [
             CDMAJob(
@@ -302,7 +305,6 @@ class CDMARun:
                 labelled=self.split.labelled,
                 unlabelled=self.split.unlabelled if semi else [],
                 val=self.split.val,
-                steps=steps,
                 result_dir=join(self.run_dir, "jobs", name),
             )
             for name, semi in kinds

@@ -9,6 +9,7 @@ Training returns the three logit maps; evaluation returns decoder 1's alone (the
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "MTNetSpec",
     "SpatialAttention",
     "build_mtnet",
+    "undilated_stride16",
 ]
 
 _GROUPS = 4  # GroupNorm groups everywhere in the head
@@ -32,7 +34,8 @@ _GROUPS = 4  # GroupNorm groups everywhere in the head
 
 @dataclass(frozen=True)
 class MTNetSpec:
-    """The network's sizes. `encoder` is a timm ResNet name; the encoder runs at output stride 16."""
+    """The network's sizes. `encoder` is a timm ResNet name; the encoder runs at output stride 16 with an
+    undilated layer4 (see `undilated_stride16`)."""
 
     encoder: str = "resnet50"
     aspp_ch: int = 256
@@ -81,6 +84,16 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         else:
             freeze_batchnorm(child)
     return module
+
+
+def undilated_stride16(encoder: Any) -> nn.Module:
+    """Output stride 16 as the official network gets it: layer4 stops downsampling (its strided convs go
+    to stride 1) and its 3×3 convs stay undilated. timm's output_stride=16 dilates layer4 by 2 instead,
+    which changes every layer4 receptive field the ImageNet weights were trained with."""
+    for conv in encoder.layer4.modules():
+        if isinstance(conv, nn.Conv2d):
+            conv.stride = (1, 1)
+    return encoder
 
 
 def _conv_gn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -197,9 +210,9 @@ class MTNet(nn.Module):
 
         self.spec = spec or MTNetSpec.official()
         encoder: Any = timm.create_model(  # a timm features model: feature_info
-            self.spec.encoder, pretrained=False, features_only=True, output_stride=16, out_indices=(1, 4)
+            self.spec.encoder, pretrained=False, features_only=True, out_indices=(1, 4)
         )
-        self.encoder = freeze_batchnorm(encoder)
+        self.encoder = freeze_batchnorm(undilated_stride16(encoder))
         low_in, high_in = encoder.feature_info.channels()
         self.aspp = ASPP(high_in, self.spec.aspp_ch, self.spec.dilations)
         self.decoders = nn.ModuleList(
@@ -232,11 +245,12 @@ class MTNet(nn.Module):
         return groups
 
 
-def build_mtnet(n_classes: int, network: str = "official", weights: str | None = None) -> MTNet:
-    """MTNet by configuration name; `weights` is a local ImageNet state dict for the encoder (else random)."""
+def build_mtnet(n_classes: int, network: str = "official", weights: Path | None = None) -> MTNet:
+    """MTNet by configuration name; `weights` is a local ImageNet state dict for the encoder (None: the
+    random init that `cdma.weights: random` asks for, or weights loaded afterwards)."""
     model = MTNet(n_classes, MTNetSpec.named(network))
-    if weights:
+    if weights is not None:
         from slidestream.pipelines.encoders import _load_weights
 
-        _load_weights(model.encoder, weights, f"cdma {network} encoder", ("fc.",))
+        _load_weights(model.encoder, str(weights), f"cdma {network} encoder", ("fc.",))
     return model

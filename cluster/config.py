@@ -212,6 +212,8 @@ class ICMILConfig(WorkerResources):
     val_tiles: int = Field(default=512, ge=1)  # validation tiles for model selection (per epoch)
     confidence: bool = False  # journal version: weight loss_c per tile by |2a - 1|^beta
     beta: float | None = Field(default=None, gt=0)  # null: 6 for abmil, 2 for dtfd
+    lr_milestones: list[int] | None = None  # lr ×= lr_gamma at these epochs; null: [100] if confidence
+    lr_gamma: float = Field(default=0.2, gt=0, le=1)
     shuffle_buffer: int = Field(default=512, ge=1)  # tiles held per worker for streaming shuffling
 
 

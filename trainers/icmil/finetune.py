@@ -86,7 +86,20 @@ def build_teacher(job: DistillJob) -> InstanceTeacher:
     encoder.info = with_input_px(encoder.info, job.input_px)
     mil = build_model(job.model, job.dim, job.n_classes, **job.model_options)
     mil.load_state_dict(load_weights(job.mil_weights))
-    return InstanceTeacher.from_mil(encoder, mil, job.model)
+    return InstanceTeacher.from_mil(encoder, mil, job.model, confidence=job.icmil["confidence"])
+
+
+def lr_milestones(icmil: dict[str, Any]) -> list[int]:
+    """Epochs at which the fine-tuning's learning rate is multiplied by `lr_gamma`: `lr_milestones`, or
+    when null, [100] with confidence weights and none without (the official scripts' MultiStepLR)."""
+    if icmil["lr_milestones"] is not None:
+        return list(icmil["lr_milestones"])
+    return [100] if icmil["confidence"] else []
+
+
+def epoch_lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
+    """The learning rate of `epoch` (0-based) under MultiStepLR stepped once per epoch."""
+    return base * gamma ** sum(epoch >= m for m in milestones)
 
 
 def tile_stream(
@@ -179,6 +192,7 @@ def finetune_embedder(config: dict[str, Any]) -> None:
         beta = cfg["beta"] or DEFAULT_BETA.get(job.model)
         if beta is None:
             raise ValueError(f"icmil.confidence: no default beta for {job.model!r}; set icmil.beta")
+    milestones = lr_milestones(cfg)
     views = Views(teacher.encoder, cfg["crop_scale_min"], device)
     per_epoch = cfg["tiles_per_epoch"] or job.train_tiles
     steps = max(1, math.ceil(per_epoch / (world * cfg["batch_size"])))
@@ -195,6 +209,8 @@ def finetune_embedder(config: dict[str, Any]) -> None:
     for epoch in range(start, cfg["epochs"]):
         generator = torch.Generator().manual_seed(job.seed * 1000 + rank + 7919 * epoch)
         tiles = tile_stream(job.train_shards, job.seed, epoch, cfg["shuffle_buffer"])
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(cfg["lr"], milestones, cfg["lr_gamma"], epoch)
         sums: dict[str, float] = {}
         started, n_tiles = time.perf_counter(), 0
         student.train()
@@ -219,7 +235,8 @@ def finetune_embedder(config: dict[str, Any]) -> None:
             key: sum(s.get(key, 0.0) for s, _ in totals) / max(1, steps * world) for key in sums
         }
         metrics.update(
-            epoch=epoch, val_mae=mae, tiles=sum(n for _, n in totals), epoch_s=seconds,
+            epoch=epoch, lr=optimizer.param_groups[0]["lr"], val_mae=mae, tiles=sum(n for _, n in totals),
+            epoch_s=seconds,
             tiles_per_s=sum(n for _, n in totals) / seconds if seconds > 0 else math.nan,
         )  # fmt: skip
         if mae < best[0] or not math.isfinite(mae):  # no validation tiles: the last epoch

@@ -22,7 +22,7 @@ from slidestream.trainers.icmil.distill import (
     make_student,
     minmax,
 )
-from slidestream.trainers.icmil.finetune import Views, epoch_lr, lr_milestones
+from slidestream.trainers.icmil.finetune import Views, epoch_lr, interleave, lr_milestones
 from slidestream.trainers.models import build_model
 from slidestream.trainers.models.clam import GatedAttention
 
@@ -283,3 +283,19 @@ def test_maxpool_model_takes_the_max_per_dimension():
     assert out["scores"].shape == (5,) and float(out["scores"].sum()) >= 1.0 - 1e-6
     loss = model.loss(out, torch.tensor([2]))
     torch.testing.assert_close(loss, F.cross_entropy(out["logits"], torch.tensor([2])))
+
+
+def test_interleave_reads_shards_round_robin_with_few_open():
+    """Tiles of `open_shards` shards (one slide each) alternate, so a step's batch mixes slides; a shard
+    opens only when an open one ends."""
+    opened: list[str] = []
+
+    def shard(name: str, n: int):
+        opened.append(name)
+        yield from (f"{name}{i}" for i in range(n))
+
+    streams = (shard(name, n) for name, n in (("a", 3), ("b", 1), ("c", 2)))
+    out = interleave(streams, 2)
+    assert [next(out) for _ in range(3)] == ["a0", "b0", "a1"] and opened == ["a", "b"]
+    assert list(out) == ["a2", "c0", "c1"] and opened == ["a", "b", "c"]
+    assert list(interleave(iter([iter("xy"), iter("z")]), 1)) == ["x", "y", "z"]

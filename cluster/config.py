@@ -142,6 +142,7 @@ class TrainConfig(WorkerResources):
     model_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {gated: true}
     epochs: int = Field(default=50, ge=1)
     lr: float = Field(default=2e-4, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # per epoch: cosine to 0 over `epochs`, or constant
     weight_decay: float = Field(default=1e-5, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)  # gradient-norm clip per step (null: none)
     min_epochs: int = Field(default=10, ge=0)  # no early stop before this many epochs
@@ -212,7 +213,10 @@ class ICMILConfig(WorkerResources):
     val_tiles: int = Field(default=512, ge=1)  # validation tiles for model selection (per epoch)
     confidence: bool = False  # journal version: weight loss_c per tile by |2a - 1|^beta
     beta: float | None = Field(default=None, gt=0)  # null: 6 for abmil, 2 for dtfd
+    lr_milestones: list[int] | None = None  # lr ×= lr_gamma at these epochs; null: [100] if confidence
+    lr_gamma: float = Field(default=0.2, gt=0, le=1)
     shuffle_buffer: int = Field(default=512, ge=1)  # tiles held per worker for streaming shuffling
+    open_shards: int = Field(default=16, ge=1)  # shards (one slide each) a worker reads at once, round-robin
 
 
 class GigaSSLConfig(WorkerResources):

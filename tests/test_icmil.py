@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from slidestream.cli import main
-from slidestream.pipelines.encoders import build_encoder
+from slidestream.pipelines.encoders import EncoderError, build_encoder
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.testing.helpers import make_config
@@ -144,3 +144,14 @@ def test_icmil_round_trip_and_resume(ingested, ray_local, capsys):
     # Other settings under the same name are refused, naming the setting.
     assert _cli(out, labels, "icmil.lr=0.001") == 2
     assert "icmil.lr" in capsys.readouterr().err
+
+
+def test_icmil_never_implies_random_init(tmp_path: Path, capsys):
+    """The tile embedder starts from the weights the user names (the paper: ImageNet): without --weights
+    the command stops and names the flag and the explicit 'random'; the run itself refuses no weights."""
+    args = ["train", "icmil", "--name", "r", "--out", str(tmp_path), "--labels", "l.csv"]
+    assert main([*args, "--encoder", "resnet18_trunc"]) == 2
+    err = capsys.readouterr().err
+    assert "needs" in err and "--weights (a local file, or 'random')" in err
+    with pytest.raises(EncoderError, match="random weights are never implied"):
+        ICMILRun("r", str(tmp_path), "l.csv", "resnet18_trunc", None, make_config(), 1)  # type: ignore[arg-type]

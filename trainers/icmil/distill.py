@@ -1,9 +1,10 @@
 """ICMIL step 2: fine-tune the tile embedder by distillation from the frozen bag classifier.
 
-The teacher is the current embedder E_T followed by the bag classifier's reduction layer and its
-instance-level head, applied to every tile: the ABMIL bag logit is the attention-weighted mean of these
-per-tile logits (DTFD: its tier-1 classifier; max-pooling: its head), so the head scores single tiles.
-The student starts as an exact copy of all three parts and all of it trains. Per batch of tiles, with
+The teacher is the current embedder E_T followed by the bag classifier's reduction layer and its bag
+head, applied to every tile: the ABMIL bag logit is the attention-weighted mean of these per-tile logits,
+so the bag head scores single tiles. DTFD-MIL: its TIER-2 bag head on the tier-1 reduction output of each
+tile (as the official step-2 script does), not the tier-1 pseudo-bag classifier. The student starts as an
+exact copy of all three parts and all of it trains. Per batch of tiles, with
 p_T = softmax(head_T(red_T(E_T(x)))) and m_T = red_T(E_T(x)) from the clean view x:
 
 * loss_c  = KL(p_T ‖ softmax(head_S(red_S(E_S(x′)))))     x′: flipped, randomly resized crop of x
@@ -13,8 +14,13 @@ p_T = softmax(head_T(red_T(E_T(x)))) and m_T = red_T(E_T(x)) from the clean view
 total = loss_c + w1·loss_w1 + w2·loss_w2. KL is the element-wise mean over tiles × classes (resp. × 512
 dimensions), as the official code's `nn.KLDivLoss()` computes it, not the per-tile sum ("batchmean").
 The student's reduction runs without dropout (so at initialisation loss_w1 = loss_w2 = 0 exactly);
-the student encoder's BatchNorm layers train. Optional (journal version): loss_c weighted per tile by
-|2a − 1|^β, a = the teacher's attention of the tile min-max normalised within the batch.
+the student encoder's BatchNorm layers train.
+
+Confidence (journal version, `icmil.confidence`): loss_c weighted per tile by |2a − 1|^β, a ∈ [0, 1] the
+teacher's confidence in the tile within the batch. ABMIL: a = the RAW gated attention score (no softmax)
+min-max normalised over the batch. DTFD-MIL ("dual"): a = minmax(softmax(tier-2 attention)) ·
+minmax(softmax(tier-1 attention)), both softmaxed over the batch, and the teacher's logits become
+0.7 · tier-2 head + 0.3 · tier-1 head (the targets of loss_c and loss_w1).
 """
 
 from __future__ import annotations
@@ -40,11 +46,14 @@ __all__ = [
     "confidence_weights",
     "distill_losses",
     "make_student",
+    "minmax",
 ]
 
-# MIL model → the attribute holding the Linear that scores one embedded instance.
-INSTANCE_HEADS: dict[str, str] = {"abmil": "head", "maxpool": "head", "dtfd": "classifier1"}
+# MIL model → the attribute holding the Linear that scores one embedded instance: the bag head of each.
+# DTFD-MIL's `head` is its tier-2 bag head (official: att_classifier.classifier.fc), not `classifier1`.
+INSTANCE_HEADS: dict[str, str] = {"abmil": "head", "maxpool": "head", "dtfd": "head"}
 DEFAULT_BETA: dict[str, float] = {"abmil": 6.0, "dtfd": 2.0}
+DUAL_MIX = (0.7, 0.3)  # DTFD confidence: teacher logits = 0.7 · tier-2 head + 0.3 · tier-1 head
 
 
 def check_model(name: str) -> None:
@@ -55,34 +64,54 @@ def check_model(name: str) -> None:
         )
 
 
+def minmax(x: Tensor) -> Tensor:
+    """x rescaled to [0, 1] over the batch; all zeros for a flat batch (the official code divides by 0)."""
+    span = x.max() - x.min()
+    return (x - x.min()) / span if span > 0 else torch.zeros_like(x)
+
+
 @dataclass
 class InstanceTeacher:
-    """The frozen tile classifier: encoder → reduction → instance head (all in eval mode, no gradients)."""
+    """The frozen tile classifier: encoder → reduction → instance head (all in eval mode, no gradients).
+    `dual`: DTFD-MIL with confidence weights (the teacher's logits mix both tiers' heads, see module doc)."""
 
     encoder: TileEncoder
     reduction: nn.Module
     head: nn.Module
     mil: MILModel
     model_name: str
+    dual: bool = False
 
     @classmethod
-    def from_mil(cls, encoder: TileEncoder, mil: MILModel, model_name: str) -> InstanceTeacher:
+    def from_mil(
+        cls, encoder: TileEncoder, mil: MILModel, model_name: str, confidence: bool = False
+    ) -> InstanceTeacher:
         check_model(model_name)
         mil.requires_grad_(False).eval()
-        return cls(encoder, mil.embed, getattr(mil, INSTANCE_HEADS[model_name]), mil, model_name)
+        head = getattr(mil, INSTANCE_HEADS[model_name])
+        return cls(encoder, mil.embed, head, mil, model_name, dual=confidence and isinstance(mil, DTFDMIL))
 
     def to(self, device: torch.device) -> InstanceTeacher:
         self.encoder.to(device)
         self.mil.to(device)
         return self
 
+    def logits(self, m: Tensor) -> Tensor:
+        """The teacher's class logits (N, C) of embedded tiles m (N, 512)."""
+        if not self.dual:
+            return self.head(m)
+        assert isinstance(self.mil, DTFDMIL)
+        return DUAL_MIX[0] * self.head(m) + DUAL_MIX[1] * self.mil.classifier1(m)
+
     @torch.no_grad()
-    def attention(self, m: Tensor) -> Tensor:
-        """Per-tile attention of the bag classifier over a batch of embedded tiles m (N, 512)."""
+    def confidence(self, m: Tensor) -> Tensor:
+        """a ∈ [0, 1] per tile of a batch of embedded tiles m (N, 512), as the journal version defines it."""
         if isinstance(self.mil, ABMIL):
-            return self.mil.attention(m)
+            return minmax(self.mil.attention_logits(m).float())
         if isinstance(self.mil, DTFDMIL):
-            return torch.softmax(self.mil.attention1(m), dim=0)
+            tier2 = torch.softmax(self.mil.attention2(m).float(), dim=0)
+            tier1 = torch.softmax(self.mil.attention1(m).float(), dim=0)
+            return minmax(tier2) * minmax(tier1)
         raise ValueError(f"icmil.confidence needs an attention-based bag classifier, not {self.model_name!r}")
 
 
@@ -120,12 +149,8 @@ def _kl(log_p: Tensor, log_q: Tensor, weights: Tensor | None = None) -> Tensor:
     return (terms.mean(dim=1) * weights).mean()
 
 
-def confidence_weights(attention: Tensor, beta: float) -> Tensor:
-    """|2a − 1|^β with a = attention min-max normalised within the batch (all ones for a flat batch)."""
-    span = attention.max() - attention.min()
-    if span <= 0:
-        return torch.ones_like(attention)
-    a = (attention - attention.min()) / span
+def confidence_weights(a: Tensor, beta: float) -> Tensor:
+    """|2a − 1|^β for confidences a ∈ [0, 1]: tiles the teacher is sure about (a near 0 or 1) weigh most."""
     return (2 * a - 1).abs().pow(beta)
 
 
@@ -143,8 +168,8 @@ def distill_losses(
     with torch.no_grad():
         f_t = teacher.encoder(clean)
         m_t = teacher.reduction(f_t)
-        log_p_t = F.log_softmax(teacher.head(m_t).float(), dim=-1)
-        weights = confidence_weights(teacher.attention(m_t).float(), beta) if beta is not None else None
+        log_p_t = F.log_softmax(teacher.logits(m_t).float(), dim=-1)
+        weights = confidence_weights(teacher.confidence(m_t), beta) if beta is not None else None
     s_aug = student.head(student.reduction(student.encoder(augmented)))
     m_s = student.reduction(f_t)
     s_clean = student.head(m_s)

@@ -1,8 +1,10 @@
 """ICMIL step 2 on Ray Train: tile-level data-parallel fine-tuning of the embedder (`icmil_distill` losses).
 
 Tiles stream from the committed WebDataset shards of the TRAINING slides only: every epoch the shard list
-is shuffled and dealt to the workers, each worker cycles through its shards through a bounded shuffle
-buffer, and every worker takes the same number of steps (each step ends in a gradient all-reduce).
+is shuffled and dealt to the workers, each worker cycles through its shards, `open_shards` of them read
+at once round-robin (a shard holds one slide: so a batch mixes slides, as the official code's shuffle of
+all tiles does), through a bounded shuffle buffer, and every worker takes the same number of steps (each
+step ends in a gradient all-reduce).
 Validation tiles (the split's validation slides) only score epochs for model selection: the mean
 absolute difference between the student's probabilities on an augmented view and the teacher's on the
 clean tile. Rank 0 checkpoints every epoch (a restarted worker or a rerun resumes at the last epoch) and
@@ -20,9 +22,10 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -51,6 +54,8 @@ from slidestream.trainers.session import (
 __all__ = ["ENCODER_FILE", "RESULT_FILE", "DistillJob", "finetune_embedder"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 ENCODER_FILE = "encoder.pt"
 RESULT_FILE = "result.json"
@@ -86,14 +91,42 @@ def build_teacher(job: DistillJob) -> InstanceTeacher:
     encoder.info = with_input_px(encoder.info, job.input_px)
     mil = build_model(job.model, job.dim, job.n_classes, **job.model_options)
     mil.load_state_dict(load_weights(job.mil_weights))
-    return InstanceTeacher.from_mil(encoder, mil, job.model)
+    return InstanceTeacher.from_mil(encoder, mil, job.model, confidence=job.icmil["confidence"])
+
+
+def lr_milestones(icmil: dict[str, Any]) -> list[int]:
+    """Epochs at which the fine-tuning's learning rate is multiplied by `lr_gamma`: `lr_milestones`, or
+    when null, [100] with confidence weights and none without (the official scripts' MultiStepLR)."""
+    if icmil["lr_milestones"] is not None:
+        return list(icmil["lr_milestones"])
+    return [100] if icmil["confidence"] else []
+
+
+def epoch_lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
+    """The learning rate of `epoch` (0-based) under MultiStepLR stepped once per epoch."""
+    return base * gamma ** sum(epoch >= m for m in milestones)
+
+
+def interleave(streams: Iterator[Iterator[T]], width: int) -> Iterator[T]:
+    """The items of `streams`, round-robin over `width` of them at a time; the next stream opens when one
+    ends (streams are opened lazily, so at most `width` are open)."""
+    active = deque(itertools.islice(streams, width))
+    while active:
+        stream = active.popleft()
+        for item in stream:
+            yield item
+            active.append(stream)
+            break
+        else:
+            active.extend(itertools.islice(streams, 1))
 
 
 def tile_stream(
-    shards: list[str], seed: int, epoch: int, buffer: int, cycle: bool = True
+    shards: list[str], seed: int, epoch: int, buffer: int, width: int, cycle: bool = True
 ) -> Iterator[np.ndarray]:
-    """This rank's tiles (uint8 HWC): its share of a per-epoch shuffle of `shards`, read in order and
-    shuffled through a buffer of `buffer` tiles; with `cycle`, endless (the shards are read again)."""
+    """This rank's tiles (uint8 HWC): its share of a per-epoch shuffle of `shards`, `width` shards read at
+    once round-robin and shuffled through a buffer of `buffer` tiles; with `cycle`, endless (the shards
+    are read again)."""
     rank, world = rank_and_world()
     mine = shard_with_padding(shards, seed, epoch, rank, world) if shards else []
     rng = random.Random(seed * 7_919 + epoch * 104_729 + rank)
@@ -101,12 +134,11 @@ def tile_stream(
     held: list[np.ndarray] = []
     for _ in passes:
         read = 0
-        for uri in mine:
-            for sample in iter_shard_samples(uri):
-                held.append(decode_sample(sample))
-                read += 1
-                if len(held) >= buffer:
-                    yield held.pop(rng.randrange(len(held)))
+        for sample in interleave((iter_shard_samples(uri) for uri in mine), width):
+            held.append(decode_sample(sample))
+            read += 1
+            if len(held) >= buffer:
+                yield held.pop(rng.randrange(len(held)))
         if read == 0:
             break
     rng.shuffle(held)
@@ -143,7 +175,9 @@ def validation_mae(teacher: InstanceTeacher, student: Any, views: Views, job: Di
     student.eval()
     generator = torch.Generator().manual_seed(job.seed + 17)
     limit = math.ceil(cfg["val_tiles"] / world)
-    tiles = itertools.islice(tile_stream(job.val_shards, job.seed, 0, 1, cycle=False), limit)
+    tiles = itertools.islice(
+        tile_stream(job.val_shards, job.seed, 0, 1, cfg["open_shards"], cycle=False), limit
+    )
     total, count = 0.0, 0
     for batch in _batches(tiles, cfg["batch_size"]):
         clean, aug = views(batch, generator)
@@ -179,6 +213,7 @@ def finetune_embedder(config: dict[str, Any]) -> None:
         beta = cfg["beta"] or DEFAULT_BETA.get(job.model)
         if beta is None:
             raise ValueError(f"icmil.confidence: no default beta for {job.model!r}; set icmil.beta")
+    milestones = lr_milestones(cfg)
     views = Views(teacher.encoder, cfg["crop_scale_min"], device)
     per_epoch = cfg["tiles_per_epoch"] or job.train_tiles
     steps = max(1, math.ceil(per_epoch / (world * cfg["batch_size"])))
@@ -194,7 +229,9 @@ def finetune_embedder(config: dict[str, Any]) -> None:
 
     for epoch in range(start, cfg["epochs"]):
         generator = torch.Generator().manual_seed(job.seed * 1000 + rank + 7919 * epoch)
-        tiles = tile_stream(job.train_shards, job.seed, epoch, cfg["shuffle_buffer"])
+        tiles = tile_stream(job.train_shards, job.seed, epoch, cfg["shuffle_buffer"], cfg["open_shards"])
+        for group in optimizer.param_groups:
+            group["lr"] = epoch_lr(cfg["lr"], milestones, cfg["lr_gamma"], epoch)
         sums: dict[str, float] = {}
         started, n_tiles = time.perf_counter(), 0
         student.train()
@@ -219,7 +256,8 @@ def finetune_embedder(config: dict[str, Any]) -> None:
             key: sum(s.get(key, 0.0) for s, _ in totals) / max(1, steps * world) for key in sums
         }
         metrics.update(
-            epoch=epoch, val_mae=mae, tiles=sum(n for _, n in totals), epoch_s=seconds,
+            epoch=epoch, lr=optimizer.param_groups[0]["lr"], val_mae=mae, tiles=sum(n for _, n in totals),
+            epoch_s=seconds,
             tiles_per_s=sum(n for _, n in totals) / seconds if seconds > 0 else math.nan,
         )  # fmt: skip
         if mae < best[0] or not math.isfinite(mae):  # no validation tiles: the last epoch

@@ -217,6 +217,15 @@ def _val_metrics(job: FoldJob, probs: np.ndarray, loss: float) -> dict[str, floa
     return {"val_loss": loss, "val_auc": classification_metrics(y, probs, job.classes)["auc"]}
 
 
+def lr_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: str, epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """`train.lr_schedule`, stepped once per epoch: cosine annealing to 0 over `epochs`, or constant."""
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+
+
 def train_fold(config: dict[str, Any]) -> None:
     """The Ray Train loop for one fold (every worker runs it)."""
     job = FoldJob(**config)
@@ -226,7 +235,7 @@ def train_fold(config: dict[str, Any]) -> None:
     torch.manual_seed(job.seed)  # identical initial weights on every rank
     model = model_from_job(job).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
+    scheduler = lr_scheduler(optimizer, cfg["lr_schedule"], cfg["epochs"])
     stopper = EarlyStopping(cfg["monitor"], cfg["patience"], cfg["min_epochs"])
     cache = BagCache(FeatureBags(job.features), cfg["cache_mb"])
     if cfg["standardize"]:

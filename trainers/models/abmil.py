@@ -17,11 +17,19 @@ class ABMIL(MILModel):
     Plain attention: ``a = softmax_N(W2 · ReLU(W1 · h))`` with bias-free ``W1: 512→128``, ``W2: 128→1``.
     Gated variant (``gated=True``): ``a = softmax_N(W2 · (tanh(V · h) ⊙ sigmoid(U · h)))`` with bias-free
     ``V, U: 512→128``. The bag feature is ``Σ_i a_i h_i``; logits come from a Linear(512→C) head.
+    ``embed_bias=False``: the instance embedding's Linear(D→512) has no bias (ICMIL's reduction layer).
     """
 
-    def __init__(self, in_dim: int, n_classes: int = 2, gated: bool = False, dropout: float = 0.25) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        n_classes: int = 2,
+        gated: bool = False,
+        dropout: float = 0.25,
+        embed_bias: bool = True,
+    ) -> None:
         super().__init__()
-        self.embed = InstanceEmbedding(in_dim, 512, dropout)
+        self.embed = InstanceEmbedding(in_dim, 512, dropout, bias=embed_bias)
         self.n_classes = n_classes
         self.gated = gated
         if gated:
@@ -33,13 +41,17 @@ class ABMIL(MILModel):
         self.head = nn.Linear(512, n_classes)
         init_weights(self)
 
-    def attention(self, h: Tensor) -> Tensor:
-        """Softmaxed attention over instances, shape (N,), for embedded instances ``h`` of shape (N, 512)."""
+    def attention_logits(self, h: Tensor) -> Tensor:
+        """Raw attention scores (N,), before the softmax, for embedded instances ``h`` of shape (N, 512)."""
         if self.gated:
             z = torch.tanh(self.attn_v(h)) * torch.sigmoid(self.attn_u(h))
         else:
             z = torch.relu(self.attn_hidden(h))
-        return torch.softmax(self.attn_out(z).squeeze(-1), dim=0)
+        return self.attn_out(z).squeeze(-1)
+
+    def attention(self, h: Tensor) -> Tensor:
+        """Softmaxed attention over instances, shape (N,), for embedded instances ``h`` of shape (N, 512)."""
+        return torch.softmax(self.attention_logits(h), dim=0)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """Run one bag ``x`` of shape (N, D) or (1, N, D).

@@ -24,8 +24,8 @@ class InstanceEmbedding(nn.Sequential):
     a model trained on standardised features applies the same standardisation when it predicts.
     """
 
-    def __init__(self, in_dim: int, hidden: int = 512, dropout: float = 0.25) -> None:
-        super().__init__(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+    def __init__(self, in_dim: int, hidden: int = 512, dropout: float = 0.25, bias: bool = True) -> None:
+        super().__init__(nn.Linear(in_dim, hidden, bias=bias), nn.ReLU(), nn.Dropout(dropout))
         self.in_dim = in_dim
         self.hidden = hidden
         self.register_buffer("feature_mean", torch.zeros(in_dim))

@@ -69,6 +69,15 @@ def test_multi_head_vote() -> None:
     assert _masked(kept, 6) == {1, 2}
 
 
+def test_multi_head_low_vote() -> None:
+    # Each head votes for its 2 lowest: head 0 → {0, 1}, head 1 → {0, 2}; votes 0:2, 1:1, 2:1, 3:0, so
+    # the 2 most-voted are 0 and one of the tied 1/2 (lower index: 1). The head mean [0, .5, .5, .2]
+    # would drop {0, 3} instead: instance 3 is never any head's low pick and must stay.
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.2], [0.0, 0.9, 0.1, 0.2]])
+    kept = mask_instances(scores, mask_ratio_l=0.5)
+    assert _masked(kept, 4) == {0, 1}
+
+
 def test_mask_never_drops_all() -> None:
     kept = mask_instances(torch.tensor([0.1, 0.5, 0.4]), mask_ratio=1.0, mask_ratio_h=0.3)
     assert kept.tolist() == [2]  # highest score outside the high set {1}

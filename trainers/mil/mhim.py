@@ -80,8 +80,8 @@ def mask_instances(
     ``scores`` are teacher instance scores, (N,) or (H, N). Every ratio is a fraction to drop:
     random ``ceil(N·mask_ratio)``; the ``ceil(N·mask_ratio_l)`` lowest-score; and a random
     ``ceil(N·mask_ratio_h)`` of the top ``ceil(N·mask_ratio_h/mask_ratio_hr)`` (multi-head scores:
-    lowest and top by per-head vote). The dropped set is the
-    union; at least one instance is always kept (see module docstring for the rule).
+    lowest and top by per-head vote). The dropped set is the union; at least one instance is always
+    kept (see module docstring for the rule).
     """
     if scores.dim() not in (1, 2) or scores.shape[-1] == 0:
         raise ValueError(f"scores must be (N,) or (H, N) with N ≥ 1, got {tuple(scores.shape)}")

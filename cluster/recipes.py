@@ -16,7 +16,23 @@ Recipe = Literal["default", "paper"]
 
 # section -> {dotted key from the top of the config: the paper's value}. Each method's tests pin its row.
 PAPER_RECIPES: dict[str, dict[str, Any]] = {
-    "train": {},
+    # MHIM-MIL (ICCV 2023), official code, CAMELYON16 setting (the one `train.mhim.preset: auto` follows):
+    # Adam with cosine LR over 200 epochs; early stopping on validation AUC with patience 30, not before
+    # epoch index 131 (`epoch > 130`, 0-based: our min_epochs counts epochs, so 132); raw features;
+    # 3-fold CV × seeds 2021–2023; validation carved as 13 % of each training part (their TCGA runs;
+    # their CAMELYON16 runs validate on the test fold, which only `train.protocol: c16_reproduction` does).
+    "train": {
+        "train.epochs": 200,
+        "train.lr": 2e-4,
+        "train.weight_decay": 1e-5,
+        "train.monitor": "val_auc",
+        "train.patience": 30,
+        "train.min_epochs": 132,
+        "train.standardize": False,
+        "train.folds": 3,
+        "train.val_frac": 0.13,
+        "train.seeds": [2021, 2022, 2023],
+    },
     # ICMIL (MICCAI 2023, official code's main branch): step 1 = gated ABMIL with a bias-free reduction,
     # no dropout, raw features, Adam 2e-4 / wd 1e-4, grad clip 5, 200 epochs at a constant LR, the best
     # validation AUC; step 2 = the teacher-student fine-tuning as its script runs it.

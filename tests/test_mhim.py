@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from slidestream.cluster.config import load_config
+from slidestream.cluster.recipes import PAPER_RECIPES
 from slidestream.trainers.mil.mhim import (
     PRESETS,
     consistency_loss,
@@ -67,6 +69,15 @@ def test_multi_head_vote() -> None:
     scores[2, [1, 2]] = 1.0
     kept = mask_instances(scores, mask_ratio_h=2 / 6)
     assert _masked(kept, 6) == {1, 2}
+
+
+def test_multi_head_low_vote() -> None:
+    # Each head votes for its 2 lowest: head 0 → {0, 1}, head 1 → {0, 2}; votes 0:2, 1:1, 2:1, 3:0, so
+    # the 2 most-voted are 0 and one of the tied 1/2 (lower index: 1). The head mean [0, .5, .5, .2]
+    # would drop {0, 3} instead: instance 3 is never any head's low pick and must stay.
+    scores = torch.tensor([[0.0, 0.1, 0.9, 0.2], [0.0, 0.9, 0.1, 0.2]])
+    kept = mask_instances(scores, mask_ratio_l=0.5)
+    assert _masked(kept, 4) == {0, 1}
 
 
 def test_mask_never_drops_all() -> None:
@@ -149,6 +160,36 @@ def test_presets() -> None:
     assert (c16["mask_ratio"], c16["alpha"]) == (0.5, 0.1)
     assert PRESETS["C16-TransMIL"]["mask_ratio_l"] == 0.8
     assert PRESETS["TCGA-ABMIL"]["alpha"] == 0.5
+
+
+# The MHIM-MIL paper's recipe as its official code runs it (CAMELYON16 setting), key by key.
+MHIM_PAPER_RECIPE = {
+    "train.epochs": 200,  # --num_epoch 200
+    "train.lr": 2e-4,  # Adam, --lr 2e-4, cosine over the epochs
+    "train.weight_decay": 1e-5,
+    "train.monitor": "val_auc",  # best checkpoint and early stopping on validation AUC
+    "train.patience": 30,  # EarlyStopping(patience=30) on CAMELYON16
+    "train.min_epochs": 132,  # stops only when the 0-based epoch > 130
+    "train.standardize": False,  # raw features
+    "train.folds": 3,  # --cv_fold 3
+    "train.val_frac": 0.13,  # --val_ratio 0.13 (their runs with a validation split)
+    "train.seeds": [2021, 2022, 2023],  # the published logs' seeds
+}
+
+
+def _dotted(config: object, key: str) -> object:
+    for part in key.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def test_paper_recipe_row_and_resolution() -> None:
+    assert PAPER_RECIPES["train"] == MHIM_PAPER_RECIPE
+    config = load_config(None, ["train.recipe=paper"])
+    for key, value in MHIM_PAPER_RECIPE.items():
+        assert _dotted(config, key) == value, key
+    assert config.train.mhim.preset == "auto" and config.train.protocol == "standard"
+    assert _dotted(load_config(None, ["train.recipe=default"]), "train.epochs") != 200
 
 
 @pytest.mark.parametrize("in_dim", [1024, 7])

@@ -9,9 +9,27 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+from slidestream.trainers.mil.loop import MHIMStep
+from slidestream.trainers.mil.mhim import consistency_loss
 from slidestream.trainers.models import build_model
 from slidestream.trainers.models.dsmil import DSMIL
 from slidestream.trainers.models.transmil import PPEG, NystromAttention, TransMIL, pinv_iterative
+
+
+def _mhim_params(alpha: float) -> dict[str, float | bool]:
+    """MHIM settings without masking or schedules: only the consistency term (weight ``alpha``) acts."""
+    return {
+        "mask_ratio": 0.0,
+        "mask_ratio_l": 0.0,
+        "mask_ratio_h": 0.0,
+        "mask_ratio_hr": 1.0,
+        "mask_ratio_h_decay": False,
+        "alpha": alpha,
+        "tau_s": 1.0,
+        "tau_t": 0.1,
+        "momentum": 0.9999,
+        "momentum_cosine": False,
+    }
 
 
 def _exact_attention(attn: NystromAttention, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -185,7 +203,7 @@ def test_dsmil_shapes(n: int, d: int, c: int) -> None:
     out = model(torch.randn(n, d))
     assert out["logits"].shape == (1, c)
     assert out["instance_logits"].shape == (n, c)
-    assert out["bag_feature"].shape == (1, 512)
+    assert out["bag_feature"].shape == (c, 512)
     assert out["scores"].shape == (n,)
     assert torch.equal(out["scores"], out["instance_logits"].max(dim=1).values)
     assert torch.allclose(out["attention"].sum(dim=0), torch.ones(c))
@@ -210,7 +228,40 @@ def test_dsmil_forward_matches_hand_computation() -> None:
     bag = torch.stack(bag_rows)  # (C, 512)
     expected = torch.stack([(conv_w[o] * bag).sum() + conv_b[o] for o in range(3)]).unsqueeze(0)
     assert torch.allclose(out["logits"], expected, atol=1e-10)
-    assert torch.allclose(out["bag_feature"], bag.mean(dim=0, keepdim=True), atol=1e-10)
+    assert torch.allclose(out["bag_feature"], bag, atol=1e-10)  # B itself: one row per class
+
+
+def test_consistency_loss_averages_per_row_losses() -> None:
+    # The reduction DSMIL's C rows rely on, by hand. Teacher rows [1, 0, 0] and [0, 1, 0] are one-hot at
+    # τ_t = 0.1 (to e⁻¹⁰); student rows [0, 0, 0] and [ln 2, 0, 0] (τ_s = 1) give −log(1/3) = ln 3 and
+    # −log(1/4) = ln 4: mean ½·ln 12 ≈ 1.2425. Comparing the class means instead (t̄/τ_t = [5, 5, 0] →
+    # p₀ = e⁵/(2e⁵ + 1); s̄ = [ln √2, 0, 0]) gives ln(2 + √2) − p₀·ln √2 ≈ 1.0552.
+    teacher_rows = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    student_rows = torch.tensor([[0.0, 0.0, 0.0], [math.log(2.0), 0.0, 0.0]])
+    assert consistency_loss(student_rows, teacher_rows).item() == pytest.approx(0.5 * math.log(12), abs=1e-4)
+    class_mean = consistency_loss(student_rows.mean(0, keepdim=True), teacher_rows.mean(0, keepdim=True))
+    p0 = math.exp(5) / (2 * math.exp(5) + 1)
+    expected_mean = math.log(2 + math.sqrt(2)) - p0 * math.log(math.sqrt(2))
+    assert class_mean.item() == pytest.approx(expected_mean, abs=1e-5)
+
+
+def test_dsmil_mhim_step_uses_every_class_row() -> None:
+    # Through the real MHIM step (no masking, dropout off, teacher = student): the loss is DSMIL's own
+    # loss plus α · the mean over the C rows of B of the per-row consistency loss.
+    torch.manual_seed(0)
+    student = DSMIL(6, 3, dropout=0.0)
+    x, y = 20 * torch.randn(9, 6), torch.tensor([2])  # large inputs: peaked attention, distinct rows of B
+    step = MHIMStep(student, _mhim_params(alpha=0.5), None, total_steps=1)
+    loss = step.loss(student, x, y, 0, torch.Generator().manual_seed(0))
+    out = student(x)
+    rows = out["bag_feature"]
+    assert rows.shape == (3, 512)
+    per_row = -(torch.softmax(rows / 0.1, -1) * torch.log_softmax(rows, -1)).sum(-1)
+    expected = student.loss(out, y) + 0.5 * per_row.mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    mean_row = rows.mean(0)
+    class_mean = -(torch.softmax(mean_row / 0.1, -1) * torch.log_softmax(mean_row, -1)).sum()
+    assert abs(per_row.mean() - class_mean).item() > 0.03  # the example tells the two reductions apart
 
 
 def test_dsmil_loss_and_probabilities_by_hand() -> None:

@@ -7,9 +7,10 @@ Choices where the official code is ambiguous or accidental (the official MHIM-MI
 * Counts are ``ceil(N · ratio)`` computed with a 1e-9 tolerance so that float noise such as
   ``10 · 0.7 = 7.000000000000001`` rounds to 7, not 8; any ratio > 0 still drops at least one
   instance, and counts are capped at N.
-* Multi-head scores (H, N): high-score candidates come from a vote (each head votes for its top-k,
-  the k most-voted instances win, ties broken by lower index); the low-score set and the fallback
-  use the mean score over heads.
+* Multi-head scores (H, N): both the high-score candidates and the low-score set come from a vote,
+  as in the official code: each head votes for its k highest (or lowest) instances and the k
+  most-voted instances win, ties broken by lower index (the official tie order is unspecified). Only
+  the fallback below uses the mean score over heads.
 * Never every instance is dropped: if the union covers all N, the highest-(mean-)score instance
   outside the high-score set is kept; if the high set itself is all N, the overall argmax is kept.
 """
@@ -48,14 +49,14 @@ def _top_indices(score: Tensor, k: int, *, largest: bool = True) -> Tensor:
     return order[:k]
 
 
-def _high_candidates(scores: Tensor, k: int) -> Tensor:
-    """Top-k instances for (N,) scores, or the k most-voted across heads for (H, N) scores."""
+def _voted_indices(scores: Tensor, k: int, *, largest: bool) -> Tensor:
+    """The k highest (or lowest) instances for (N,) scores; for (H, N) scores each head votes for its
+    own k highest (or lowest) and the k most-voted instances are taken."""
     if scores.dim() == 1:
-        return _top_indices(scores, k)
-    n = scores.shape[1]
-    votes = torch.zeros(n, dtype=torch.long, device=scores.device)
+        return _top_indices(scores, k, largest=largest)
+    votes = torch.zeros(scores.shape[1], dtype=torch.long, device=scores.device)
     for head in scores:
-        votes[_top_indices(head, k)] += 1
+        votes[_top_indices(head, k, largest=largest)] += 1
     return _top_indices(votes, k)
 
 
@@ -78,8 +79,9 @@ def mask_instances(
 
     ``scores`` are teacher instance scores, (N,) or (H, N). Every ratio is a fraction to drop:
     random ``ceil(N·mask_ratio)``; the ``ceil(N·mask_ratio_l)`` lowest-score; and a random
-    ``ceil(N·mask_ratio_h)`` of the top ``ceil(N·mask_ratio_h/mask_ratio_hr)``. The dropped set is the
-    union; at least one instance is always kept (see module docstring for the rule).
+    ``ceil(N·mask_ratio_h)`` of the top ``ceil(N·mask_ratio_h/mask_ratio_hr)`` (multi-head scores:
+    lowest and top by per-head vote). The dropped set is the union; at least one instance is always
+    kept (see module docstring for the rule).
     """
     if scores.dim() not in (1, 2) or scores.shape[-1] == 0:
         raise ValueError(f"scores must be (N,) or (H, N) with N ≥ 1, got {tuple(scores.shape)}")
@@ -100,13 +102,13 @@ def mask_instances(
     k_high = _count(n, mask_ratio_h)
     if k_high:
         k_cand = max(k_high, _count(n, mask_ratio_h / mask_ratio_hr))
-        cand = _high_candidates(scores, k_cand)
+        cand = _voted_indices(scores, k_cand, largest=True)
         chosen = cand if k_cand == k_high else _random_subset(cand, k_high, generator)
         high[chosen] = True
         dropped |= high
     k_low = _count(n, mask_ratio_l)
     if k_low:
-        dropped[_top_indices(mean_score, k_low, largest=False)] = True
+        dropped[_voted_indices(scores, k_low, largest=False)] = True
     k_rand = _count(n, mask_ratio)
     if k_rand:
         dropped[_random_subset(torch.arange(n, device=device), k_rand, generator)] = True

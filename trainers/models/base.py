@@ -1,7 +1,8 @@
 """The contract every MIL aggregator model follows, so trainers, MHIM and heatmaps treat them alike.
 
 A model takes one bag ``x`` of shape (N, D) or (1, N, D) and returns a dict with at least
-``logits`` (1, C), ``bag_feature`` (1, F) and ``scores`` — per-instance scores used for hard-instance
+``logits`` (1, C), ``bag_feature`` (R, F) — R = 1 except for DSMIL (one row per class); MHIM's consistency
+loss compares it row by row and averages — and ``scores`` — per-instance scores used for hard-instance
 mining and heatmaps, shape (N,) or (H, N) for multi-head models. Models with extra training terms put what
 they need into the same dict and fold it into ``loss``.
 """

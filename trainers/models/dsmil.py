@@ -1,8 +1,8 @@
 """DSMIL aggregator: a max-pooling instance classifier and a critical-instance attention bag classifier.
 
 Written for this project from the DSMIL paper (Li et al., CVPR 2021). The bag feature that MHIM's
-consistency loss compares must be 512-d like every other model's, so it is the bag representation
-``B`` (C × 512) averaged over classes; flattening ``B`` would tie its size to the class count.
+consistency loss compares is the bag representation ``B`` itself, C rows of 512: the loss is taken per
+class row and averaged over the rows, as the official MHIM-MIL code does with DSMIL.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ class DSMIL(MILModel):
       logits (1, C).
 
     Output dict: ``logits`` (bag logits), ``instance_logits`` (N, C), ``attention`` (N, C), ``bag_feature``
-    (1, 512) = mean of ``B`` over classes, ``scores`` (N,) = max over classes of the instance logits.
+    (C, 512) = ``B`` (one row per class), ``scores`` (N,) = max over classes of the instance logits.
     """
 
     def __init__(
@@ -59,7 +59,7 @@ class DSMIL(MILModel):
             "logits": logits,
             "instance_logits": instance_logits,
             "attention": attention,
-            "bag_feature": bag_repr.mean(dim=0, keepdim=True),
+            "bag_feature": bag_repr,
             "scores": instance_logits.max(dim=1).values,
         }
 

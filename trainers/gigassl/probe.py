@@ -80,6 +80,9 @@ def probe_splits(
         splitter = StratifiedShuffleSplit(n_splits=repeats, test_size=test_frac, random_state=seed)
         return list(splitter.split(rows, y))
     k = max(2, round(1 / test_frac))
+    if len(set(groups.tolist())) < k:
+        raise TrainDataError(f"probing by patient with test_frac {test_frac} needs at least {k} patients, "
+                             f"the labels give {len(set(groups.tolist()))}")  # fmt: skip
     return [next(StratifiedGroupKFold(k, shuffle=True, random_state=seed + r).split(rows, y, groups))
             for r in range(repeats)]  # fmt: skip
 

@@ -280,9 +280,9 @@ RECALIBRATION_SLIDES = 16  # slides per forward pass when BatchNorm statistics a
 def recalibrate_batchnorm(net: GigaSSLNet, bags: Iterable[Bag], maker: ViewMaker, cfg: dict[str, Any],
                           device: torch.device) -> None:  # fmt: skip
     """Recompute the pooling network's BatchNorm statistics over these slides' export chunks (a
-    cumulative average, as `torch.optim.swa_utils.update_bn` does). Training's running statistics
-    follow the augmented views, and after a short run are still mostly their initial values; measured
-    on the CI learning data, the probe AUC rose from 0.75 to 0.875 with them recomputed."""
+    cumulative average, as `torch.optim.swa_utils.update_bn` does): `export_bn: recalibrate`. The
+    official export keeps training's running statistics (the default); docs/methods.md has the
+    measured effect of recomputing them."""
     groups: list[list[tuple[Any, torch.Tensor]]] = [[]]
     for number, bag in enumerate(bags, start=1):
         groups[-1] += _export_maps(bag, cfg, maker.cell(bag))

@@ -47,6 +47,7 @@ def run(workers: int, views: Path, out: Path, args: argparse.Namespace) -> dict:
         f"ray.num_cpus={args.num_cpus}", f"gigassl.workers={workers}", f"gigassl.epochs={args.epochs}",
         f"gigassl.batch_size={args.slides}", f"gigassl.n_tiles={args.nt}", "gigassl.warmup_epochs=1",
         f"gigassl.cpus_per_worker={args.cpus_per_worker}", "gigassl.export_chunks=1",
+        "gigassl.init_weights=random",  # the step time does not depend on the starting weights
     ])  # fmt: skip
     name = f"bench-w{workers}"
     started = time.perf_counter()

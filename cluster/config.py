@@ -224,7 +224,9 @@ class GigaSSLConfig(WorkerResources):
 
     recipe: Recipe = "default"  # paper: the Giga-SSL paper's recipe (cluster.recipes, docs/methods.md)
 
-    epochs: int = Field(default=100, ge=1)
+    epochs: int = Field(default=100, ge=1)  # training stops after this epoch
+    # length of the warm-up + cosine schedule (≥ epochs); null: epochs. Paper: stop at 1000 of 3000
+    schedule_epochs: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=256, ge=2)  # slides per step, the GLOBAL batch split across workers
     n_tiles: int = Field(default=5, ge=1)  # T: tiles per view, drawn from one stored augmentation
     tau: float = Field(default=0.05, gt=0)  # NT-Xent temperature
@@ -233,13 +235,14 @@ class GigaSSLConfig(WorkerResources):
     optimizer: Literal["adam", "lars"] = "adam"
     weight_decay: float = Field(default=0.0, ge=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)  # LARS only
-    cell_px: float | None = Field(default=None, gt=0)  # level-0 px per map cell; null: the tile grid step
-    init_weights: str | None = None  # local torchvision ResNet-18 weights: initialise layer4 from them
+    cell_px: float | None = Field(default=224.0, gt=0)  # level-0 px per map cell (official); null: grid step
+    # local torchvision ResNet-18 ImageNet weights for layer4 (the paper), or "random"; null: refused
+    init_weights: str | None = None
     dim: int = Field(default=512, ge=1)  # slide embedding size
     proj_dim: int = Field(default=256, ge=1)  # projection size (the loss's space)
     export_chunks: int = Field(default=32, ge=1)  # chunks of T tiles averaged per slide at export
-    # BatchNorm at export: statistics recomputed over the exported slides' chunks, or training's running ones
-    export_bn: Literal["recalibrate", "running"] = "recalibrate"
+    # BatchNorm at export: training's running statistics (official), or recomputed over the exported slides
+    export_bn: Literal["recalibrate", "running"] = "running"
     seed: int = 0
     cache_mb: int = Field(default=2048, ge=0)  # view bags kept in memory per worker
 

@@ -77,7 +77,21 @@ PAPER_RECIPES: dict[str, dict[str, Any]] = {
         "cdma.noise_p": 0.25,
         "cdma.infer_overlap": 0.25,
     },
-    "gigassl": {},
+    "gigassl": {  # the released model: epoch 1000 of a 3000-epoch warm-up + cosine schedule
+        "gigassl.epochs": 1000,
+        "gigassl.schedule_epochs": 3000,
+        "gigassl.warmup_epochs": 10,
+        "gigassl.batch_size": 256,
+        "gigassl.lr": None,  # 0.03 × batch_size / 256
+        "gigassl.optimizer": "adam",
+        "gigassl.weight_decay": 0.0,
+        "gigassl.n_tiles": 5,
+        "gigassl.tau": 0.05,
+        "gigassl.cell_px": 224.0,
+        "gigassl.dim": 512,
+        "gigassl.proj_dim": 256,
+        "gigassl.export_bn": "running",
+    },
 }
 
 

@@ -32,7 +32,7 @@ from slidestream.trainers.optim import LARS, warmup_cosine
 
 SMALL = ("gigassl.workers=0", "gigassl.epochs=30", "gigassl.batch_size=16", "gigassl.dim=32",
          "gigassl.proj_dim=16", "gigassl.warmup_epochs=1", "gigassl.lr=0.001",
-         "gigassl.export_chunks=4")  # fmt: skip
+         "gigassl.export_chunks=4", "gigassl.init_weights=random")  # fmt: skip
 
 
 def _write_views(root: Path, n: int, seed: int = 0, dim: int = 16) -> None:
@@ -90,11 +90,13 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
     with pytest.raises(TrainDataError, match=r"gigassl\.tau \(0\.05 → 0\.1\)"):
         GigaSSLRun("r", out, str(small_views), make_config(*SMALL, "gigassl.tau=0.1")).execute()
     # an export setting may change on a rerun: nothing is retrained, only the export is redone
-    rerun = GigaSSLRun("r", out, str(small_views), make_config(*SMALL, "gigassl.export_bn=running")).execute()
+    rerun = GigaSSLRun(
+        "r", out, str(small_views), make_config(*SMALL, "gigassl.export_bn=recalibrate")
+    ).execute()
     assert rerun.history == summary.history
 
-    # export recomputes BatchNorm statistics over the exported slides: training's running ones (here
-    # scrambled in a copy of the run) no longer matter, unless asked for with export_bn=running
+    # export keeps training's running BatchNorm statistics (the official export); recalibrate recomputes
+    # them over the exported slides, so running ones scrambled in a copy of the run no longer matter
     scrambled = tmp_path / "scrambled"
     shutil.copytree(run, scrambled, ignore=shutil.ignore_patterns("ray"))
     for key, value in state.items():
@@ -105,10 +107,10 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
                                                                  str(tmp_path / f"{where.name}-{bn}.parquet"),
                                                                  export_bn=bn))[1]
              for where in (run, scrambled) for bn in ("recalibrate", "running")}  # fmt: skip
-    assert np.allclose(embed[str(run), "recalibrate"], emb, atol=1e-6)  # what the run exported
-    assert np.allclose(embed[str(scrambled), "recalibrate"], emb, atol=1e-5)
+    assert np.allclose(embed[str(run), "running"], emb, atol=1e-6)  # what the run exported by default
+    assert not np.allclose(embed[str(run), "recalibrate"], emb, atol=1e-3)
+    assert np.allclose(embed[str(scrambled), "recalibrate"], embed[str(run), "recalibrate"], atol=1e-5)
     assert not np.allclose(embed[str(scrambled), "running"], embed[str(run), "running"], atol=1e-3)
-    assert not np.allclose(embed[str(run), "running"], emb, atol=1e-3)
 
     # export for other slides (plain feature bags work too: one augmentation each)
     other = tmp_path / "other"
@@ -162,7 +164,8 @@ ENCODER = "resnet18_trunc"
 # T = 5 tiles per view, batch 8 slides over 2 workers (4 each), a short run at a small learning rate: with a
 # random-weight encoder, views of a slide from different augmentations are no more alike than other slides'
 # (bench/gigassl_signal.py), so longer training only learns colours (bench/RESULTS.md, Giga-SSL)
-LEARN = ("gigassl.epochs=4", "gigassl.batch_size=8", "gigassl.warmup_epochs=1", "gigassl.lr=0.00001")
+LEARN = ("gigassl.epochs=4", "gigassl.batch_size=8", "gigassl.warmup_epochs=1", "gigassl.lr=0.00001",
+         "gigassl.init_weights=random")  # fmt: skip
 PIPELINE = ("tiling.mpp=1.0", "tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
 
 
@@ -212,10 +215,12 @@ def test_two_worker_run_on_pipeline_views_is_probed_beside_the_baseline(pipeline
     results = json.loads((run / "probe.json").read_text())["results"]
     with capsys.disabled():
         print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}):\n{table}")
-    # Issue 6 asks for a probe AUC ≥ 0.85 here. Measured 0.875 ± 0.268 (BatchNorm recalibrated at export;
-    # 0.750 without) against 0.950 for the baseline, see bench/RESULTS.md: with 10 slides, 3 test slides
-    # per split, too close to assert, so the test asserts that both were probed and prints the figures. The
-    # separation is the pooling network's prior, not learnt: it needs an encoder that survives augmentation.
+    # Issue 6 asks for a probe AUC ≥ 0.85 here. With the official probe (raw embeddings, splits by
+    # patient: 5 patients, 3-4 test slides per split) measured 0.350 ± 0.387 against 0.550 ± 0.384 for the
+    # baseline; a scaler would give 0.483 and 1.000 (the random encoder's pooled features vary by ~0.003,
+    # too little for C = 10 unscaled), and slide-level splits 0.625 and 0.950 (docs/methods.md). Too close
+    # to assert, so the test asserts that both were probed and prints the figures: the separation needs an
+    # encoder whose features survive augmentation.
     assert all(np.isfinite(r["full"]["auc_mean"]) for r in results.values()), table
     assert "mean-pooled features" in results and (run / "embedding_map.png").stat().st_size > 5000
 

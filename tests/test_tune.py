@@ -136,7 +136,8 @@ def test_bad_search_space_names_the_key(bags, tmp_path, capsys):
 # warm-up over all 3 epochs: ASHA's grace period is the warm-up, so neither trial can be cut (which trial
 # reports first decides whether a poor one is cut, a race this test is not about)
 GIGASSL_SMALL = ("gigassl.epochs=3", "gigassl.batch_size=8", "gigassl.dim=32", "gigassl.proj_dim=16",
-                 "gigassl.warmup_epochs=3", "gigassl.export_chunks=4", "gigassl.cache_mb=64")  # fmt: skip
+                 "gigassl.warmup_epochs=3", "gigassl.export_chunks=4", "gigassl.cache_mb=64",
+                 "gigassl.init_weights=random")  # fmt: skip
 
 
 def test_gigassl_sweep_compares_trials_by_a_linear_probe_after_every_epoch(ray_local, bags, tmp_path):

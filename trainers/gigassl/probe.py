@@ -1,7 +1,9 @@
 """Linear probing of slide embeddings (Giga-SSL's evaluation): logistic regression (C = 10, balanced
-class weights) on standardised embeddings, ROC-AUC over repeated stratified train/test splits, with the
-full training part and with small training sets (e.g. 20, 50 slides); the same protocol on mean-pooled
-tile features is the baseline. Writes `probe.json` and an embedding map (PCA, coloured by label)."""
+class weights, max_iter 1000) on the raw embeddings, as the official evaluation does (no scaler),
+ROC-AUC over repeated stratified train/test splits that keep each patient on one side when the labels
+give a `patient_id`, with the full training part and with small training sets (e.g. 20, 50 slides); the
+same protocol on mean-pooled tile features is the baseline. Writes `probe.json` and an embedding map
+(PCA, coloured by label)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedShuffleSplit, train_test_split
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit, train_test_split
 
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import FeatureBags
@@ -31,6 +31,7 @@ __all__ = [
     "mean_pooled",
     "probe",
     "probe_auc",
+    "probe_splits",
     "read_embeddings",
     "run_probe",
 ]
@@ -56,10 +57,8 @@ def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
     return [str(s) for s in table.column("slide_id").to_pylist()], matrix
 
 
-def _classifier():
-    return make_pipeline(
-        StandardScaler(), LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER)
-    )
+def _classifier() -> LogisticRegression:
+    return LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER)
 
 
 def probe_auc(
@@ -70,16 +69,34 @@ def probe_auc(
     return classification_metrics(y_test, model.predict_proba(x_test), classes)["auc"]
 
 
+def probe_splits(
+    y: np.ndarray, groups: np.ndarray | None, repeats: int, test_frac: float, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`repeats` stratified (train, test) index splits with about `test_frac` of the slides in test. With
+    `groups` (patient per slide) every patient's slides fall on one side: the first fold of a shuffled
+    stratified group k-fold, k = round(1 / test_frac), reshuffled per repeat."""
+    rows = np.zeros((len(y), 1))
+    if groups is None:
+        splitter = StratifiedShuffleSplit(n_splits=repeats, test_size=test_frac, random_state=seed)
+        return list(splitter.split(rows, y))
+    k = max(2, round(1 / test_frac))
+    if len(set(groups.tolist())) < k:
+        raise TrainDataError(f"probing by patient with test_frac {test_frac} needs at least {k} patients, "
+                             f"the labels give {len(set(groups.tolist()))}")  # fmt: skip
+    return [next(StratifiedGroupKFold(k, shuffle=True, random_state=seed + r).split(rows, y, groups))
+            for r in range(repeats)]  # fmt: skip
+
+
 def probe(
     x: np.ndarray, y: np.ndarray, classes: list[str], sizes: list[int], repeats: int, test_frac: float,
-    seed: int,
+    seed: int, groups: np.ndarray | None = None,
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
-    """ROC-AUC (mean, std over `repeats` stratified splits) per training-set size: "full" (the whole
-    training part) and each size smaller than it (a stratified subsample of the training part)."""
-    splitter = StratifiedShuffleSplit(n_splits=repeats, test_size=test_frac, random_state=seed)
+    """ROC-AUC (mean, std over `repeats` stratified splits, patient-level with `groups`) per training-set
+    size: "full" (the whole training part) and each size smaller than it (a stratified subsample of the
+    training part)."""
     aucs: dict[str, list[float]] = {}
     n_train: dict[str, int] = {}
-    for r, (train, test) in enumerate(splitter.split(x, y)):
+    for r, (train, test) in enumerate(probe_splits(y, groups, repeats, test_frac, seed)):
         plans = {"full": train}
         for size in sizes:
             if len(classes) <= size < len(train):
@@ -105,14 +122,20 @@ def mean_pooled(features: str, slide_ids: list[str]) -> np.ndarray:
     return np.stack([bags.load(s).features.double().mean(0).numpy() for s in slide_ids])
 
 
-def _labels(uri: str, slide_ids: list[str]) -> tuple[list[str], list[str]]:
-    """(slides with both an embedding and a label, their labels)."""
+def _labels(uri: str, slide_ids: list[str]) -> tuple[list[str], list[str], np.ndarray | None]:
+    """(slides with both an embedding and a label, their labels, their patients when the file has a
+    `patient_id` column; a slide without one is its own patient)."""
     table = read_labels(uri)
-    by_id = dict(zip(table.column("slide_id").to_pylist(), table.column("label").to_pylist(), strict=True))
+    ids = table.column("slide_id").to_pylist()
+    by_id = dict(zip(ids, table.column("label").to_pylist(), strict=True))
     kept = [s for s in slide_ids if s in by_id]
     if len(kept) < 4:
         raise TrainDataError(f"only {len(kept)} embedded slides have a label in {uri}; probing needs ≥ 4")
-    return kept, [str(by_id[s]) for s in kept]
+    patients = None
+    if "patient_id" in table.column_names:
+        patient_of = dict(zip(ids, table.column("patient_id").to_pylist(), strict=True))
+        patients = np.array([str(patient_of[s] or s) for s in kept])
+    return kept, [str(by_id[s]) for s in kept], patients
 
 
 @dataclass
@@ -133,7 +156,7 @@ def run_probe(
     from slidestream.trainers.viz import embedding_map
 
     ids, matrix = read_embeddings(embeddings)
-    kept, names = _labels(labels, ids)
+    kept, names, patients = _labels(labels, ids)
     classes = sorted(set(names))
     counts = [names.count(c) for c in classes]
     if len(classes) < 2 or min(counts) < 2:
@@ -144,13 +167,13 @@ def run_probe(
     points = {"gigassl": matrix[rows]}
     if baseline:
         points["mean-pooled features"] = mean_pooled(baseline, kept)
-    results = {name: probe(x, y, classes, list(sizes), repeats, test_frac, seed)
+    results = {name: probe(x, y, classes, list(sizes), repeats, test_frac, seed, patients)
                for name, x in points.items()}  # fmt: skip
     where = output or embeddings.rsplit("/", 1)[0]
     report = join(where, "probe.json")
     payload = {"embeddings": embeddings, "labels": labels, "baseline": baseline, "classes": classes,
                "n_slides": len(kept), "repeats": repeats, "test_frac": test_frac, "C": C,
-               "results": results}  # fmt: skip
+               "by_patient": patients is not None, "results": results}  # fmt: skip
     write_bytes_atomic(report, json.dumps(payload, indent=1).encode())
     picture = join(where, "embedding_map.png")
     embedding_map(points, names, picture)

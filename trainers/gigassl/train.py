@@ -2,8 +2,10 @@
 
 A step takes the GLOBAL batch of `gigassl.batch_size` slides, split evenly across the workers; every
 worker draws two views of each of its slides (T tiles of one stored augmentation, augmented
-coordinates), encodes both with the sparse ResNet layer4 + projector, and the NT-Xent over all 2B views
-is computed with the projections gathered across workers with autograd (`trainers/gigassl/ntxent.py`).
+coordinates), encodes each view set in its own forward pass of the sparse ResNet layer4 + projector (its
+own BatchNorm batch, as the official loop), and the NT-Xent over all 2B views is computed with the
+projections gathered across workers with autograd (`trainers/gigassl/ntxent.py`). Layer4 starts from a
+local ImageNet ResNet-18 file (`gigassl.init_weights`) or, asked for by name, from random weights.
 
 Run layout `OUT/runs/<name>/`: `run.json` (the plan: a rerun with other settings is refused, the same
 settings resume from the last epoch checkpoint), `config.yaml`, `ray/` (Ray Train checkpoints),
@@ -18,8 +20,9 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from slidestream.cluster.config import Config, GigaSSLConfig, WorkerResources
+from slidestream.cluster.init_weights import starting_weights
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import Bag, FeatureBags
@@ -89,6 +93,32 @@ def learning_rate(cfg: dict[str, Any]) -> float:
     return cfg["lr"] if cfg["lr"] is not None else 0.03 * cfg["batch_size"] / 256
 
 
+def schedule_epochs(cfg: dict[str, Any]) -> int:
+    """Epochs of the warm-up + cosine schedule: `schedule_epochs`, or `epochs` when unset. Training may
+    stop before the schedule ends (the paper's model is epoch 1000 of a 3000-epoch schedule)."""
+    length = cfg["schedule_epochs"] or cfg["epochs"]
+    if length < cfg["epochs"]:
+        raise TrainDataError(f"gigassl.schedule_epochs ({length}) must be at least gigassl.epochs "
+                             f"({cfg['epochs']}): the learning rate is 0 after the schedule")  # fmt: skip
+    return length
+
+
+def lr_factor(cfg: dict[str, Any], steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up over `warmup_epochs`, then cosine to 0 at the
+    end of the schedule (`schedule_epochs`), wherever training stops."""
+    total, warmup = schedule_epochs(cfg) * steps_per_epoch, cfg["warmup_epochs"] * steps_per_epoch
+    return lambda step: warmup_cosine(step, warmup, total)
+
+
+def layer4_weights(value: str | None) -> Path | None:
+    """The ImageNet ResNet-18 file layer4 starts from (as in the paper), or None for `random`."""
+    return starting_weights(
+        value, setting="gigassl.init_weights",
+        needs="a local torchvision ResNet-18 ImageNet weights file, e.g. resnet18-f37072fd.pth; "
+              "the tile features must be 256-d, as ResNet-18 layer3's",
+    )  # fmt: skip
+
+
 def global_batch(n_slides: int, batch_size: int, world: int) -> int:
     """Slides per step: the configured batch, at most the number of slides, a multiple of the workers."""
     size = min(batch_size, n_slides) // world * world
@@ -123,9 +153,22 @@ class ViewMaker:
 
 def build_net(cfg: dict[str, Any], in_dim: int) -> GigaSSLNet:
     net = GigaSSLNet(in_dim, cfg["dim"], cfg["proj_dim"])
-    if cfg["init_weights"]:
-        load_resnet18_layer4(net.pool, cfg["init_weights"])
+    weights = layer4_weights(cfg["init_weights"])
+    if weights is not None:
+        load_resnet18_layer4(net.pool, str(weights))
     return net
+
+
+def step_loss(net: GigaSSLNet, views: ViewMaker, ids: list[str], rng: np.random.Generator, tau: float,
+              device: torch.device) -> torch.Tensor:  # fmt: skip
+    """The NT-Xent of a step over two views of each slide in `ids` (and the other workers' projections).
+    The first views and the second views each go through their own forward pass, so BatchNorm normalises
+    each view set over its own sites and slides, as the official loop does (one stacked pass would put
+    both views in one BatchNorm batch)."""
+    first, second = (build_batch([views.view(s, rng) for s in ids]).tensor(device) for _ in range(2))
+    z1, z2 = net(first)[1], net(second)[1]
+    with session.bf16_autocast(device):
+        return global_ntxent(z1.float(), z2.float(), tau)
 
 
 def train_gigassl(config: dict[str, Any]) -> None:
@@ -141,8 +184,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
     batch = global_batch(len(job.slide_ids), cfg["batch_size"], world)
     local = batch // world
     steps = len(job.slide_ids) // batch
-    total, warmup = cfg["epochs"] * steps, cfg["warmup_epochs"] * steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(s, warmup, total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, steps))
     views = ViewMaker(BagCache(FeatureBags(job.views, require_labels=False), cfg["cache_mb"]), cfg)
     probe_bags = (
         ViewMaker(BagCache(FeatureBags(job.probe["features"], require_labels=False), cfg["cache_mb"]), cfg)
@@ -167,11 +209,7 @@ def train_gigassl(config: dict[str, Any]) -> None:
         for step in range(steps):
             rng = np.random.default_rng([cfg["seed"], epoch, step, rank])
             ids = mine[step * local : (step + 1) * local]
-            maps = [views.view(s, rng) for s in ids] + [views.view(s, rng) for s in ids]
-            x = build_batch(maps).tensor(device)
-            _, z = net(x)
-            with session.bf16_autocast(device):
-                loss = global_ntxent(z[:local].float(), z[local:].float(), cfg["tau"])
+            loss = step_loss(net, views, ids, rng, cfg["tau"], device)
             optimizer.zero_grad(set_to_none=True)
             backward_global(loss, net)
             optimizer.step()
@@ -242,9 +280,9 @@ RECALIBRATION_SLIDES = 16  # slides per forward pass when BatchNorm statistics a
 def recalibrate_batchnorm(net: GigaSSLNet, bags: Iterable[Bag], maker: ViewMaker, cfg: dict[str, Any],
                           device: torch.device) -> None:  # fmt: skip
     """Recompute the pooling network's BatchNorm statistics over these slides' export chunks (a
-    cumulative average, as `torch.optim.swa_utils.update_bn` does). Training's running statistics
-    follow the augmented views, and after a short run are still mostly their initial values; measured
-    on the CI learning data, the probe AUC rose from 0.75 to 0.875 with them recomputed."""
+    cumulative average, as `torch.optim.swa_utils.update_bn` does): `export_bn: recalibrate`. The
+    official export keeps training's running statistics (the default); docs/methods.md has the
+    measured effect of recomputing them."""
     groups: list[list[tuple[Any, torch.Tensor]]] = [[]]
     for number, bag in enumerate(bags, start=1):
         groups[-1] += _export_maps(bag, cfg, maker.cell(bag))
@@ -374,6 +412,8 @@ class GigaSSLRun:
         bags = FeatureBags(views, require_labels=False)
         self.slide_ids, self.in_dim = list(bags.slide_ids), bags.dim
         global_batch(len(self.slide_ids), self.cfg.batch_size, max(1, self.cfg.workers))
+        schedule_epochs(self.cfg.model_dump())
+        layer4_weights(self.cfg.init_weights)
 
     def plan(self) -> dict[str, Any]:
         cfg = {k: v for k, v in self.cfg.model_dump(mode="json").items() if k not in _FREE_KEYS}
@@ -404,7 +444,8 @@ def run_gigassl(request: TrainRequest, config: Config) -> GigaSSLSummary:
     assert request.feature_dir  # the command line made sure of it (the method table)
     cfg = config.gigassl
     print(
-        f"train gigassl: {cfg.epochs} epochs, batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
+        f"train gigassl: {cfg.epochs} epochs (of a {cfg.schedule_epochs or cfg.epochs}-epoch schedule), "
+        f"batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
         f"over {max(1, cfg.workers)} worker(s), on {request.feature_dir} → {request.run_dir}"
     )
     return GigaSSLRun(request.name, request.out, request.feature_dir, config).execute()

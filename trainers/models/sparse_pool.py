@@ -137,7 +137,8 @@ def load_resnet18_layer4(pool: SparseResNetPool, path: str) -> None:
     if (pool.in_dim, pool.dim) != (256, 512):
         raise ValueError(
             f"gigassl.init_weights: ResNet-18 layer4 maps 256 → 512 features, but the tile features are "
-            f"{pool.in_dim}-d (use an encoder with 256-d features, e.g. resnet18_trunc, or no init)"
+            f"{pool.in_dim}-d (use an encoder with 256-d features, e.g. resnet18_trunc, or "
+            "gigassl.init_weights=random)"
         )
     with torch.no_grad():
         for theirs, ours in _LAYER4.items():

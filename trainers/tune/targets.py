@@ -204,9 +204,10 @@ class GigaSSLTarget(SweepTarget):
         return cls(config, features, labels)
 
     def __init__(self, config: Config, views: str, labels: str) -> None:
-        from slidestream.trainers.gigassl.train import global_batch, tile_features_for
+        from slidestream.trainers.gigassl.train import global_batch, layer4_weights, tile_features_for
 
         super().__init__(config)
+        layer4_weights(config.gigassl.init_weights)  # refused before any trial runs when unset
         bags = FeatureBags(views, require_labels=False)
         self.views, self.slide_ids, self.in_dim = views, list(bags.slide_ids), bags.dim
         global_batch(len(self.slide_ids), config.gigassl.batch_size, max(1, config.gigassl.workers))

@@ -144,6 +144,9 @@ class TrainConfig(WorkerResources):
     lr: float = Field(default=2e-4, gt=0)
     weight_decay: float = Field(default=1e-5, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)  # gradient-norm clip per step (null: none)
+    # early_stop: the best epoch by `monitor` (stopping after `patience`); fixed_epochs: train `epochs`, keep
+    # the last (the papers' protocol; the validation part then only sets the decision threshold)
+    selection: Literal["early_stop", "fixed_epochs"] = "early_stop"
     min_epochs: int = Field(default=10, ge=0)  # no early stop before this many epochs
     patience: int = Field(default=20, ge=1)  # epochs without validation improvement before stopping
     monitor: Literal["val_loss", "val_auc"] = "val_loss"

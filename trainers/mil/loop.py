@@ -1,4 +1,4 @@
-"""One fold's training on every Ray Train worker: baseline MIL or MHIM-MIL, early stopping, checkpoints.
+"""One fold's training on every Ray Train worker: baseline MIL or MHIM-MIL, epoch selection, checkpoints.
 
 The driver (`trainers/mil/runner.py`) describes a fold as a `FoldJob`; `train_fold` runs it. Every rank keeps
 identical model weights (same initial seed, averaged gradients), takes the same number of steps per epoch
@@ -117,6 +117,34 @@ class EarlyStopping:
         self.bad_epochs = int(state["bad_epochs"])
 
 
+class LastEpoch:
+    """Fixed-epoch selection: every epoch runs and the last one is kept (the papers' protocol), so the few
+    validation bags of a small cohort cannot pick an early, under-trained epoch."""
+
+    def __init__(self) -> None:
+        self.best_epoch = -1
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        self.best_epoch = epoch
+        return True
+
+    def should_stop(self, epoch: int) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best_epoch = int(state["best_epoch"])
+
+
+def epoch_selector(cfg: dict[str, Any]) -> EarlyStopping | LastEpoch:
+    """How the fold's kept epoch is chosen (`train.selection`)."""
+    if cfg["selection"] == "fixed_epochs":
+        return LastEpoch()
+    return EarlyStopping(cfg["monitor"], cfg["patience"], cfg["min_epochs"])
+
+
 class MHIMStep:
     """The MHIM-MIL training step: EMA teacher on the full bag (train mode, no gradient), hard-instance
     masking from its scores, student on the kept instances, CE + α·consistency, then EMA after the update."""
@@ -227,7 +255,7 @@ def train_fold(config: dict[str, Any]) -> None:
     model = model_from_job(job).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg["epochs"])
-    stopper = EarlyStopping(cfg["monitor"], cfg["patience"], cfg["min_epochs"])
+    stopper = epoch_selector(cfg)
     cache = BagCache(FeatureBags(job.features), cfg["cache_mb"])
     if cfg["standardize"]:
         model.embed.set_statistics(*feature_statistics(job.train_ids, cache))

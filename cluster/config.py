@@ -147,7 +147,7 @@ class TrainConfig(WorkerResources):
     # early_stop: the best epoch by `monitor` (stopping after `patience`); fixed_epochs: train `epochs`, keep
     # the last (the papers' protocol; the validation part then only sets the decision threshold)
     selection: Literal["early_stop", "fixed_epochs"] = "early_stop"
-    min_epochs: int = Field(default=10, ge=0)  # no early stop before this many epochs
+    min_epochs: int = Field(default=10, ge=0)  # early_stop: no epoch before this is kept or stopped at
     patience: int = Field(default=20, ge=1)  # epochs without validation improvement before stopping
     monitor: Literal["val_loss", "val_auc"] = "val_loss"
     folds: int = Field(default=5, ge=2)  # ignored when the labels file has a fold or split column

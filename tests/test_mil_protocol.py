@@ -232,16 +232,17 @@ def test_summary_is_mean_and_std_ignoring_nan_and_non_numbers():
 # -- early stopping ------------------------------------------------------------------------------------------
 
 
-def test_early_stopping_waits_for_min_epochs_and_patience():
-    stopper = EarlyStopping("val_loss", patience=2, min_epochs=5)
-    losses = [1.0, 0.8, 0.9, 0.95, 0.97, 0.99]
-    stops = []
+def test_early_stopping_neither_keeps_nor_stops_before_min_epochs():
+    stopper = EarlyStopping("val_loss", patience=2, min_epochs=3)
+    losses = [0.5, 0.8, 0.9, 0.7, 0.75, 0.8, 0.85]  # epoch 0 scores best by chance, but is under-trained
+    kept, stops = [], []
     for epoch, loss in enumerate(losses):
-        stopper.update(epoch, {"val_loss": loss})
+        kept.append(stopper.update(epoch, {"val_loss": loss}))
         stops.append(stopper.should_stop(epoch))
-    assert stops == [False, False, False, False, True, True]  # patience met at epoch 3, min_epochs at 4
-    assert stopper.best_epoch == 1
-    restored = EarlyStopping("val_loss", patience=2, min_epochs=5)
+    assert kept == [False, False, True, True, False, False, False]
+    assert stops == [False, False, False, False, False, True, True]  # patience met at epoch 5
+    assert stopper.best_epoch == 3
+    restored = EarlyStopping("val_loss", patience=2, min_epochs=3)
     restored.load_state_dict(stopper.state_dict())
     assert restored.state_dict() == stopper.state_dict()
 
@@ -252,15 +253,16 @@ def test_early_stopping_waits_for_min_epochs_and_patience():
 
 
 def test_fixed_epoch_selection_never_stops_and_keeps_the_last_epoch():
-    fixed = epoch_selector(
-        {"selection": "fixed_epochs", "monitor": "val_loss", "patience": 1, "min_epochs": 0}
-    )
+    cfg = {"selection": "fixed_epochs", "monitor": "val_loss", "patience": 1, "min_epochs": 0, "epochs": 4}
+    fixed = epoch_selector(cfg)
     for epoch, loss in enumerate([0.5, 0.9, 1.2, 1.5]):  # early stopping would keep epoch 0 and stop at 1
         assert fixed.update(epoch, {"val_loss": loss})
         assert not fixed.should_stop(epoch)
     assert fixed.best_epoch == 3
-    stop = epoch_selector({"selection": "early_stop", "monitor": "val_loss", "patience": 1, "min_epochs": 0})
-    assert isinstance(stop, EarlyStopping) and stop.patience == 1
+    # early_stop with min_epochs above the epochs: the last epoch can still be kept
+    stop = epoch_selector({**cfg, "selection": "early_stop", "min_epochs": 10})
+    assert isinstance(stop, EarlyStopping) and stop.min_epochs == 4
+    assert [stop.update(e, {"val_loss": 1.0}) for e in range(4)] == [False, False, False, True]
 
 
 # -- the mean+max-pooled logistic-regression baseline ----------------------------------------------------

@@ -80,7 +80,9 @@ def model_from_job(job: FoldJob) -> MILModel:
 
 
 class EarlyStopping:
-    """Tracks the best validation value (lower loss or higher AUC) and when to stop."""
+    """Tracks the best validation value (lower loss or higher AUC) and when to stop. Epochs before
+    `min_epochs` are neither kept nor stopped at: on the few validation bags of a small cohort an early,
+    under-trained epoch often scores best by chance."""
 
     def __init__(self, monitor: str, patience: int, min_epochs: int) -> None:
         self.monitor = monitor
@@ -97,7 +99,9 @@ class EarlyStopping:
         return value if self.monitor == "val_loss" else -value
 
     def update(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record an epoch; True when it is the best so far."""
+        """Record an epoch; True when it is the best so far (and may be kept)."""
+        if epoch + 1 < self.min_epochs:
+            return False
         score = self._score(metrics)
         if score < self.best:
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
@@ -142,7 +146,7 @@ def epoch_selector(cfg: dict[str, Any]) -> EarlyStopping | LastEpoch:
     """How the fold's kept epoch is chosen (`train.selection`)."""
     if cfg["selection"] == "fixed_epochs":
         return LastEpoch()
-    return EarlyStopping(cfg["monitor"], cfg["patience"], cfg["min_epochs"])
+    return EarlyStopping(cfg["monitor"], cfg["patience"], min(cfg["min_epochs"], cfg["epochs"]))
 
 
 class MHIMStep:

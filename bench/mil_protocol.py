@@ -15,7 +15,8 @@ metrics). Options:
   test probabilities averaged over the R models, the threshold the mean of theirs (R× the cost).
 
 Printed: per option, mean ± std over every (seed, fold) test part of AUC, accuracy at the validation
-threshold and at 0.5, and the mean kept epoch; the LR baseline on the same test parts (the runs' C, and
+threshold and at 0.5, the mean kept epoch and the AUC difference to the first option paired by test part;
+the LR baseline on the same test parts (the runs' C, and
 each `--lr-c`: its strength is fixed, not chosen on the validation part).
 
     python bench/mil_protocol.py [--seeds 0 1 2 3] [--slides 60] [--folds 3] [--epochs 30] [--min-epochs 10]
@@ -135,11 +136,15 @@ def lr_grid(features: str, labels: str, args: argparse.Namespace, seed: int) -> 
     return {c: pooled_baseline(data, splits, c)["folds"] for c in args.lr_c}
 
 
-def summary(rows: list[dict]) -> str:
+def summary(rows: list[dict], reference: list[dict] | None = None) -> str:
+    """Mean ± std of the metrics and the kept epoch; with `reference` (the first option, on the same test
+    parts in the same order) also the paired AUC difference to it."""
     cells = []
     for key in (*KEYS, "best_epoch"):
         values = np.asarray([r[key] for r in rows if key in r], dtype=float)
         cells.append(f"{values.mean():.3f} ± {values.std():.3f}" if len(values) else "—")
+    diff = [r["auc"] - b["auc"] for r, b in zip(rows, reference, strict=True)] if reference else []
+    cells.append(f"{np.mean(diff):+.3f} ± {np.std(diff):.3f}" if diff else "—")
     return " | ".join(cells)
 
 
@@ -185,15 +190,18 @@ def main() -> None:
         f"\n{args.slides} bags, {args.folds} folds × seeds {args.seeds}, ABMIL {args.epochs} epochs, "
         f"min_epochs {args.min_epochs}, label noise {args.label_noise}; mean ± std over (seed, fold)\n"
     )
-    print("| option | test AUC | acc (val threshold) | acc at 0.5 | kept epoch | s |")
-    print("|---|---|---|---|---|---|")
+    first = model[args.options[0]] if args.options else None
+    paired = f"ΔAUC vs {args.options[0]}" if args.options else "—"
+    print(f"| option | test AUC | acc (val threshold) | acc at 0.5 | kept epoch | {paired} | s |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.options:
         label = f"inner×{args.repeats}" if name == "inner" else name
-        print(f"| {label} | {summary(model[name])} | {seconds[name]:.0f} |")
+        print(f"| {label} | {summary(model[name], first)} | {seconds[name]:.0f} |")
     if lr_rows:
-        print(f"| mean+max LR (C={POOLED_C}, as in every run) | {summary(list(lr_rows.values()))} | — |")
+        rows = list(lr_rows.values())
+        print(f"| mean+max LR (C={POOLED_C}, as in every run) | {summary(rows, first)} | — |")
     for c, rows in lr_by_c.items():
-        print(f"| mean+max LR, C={c} | {summary(rows)} | — |")
+        print(f"| mean+max LR, C={c} | {summary(rows, first)} | — |")
 
 
 if __name__ == "__main__":

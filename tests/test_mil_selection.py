@@ -80,7 +80,10 @@ def test_fixed_epochs_keeps_the_last_epoch_and_the_lr_baseline_shares_the_folds(
     for key in ("auc", "acc", "f1"):
         assert lr["mean"][key] == pytest.approx(np.mean([r[key] for r in lr["folds"]]))
     table = format_table(metrics)
-    assert sum(line.startswith("   lr") for line in table.splitlines()) == 3  # two folds and the mean
+    assert [line.split()[0] for line in table.splitlines()[1:]] == ["abmil"] * 2 + ["lr"] * 2 + [
+        "abmil",
+        "lr",
+    ]
     assert f"{lr['mean']['auc']:.3f}±{lr['std']['auc']:.3f}" in table
 
     # A rerun (a resume of the finished run) reports the same baseline.

@@ -3,8 +3,9 @@
 Layout under `OUT/runs/<name>/`: `run.json` (the plan: kind, inputs, classes, splits), `config.yaml` (the
 resolved configuration, no secrets), `ray/<job>/` (Ray Train storage: a checkpoint per epoch),
 `jobs/<job>/` (the fold's weights, test predictions and `result.json`), and once every fold is done
-`metrics.json`, `predictions.parquet` and `curves.png`. Rerunning the same name resumes: finished folds
-are skipped, unfinished ones continue from their last checkpoint.
+`metrics.json` (with `pooled_lr`: the mean+max-pooled logistic regression on the same folds, beside the
+model's metrics), `predictions.parquet` and `curves.png`. Rerunning the same name resumes: finished
+folds are skipped, unfinished ones continue from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -289,17 +290,17 @@ def format_table(metrics: dict[str, Any]) -> str:
     """The per-fold table and mean ± std that `slidestream train` prints: the model's metrics, then the
     mean+max-pooled logistic regression's on the same folds."""
     keys = [k for k in _SUMMARY_KEYS if k in metrics["mean"]]
-    lines = [f"{'':>5} {'seed':>4} {'fold':>4} " + " ".join(f"{k:>11}" for k in keys)]
+    lines = [f"{'':>8} {'seed':>4} {'fold':>4} " + " ".join(f"{k:>11}" for k in keys)]
     sources = [(metrics["model"], metrics)]
     if "pooled_lr" in metrics:
         sources.append(("lr", metrics["pooled_lr"]))
     for label, source in sources:
         for row in source["folds"]:
             values = " ".join(f"{row[k]:>11.4f}" for k in keys)
-            lines.append(f"{label[:5]:>5} {row['seed']:>4} {row['fold']:>4} {values}")
+            lines.append(f"{label:>8} {row['seed']:>4} {row['fold']:>4} {values}")
     for label, source in sources:
         values = " ".join(f"{_pm(source['mean'][k], source['std'][k]):>11}" for k in keys)
-        lines.append(f"{label[:5]:>5} {'mean ± std':>9} {values}")
+        lines.append(f"{label:>8} {'mean ± std':>9} {values}")
     return "\n".join(lines)
 
 

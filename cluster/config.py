@@ -145,7 +145,11 @@ class TrainConfig(WorkerResources):
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # per epoch: cosine to 0 over `epochs`, or constant
     weight_decay: float = Field(default=1e-5, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)  # gradient-norm clip per step (null: none)
-    min_epochs: int = Field(default=10, ge=0)  # no early stop before this many epochs
+    # early_stop: the best epoch by `monitor` (stopping after `patience`); fixed_epochs: train `epochs`, keep
+    # the last (the papers' protocol; the validation part then only sets the decision threshold)
+    selection: Literal["early_stop", "fixed_epochs"] = "early_stop"
+    min_epochs: int = Field(default=10, ge=0)  # early_stop: no epoch before this is kept or stopped at
+    keep_early_epochs: bool = False  # early_stop: epochs before min_epochs may still be kept (MHIM code)
     patience: int = Field(default=20, ge=1)  # epochs without validation improvement before stopping
     monitor: Literal["val_loss", "val_auc"] = "val_loss"
     folds: int = Field(default=5, ge=2)  # ignored when the labels file has a fold or split column

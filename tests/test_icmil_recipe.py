@@ -22,6 +22,7 @@ OFFICIAL = {
     "train.grad_clip": 5.0,
     "train.monitor": "val_auc",  # keeps the best validation AUC
     "train.patience": 200,  # runs all 200 epochs
+    "train.keep_early_epochs": True,  # the best of all 200, the first ones included
     "train.standardize": False,  # raw features
     "icmil.epochs": 200,
     "icmil.tiles_per_epoch": None,

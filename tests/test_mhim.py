@@ -165,11 +165,15 @@ def test_presets() -> None:
 # The MHIM-MIL paper's recipe as its official code runs it (CAMELYON16 setting), key by key.
 MHIM_PAPER_RECIPE = {
     "train.epochs": 200,  # --num_epoch 200
-    "train.lr": 2e-4,  # Adam, --lr 2e-4, cosine over the epochs
+    "train.lr": 2e-4,  # Adam, --lr 2e-4
+    "train.lr_schedule": "cosine",  # cosine over the epochs
     "train.weight_decay": 1e-5,
+    "train.grad_clip": None,  # no clipping
+    "train.selection": "early_stop",
     "train.monitor": "val_auc",  # best checkpoint and early stopping on validation AUC
     "train.patience": 30,  # EarlyStopping(patience=30) on CAMELYON16
     "train.min_epochs": 132,  # stops only when the 0-based epoch > 130
+    "train.keep_early_epochs": True,  # ... but the best checkpoint may come from any epoch
     "train.standardize": False,  # raw features
     "train.folds": 3,  # --cv_fold 3
     "train.val_frac": 0.13,  # --val_ratio 0.13 (their runs with a validation split)

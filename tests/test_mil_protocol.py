@@ -1,5 +1,6 @@
-"""MIL protocol without Ray: fold plans (stratified, patient-level, labels-file folds), metrics, early
-stopping, and the errors a labelled bag directory gives when it cannot be trained."""
+"""MIL protocol without Ray: fold plans (stratified, patient-level, labels-file folds), metrics, epoch
+selection, the pooled logistic-regression baseline, and the errors a labelled bag directory gives when it
+cannot be trained."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from slidestream.pipelines.features import BagMeta, FeatureBagError, bag_table, write_bag
+from slidestream.pipelines.features import BagMeta, FeatureBagError, FeatureBags, bag_table, write_bag
 from slidestream.testing.bags import write_bags
 from slidestream.trainers.data import LabelledBags, TrainDataError
 from slidestream.trainers.metrics import choose_threshold, classification_metrics, summarise
-from slidestream.trainers.mil.loop import EarlyStopping
+from slidestream.trainers.mil.loop import EarlyStopping, epoch_selector
+from slidestream.trainers.mil.pooled_baseline import fit_pooled_split, pooled_baseline, pooled_features
+from slidestream.trainers.mil.runner import format_table
 from slidestream.trainers.splits import make_splits
 
 
@@ -229,20 +232,103 @@ def test_summary_is_mean_and_std_ignoring_nan_and_non_numbers():
 # -- early stopping ------------------------------------------------------------------------------------------
 
 
-def test_early_stopping_waits_for_min_epochs_and_patience():
-    stopper = EarlyStopping("val_loss", patience=2, min_epochs=5)
-    losses = [1.0, 0.8, 0.9, 0.95, 0.97, 0.99]
-    stops = []
+def test_early_stopping_neither_keeps_nor_stops_before_min_epochs():
+    stopper = EarlyStopping("val_loss", patience=2, min_epochs=3)
+    losses = [0.5, 0.8, 0.9, 0.7, 0.75, 0.8, 0.85]  # epoch 0 scores best by chance, but is under-trained
+    kept, stops = [], []
     for epoch, loss in enumerate(losses):
-        stopper.update(epoch, {"val_loss": loss})
+        kept.append(stopper.update(epoch, {"val_loss": loss}))
         stops.append(stopper.should_stop(epoch))
-    assert stops == [False, False, False, False, True, True]  # patience met at epoch 3, min_epochs at 4
-    assert stopper.best_epoch == 1
-    restored = EarlyStopping("val_loss", patience=2, min_epochs=5)
+    assert kept == [False, False, True, True, False, False, False]
+    assert stops == [False, False, False, False, False, True, True]  # patience met at epoch 5
+    assert stopper.best_epoch == 3
+    restored = EarlyStopping("val_loss", patience=2, min_epochs=3)
     restored.load_state_dict(stopper.state_dict())
     assert restored.state_dict() == stopper.state_dict()
+
+    # the official MHIM-MIL rule (train.keep_early_epochs): epoch 0 may be kept, only stopping waits
+    official = EarlyStopping("val_loss", patience=2, min_epochs=4, keep_early=True)
+    kept = [official.update(epoch, {"val_loss": loss}) for epoch, loss in enumerate(losses[:4])]
+    assert kept == [True, False, False, False] and official.best_epoch == 0
+    assert not official.should_stop(2) and official.should_stop(3)  # patience met at 2, stopping from 4
 
     auc = EarlyStopping("val_auc", patience=1, min_epochs=0)
     assert auc.update(0, {"val_auc": 0.6}) and auc.update(1, {"val_auc": 0.7})
     assert not auc.update(2, {"val_auc": math.nan})  # NaN never counts as an improvement
     assert auc.should_stop(2) and auc.best_epoch == 1
+
+
+def test_fixed_epoch_selection_never_stops_and_keeps_the_last_epoch():
+    cfg = {"selection": "fixed_epochs", "monitor": "val_loss", "patience": 1, "min_epochs": 0, "epochs": 4,
+           "keep_early_epochs": False}
+    fixed = epoch_selector(cfg)
+    for epoch, loss in enumerate([0.5, 0.9, 1.2, 1.5]):  # early stopping would keep epoch 0 and stop at 1
+        assert fixed.update(epoch, {"val_loss": loss})
+        assert not fixed.should_stop(epoch)
+    assert fixed.best_epoch == 3
+    # early_stop with min_epochs above the epochs: the last epoch can still be kept
+    stop = epoch_selector({**cfg, "selection": "early_stop", "min_epochs": 10})
+    assert isinstance(stop, EarlyStopping) and stop.min_epochs == 4
+    assert [stop.update(e, {"val_loss": 1.0}) for e in range(4)] == [False, False, False, True]
+
+
+# -- the mean+max-pooled logistic-regression baseline ----------------------------------------------------
+
+
+def test_pooled_features_are_the_mean_and_max_of_the_raw_instances(tmp_path):
+    meta = BagMeta(encoder="synthetic", dim=2, mpp=0.5, tile_px=256, code_version="test")
+    feats = np.array([[1.0, -4.0], [3.0, 2.0], [-1.0, 5.0]], np.float32)
+    write_bag(str(tmp_path / "a.parquet"), bag_table(np.arange(3), np.zeros(3), feats, meta, dtype="float32"))
+    pooled = pooled_features(FeatureBags(str(tmp_path)), ["a"])
+    np.testing.assert_allclose(pooled["a"], [1.0, 1.0, 3.0, 5.0])
+
+
+def test_pooled_baseline_tests_each_fold_on_its_test_part_and_never_fits_on_it(tmp_path):
+    labels = write_bags(
+        str(tmp_path), n_slides=40, dim=8, n_instances=(4, 8), witness_frac=0.3, patients=True
+    )
+    data = LabelledBags.open(str(tmp_path / "features"), labels)
+    splits = make_splits(data, folds=4, seeds=[0, 1], val_frac=0.25)
+    result = pooled_baseline(data, splits)
+    patient = dict(zip(data.slide_ids, data.patients, strict=True))
+    assert [(r["seed"], r["fold"]) for r in result["folds"]] == [(s.seed, s.fold) for s in splits]
+    for row, split in zip(result["folds"], splits, strict=True):
+        assert row["test_ids"] == split.test
+        assert not {patient[s] for s in row["test_ids"]} & {patient[s] for s in (*split.train, *split.val)}
+    assert result["mean"]["auc"] == pytest.approx(np.mean([r["auc"] for r in result["folds"]]))
+    assert result["mean"]["auc"] > 0.8, result["folds"]  # the witnesses shift the max-pooled features
+    # Flipping the test labels flips the test AUC and nothing else: the fit and threshold never saw them.
+    pooled = pooled_features(FeatureBags(data.features), data.slide_ids)
+    split, target = splits[0], data.target_of()
+    flipped = {**target, **{s: 1 - target[s] for s in split.test}}
+    a = fit_pooled_split(split, pooled, target, data.classes, 1.0)
+    b = fit_pooled_split(split, pooled, flipped, data.classes, 1.0)
+    assert b["auc"] == pytest.approx(1.0 - a["auc"]) and b["threshold"] == a["threshold"]
+    assert b["acc"] == pytest.approx(1.0 - a["acc"])
+
+
+def test_the_printed_table_shows_the_lr_baseline_beside_the_model():
+    row = {"auc": 0.9, "acc": 0.8, "f1": 0.75, "acc_at_0.5": 0.7, "f1_at_0.5": 0.6}
+    lr_row = {k: v - 0.1 for k, v in row.items()}
+    metrics = {
+        "model": "abmil",
+        "folds": [{"seed": 0, "fold": 0, **row}],
+        "mean": row,
+        "std": dict.fromkeys(row, 0.0),
+        "pooled_lr": {
+            "folds": [{"seed": 0, "fold": 0, **lr_row}],
+            "mean": lr_row,
+            "std": dict.fromkeys(row, 0.01),
+        },
+    }
+    lines = format_table(metrics).splitlines()
+    assert lines[1].split() == ["abmil", "0", "0", "0.9000", "0.8000", "0.7500", "0.7000", "0.6000"]
+    assert lines[2].split() == ["lr", "0", "0", "0.8000", "0.7000", "0.6500", "0.6000", "0.5000"]
+    assert lines[3].split()[-5:] == [
+        "0.900±0.000",
+        "0.800±0.000",
+        "0.750±0.000",
+        "0.700±0.000",
+        "0.600±0.000",
+    ]
+    assert lines[4].split()[0] == "lr" and lines[4].split()[-1] == "0.500±0.010"

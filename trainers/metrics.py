@@ -11,7 +11,9 @@ from sklearn.metrics import accuracy_score, f1_score, roc_auc_score, roc_curve
 __all__ = ["choose_threshold", "classification_metrics", "summarise"]
 
 
-def choose_threshold(targets: Sequence[int], positive_prob: Sequence[float] | np.ndarray) -> float:
+def choose_threshold(
+    targets: Sequence[int] | np.ndarray, positive_prob: Sequence[float] | np.ndarray
+) -> float:
     """The positive-class threshold maximising Youden's J (TPR − FPR) on validation predictions.
 
     Every cut between the lowest score called positive and the next lower score gives the same J; the

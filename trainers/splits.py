@@ -14,7 +14,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from slidestream.trainers.data import LabelledBags, TrainDataError
 
-__all__ = ["FoldSplit", "make_splits"]
+__all__ = ["FoldSplit", "carve_val", "make_splits"]
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -54,7 +54,7 @@ def _group_kfold(y: np.ndarray, groups: np.ndarray, k: int, seed: int, what: str
     return [test for _, test in group_splitter.split(np.zeros(len(y)), y, groups)]
 
 
-def _carve_val(data: LabelledBags, train: np.ndarray, val_frac: float, seed: int, fold: int) -> np.ndarray:
+def carve_val(data: LabelledBags, train: np.ndarray, val_frac: float, seed: int, fold: int) -> np.ndarray:
     """A validation part of about `val_frac` of the training part: the first candidate holding every class
     (small data sets can leave a class out of some candidates)."""
     y = np.asarray(data.targets)[train]
@@ -112,7 +112,7 @@ def make_splits(
             elif protocol == "c16_reproduction":
                 val = test
             else:
-                val = _carve_val(data, rest, val_frac, seed, fold)
+                val = carve_val(data, rest, val_frac, seed, fold)
                 rest = np.setdiff1d(rest, val)
             split = FoldSplit(seed, fold, ids[rest].tolist(), ids[val].tolist(), ids[test].tolist())
             _check(data, split)

@@ -1,4 +1,4 @@
-"""One fold's training on every Ray Train worker: baseline MIL or MHIM-MIL, early stopping, checkpoints.
+"""One fold's training on every Ray Train worker: baseline MIL or MHIM-MIL, epoch selection, checkpoints.
 
 The driver (`trainers/mil/runner.py`) describes a fold as a `FoldJob`; `train_fold` runs it. Every rank keeps
 identical model weights (same initial seed, averaged gradients), takes the same number of steps per epoch
@@ -80,12 +80,15 @@ def model_from_job(job: FoldJob) -> MILModel:
 
 
 class EarlyStopping:
-    """Tracks the best validation value (lower loss or higher AUC) and when to stop."""
+    """Tracks the best validation value (lower loss or higher AUC) and when to stop. Epochs before
+    `min_epochs` are never stopped at and, unless `keep_early` (the official MHIM-MIL rule), never kept:
+    on the few validation bags of a small cohort an early, under-trained epoch often scores best by chance."""
 
-    def __init__(self, monitor: str, patience: int, min_epochs: int) -> None:
+    def __init__(self, monitor: str, patience: int, min_epochs: int, keep_early: bool = False) -> None:
         self.monitor = monitor
         self.patience = patience
         self.min_epochs = min_epochs
+        self.keep_from = 0 if keep_early else min_epochs
         self.best = math.inf
         self.best_epoch = -1
         self.bad_epochs = 0
@@ -97,7 +100,9 @@ class EarlyStopping:
         return value if self.monitor == "val_loss" else -value
 
     def update(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Record an epoch; True when it is the best so far."""
+        """Record an epoch; True when it is the best so far (and may be kept)."""
+        if epoch + 1 < self.keep_from:
+            return False
         score = self._score(metrics)
         if score < self.best:
             self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
@@ -115,6 +120,35 @@ class EarlyStopping:
         self.best = float(state["best"])
         self.best_epoch = int(state["best_epoch"])
         self.bad_epochs = int(state["bad_epochs"])
+
+
+class LastEpoch:
+    """Fixed-epoch selection: every epoch runs and the last one is kept (the papers' protocol), so the few
+    validation bags of a small cohort cannot pick an early, under-trained epoch."""
+
+    def __init__(self) -> None:
+        self.best_epoch = -1
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        self.best_epoch = epoch
+        return True
+
+    def should_stop(self, epoch: int) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, float]:
+        return {"best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.best_epoch = int(state["best_epoch"])
+
+
+def epoch_selector(cfg: dict[str, Any]) -> EarlyStopping | LastEpoch:
+    """How the fold's kept epoch is chosen (`train.selection`)."""
+    if cfg["selection"] == "fixed_epochs":
+        return LastEpoch()
+    min_epochs = min(cfg["min_epochs"], cfg["epochs"])
+    return EarlyStopping(cfg["monitor"], cfg["patience"], min_epochs, cfg["keep_early_epochs"])
 
 
 class MHIMStep:
@@ -236,7 +270,7 @@ def train_fold(config: dict[str, Any]) -> None:
     model = model_from_job(job).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     scheduler = lr_scheduler(optimizer, cfg["lr_schedule"], cfg["epochs"])
-    stopper = EarlyStopping(cfg["monitor"], cfg["patience"], cfg["min_epochs"])
+    stopper = epoch_selector(cfg)
     cache = BagCache(FeatureBags(job.features), cfg["cache_mb"])
     if cfg["standardize"]:
         model.embed.set_statistics(*feature_statistics(job.train_ids, cache))

@@ -3,8 +3,9 @@
 Layout under `OUT/runs/<name>/`: `run.json` (the plan: kind, inputs, classes, splits), `config.yaml` (the
 resolved configuration, no secrets), `ray/<job>/` (Ray Train storage: a checkpoint per epoch),
 `jobs/<job>/` (the fold's weights, test predictions and `result.json`), and once every fold is done
-`metrics.json`, `predictions.parquet` and `curves.png`. Rerunning the same name resumes: finished folds
-are skipped, unfinished ones continue from their last checkpoint.
+`metrics.json` (with `pooled_lr`: the mean+max-pooled logistic regression on the same folds, beside the
+model's metrics), `predictions.parquet` and `curves.png`. Rerunning the same name resumes: finished
+folds are skipped, unfinished ones continue from their last checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.metrics import summarise
 from slidestream.trainers.mil.loop import PREDICTIONS_FILE, FoldJob, train_fold
 from slidestream.trainers.mil.mhim import PRESETS
+from slidestream.trainers.mil.pooled_baseline import pooled_baseline
 from slidestream.trainers.session import RESULT_FILE, WEIGHTS_FILE
 from slidestream.trainers.splits import FoldSplit, make_splits
 
@@ -185,27 +187,18 @@ class Run:
     def _collect(self, jobs: list[FoldJob]) -> RunSummary:
         results = {j.name: json.loads(read_bytes(join(j.result_dir, RESULT_FILE))) for j in jobs}
         main = [j for j in jobs if j.kind == self.kind]
-        rows = [{"seed": j.seed, "fold": j.fold, **results[j.name]["metrics"]} for j in main]
-        mean, std = summarise([{k: v for k, v in r.items() if k not in ("seed", "fold")} for r in rows])
         metrics: dict[str, Any] = {
             "kind": self.kind,
             "model": self.train.model,
             "classes": self.data.classes,
-            "folds": rows,
-            "mean": mean,
-            "std": std,
+            **_fold_summary(main, results),
+            "pooled_lr": pooled_baseline(self.data, self.splits),
         }
         if self.mhim is not None:
             metrics["mhim"] = self.mhim
             baselines = [j for j in jobs if j.kind == "mil"]
             if baselines:
-                base_rows = [
-                    {"seed": j.seed, "fold": j.fold, **results[j.name]["metrics"]} for j in baselines
-                ]
-                b_mean, b_std = summarise(
-                    [{k: v for k, v in r.items() if k not in ("seed", "fold")} for r in base_rows]
-                )
-                metrics["baseline"] = {"folds": base_rows, "mean": b_mean, "std": b_std}
+                metrics["baseline"] = _fold_summary(baselines, results)
         tables = [pq.read_table(io.BytesIO(read_bytes(join(j.result_dir, PREDICTIONS_FILE)))) for j in main]
         buffer = io.BytesIO()
         pq.write_table(pa.concat_tables(tables), buffer)
@@ -215,6 +208,13 @@ class Run:
         training_curves({name: r["history"] for name, r in results.items()}, join(self.run_dir, "curves.png"))
         write_bytes_atomic(join(self.run_dir, "metrics.json"), json.dumps(metrics, indent=1).encode())
         return RunSummary(self.name, self.run_dir, metrics)
+
+
+def _fold_summary(jobs: list[FoldJob], results: dict[str, Any]) -> dict[str, Any]:
+    """Per-fold metrics of `jobs` and their mean and std."""
+    rows = [{"seed": j.seed, "fold": j.fold, **results[j.name]["metrics"]} for j in jobs]
+    mean, std = summarise([{k: v for k, v in r.items() if k not in ("seed", "fold")} for r in rows])
+    return {"folds": rows, "mean": mean, "std": std}
 
 
 def make_job(
@@ -287,14 +287,20 @@ def fit_job(job: FoldJob, train: TrainConfig, storage: str) -> None:
 
 
 def format_table(metrics: dict[str, Any]) -> str:
-    """The per-fold table and mean ± std that `slidestream train` prints."""
+    """The per-fold table and mean ± std that `slidestream train` prints: the model's metrics, then the
+    mean+max-pooled logistic regression's on the same folds."""
     keys = [k for k in _SUMMARY_KEYS if k in metrics["mean"]]
-    lines = [f"{'seed':>4} {'fold':>4} " + " ".join(f"{k:>10}" for k in keys)]
-    for row in metrics["folds"]:
-        lines.append(f"{row['seed']:>4} {row['fold']:>4} " + " ".join(f"{row[k]:>10.4f}" for k in keys))
-    lines.append(
-        f"{'mean ± std':>9} " + " ".join(f"{_pm(metrics['mean'][k], metrics['std'][k]):>10}" for k in keys)
-    )
+    lines = [f"{'':>8} {'seed':>4} {'fold':>4} " + " ".join(f"{k:>11}" for k in keys)]
+    sources = [(metrics["model"], metrics)]
+    if "pooled_lr" in metrics:
+        sources.append(("lr", metrics["pooled_lr"]))
+    for label, source in sources:
+        for row in source["folds"]:
+            values = " ".join(f"{row[k]:>11.4f}" for k in keys)
+            lines.append(f"{label:>8} {row['seed']:>4} {row['fold']:>4} {values}")
+    for label, source in sources:
+        values = " ".join(f"{_pm(source['mean'][k], source['std'][k]):>11}" for k in keys)
+        lines.append(f"{label:>8} {'mean ± std':>9} {values}")
     return "\n".join(lines)
 
 

@@ -259,8 +259,14 @@ def test_early_stopping_neither_keeps_nor_stops_before_min_epochs():
 
 
 def test_fixed_epoch_selection_never_stops_and_keeps_the_last_epoch():
-    cfg = {"selection": "fixed_epochs", "monitor": "val_loss", "patience": 1, "min_epochs": 0, "epochs": 4,
-           "keep_early_epochs": False}
+    cfg = {
+        "selection": "fixed_epochs",
+        "monitor": "val_loss",
+        "patience": 1,
+        "min_epochs": 0,
+        "epochs": 4,
+        "keep_early_epochs": False,
+    }
     fixed = epoch_selector(cfg)
     for epoch, loss in enumerate([0.5, 0.9, 1.2, 1.5]):  # early stopping would keep epoch 0 and stop at 1
         assert fixed.update(epoch, {"val_loss": loss})

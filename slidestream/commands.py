@@ -251,9 +251,10 @@ def cmd_probe(
     except ValueError:
         raise UsageError(f"--sizes expects comma-separated integers, got {sizes!r}") from None
     report = run_probe(embeddings, labels, baseline_features, small, repeats, test_frac, output=output)
+    splits = "patient-level stratified" if report.by_patient else "stratified"
     print(
-        f"linear probe (logistic regression C=10, balanced; ROC-AUC over {repeats} stratified "
-        f"splits) of {report.n_slides} slides, classes {report.classes}"
+        f"linear probe (logistic regression C=10, balanced, on the raw embeddings; ROC-AUC over {repeats} "
+        f"{splits} splits) of {report.n_slides} slides, classes {report.classes}"
     )
     print(format_probe(report))
     print(f"  results: {report.report}")

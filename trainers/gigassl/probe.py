@@ -143,6 +143,7 @@ class ProbeReport:
     results: dict[str, dict[str, dict[str, Any]]]  # representation → size → auc stats
     classes: list[str]
     n_slides: int
+    by_patient: bool  # splits kept each patient on one side (the labels gave patient_id)
     report: str  # probe.json
     picture: str  # embedding map PNG
 
@@ -177,7 +178,7 @@ def run_probe(
     write_bytes_atomic(report, json.dumps(payload, indent=1).encode())
     picture = join(where, "embedding_map.png")
     embedding_map(points, names, picture)
-    return ProbeReport(results, classes, len(kept), report, picture)
+    return ProbeReport(results, classes, len(kept), patients is not None, report, picture)
 
 
 def format_probe(report: ProbeReport) -> str:

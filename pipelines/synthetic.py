@@ -13,6 +13,12 @@ The look is built from three ingredients:
   lymphocyte nuclei, densely packed tumour cells) and box-filtered per pyramid level;
 * a Beer-Lambert colour model: haematoxylin/eosin concentrations times stain optical-density vectors,
   plus ink for pen marks, on white glass.
+
+Two difficulties. "easy" slides keep one staining and draw tumour darker than normal tissue over 12-26 %
+of it: colour alone finds it. "hard" cohorts (`cohort_specs(..., difficulty="hard")`) are made so that a
+method has to learn morphology: every site (lab/scanner) has its own stain vectors and intensities, every
+slide a jitter of its site's, tumour has the normal tissue's mean stain concentrations (it differs in
+nuclear size, crowding and texture only), and tumour covers a few percent of the tissue down to one focus.
 """
 
 from __future__ import annotations
@@ -26,9 +32,9 @@ import multiprocessing
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 import fsspec
@@ -36,6 +42,8 @@ import numpy as np
 import tifffile
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
+
+from slidestream.cluster.errors import SlidestreamError
 
 SIZES: dict[str, tuple[int, int]] = {
     "tiny": (8192, 6144),
@@ -46,9 +54,6 @@ MASK_DOWNSAMPLE = 32
 
 _G = MASK_DOWNSAMPLE  # field grid spacing (level-0 px)
 _GLASS = 241.0
-# Stain optical-density vectors (per unit concentration), RGB order.
-_H_OD = np.array([0.5626, 0.7201, 0.4062], np.float32)
-_E_OD = np.array([0.2159, 0.8012, 0.5581], np.float32)
 _INKS = {  # approximate optical density of marker ink at full strength
     "green": -np.log(np.array([30.0, 128.0, 78.0]) / _GLASS),
     "blue": -np.log(np.array([38.0, 66.0, 158.0]) / _GLASS),
@@ -63,6 +68,26 @@ _P_NUCLEI = 576
 _P_TUMOUR = 640
 _P_NOISE = 509
 _APERIO_HEADER = "Aperio Image Library v12.0.15"
+
+
+class SynthError(SlidestreamError, ValueError):
+    """A synthetic cohort was asked for with settings that cannot make one."""
+
+
+@dataclass(frozen=True)
+class Staining:
+    """One slide's H&E: stain optical-density vectors (RGB, per unit concentration) and a gain per stain."""
+
+    h_od: tuple[float, float, float] = (0.5626, 0.7201, 0.4062)
+    e_od: tuple[float, float, float] = (0.2159, 0.8012, 0.5581)
+    h_gain: float = 1.0
+    e_gain: float = 1.0
+
+
+DEFAULT_STAINING = Staining()
+HARD_TUMOUR_COVER = (0.005, 0.08)  # hard cohorts: tumour fraction of tissue, log-uniform per slide
+HARD_SITES = 3
+DIFFICULTIES = ("easy", "hard")
 
 
 @dataclass(frozen=True)
@@ -80,6 +105,9 @@ class SlideSpec:
     seed: int = 0
     tile: int = 256
     jpeg_quality: int = 85
+    staining: Staining = DEFAULT_STAINING
+    tumour_cover: float | None = None  # fraction of the tissue that is tumour; None: 12-26 %, drawn
+    tumour_matched: bool = False  # tumour has the normal tissue's mean stain: it differs in texture only
 
 
 @dataclass
@@ -97,6 +125,13 @@ class SynthDataset:
     labels_uri: str
     slide_ids: list[str] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    sites: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CohortSlide:
+    spec: SlideSpec
+    site: int  # the lab/scanner whose staining the slide has (always 0 in easy cohorts)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -167,6 +202,18 @@ def _poisson_points(rng: np.random.Generator, period: int, dmin: float, tries: i
             pts[n] = cand
             n += 1
     return pts[:n]
+
+
+def _transmittance_scale(light: Callable[[float], float], target: float) -> float:
+    """The factor s with light(s) = target, by bisection (light falls as the concentration scale s grows)."""
+    lo, hi = 0.0, 8.0
+    for _ in range(30):
+        mid = 0.5 * (lo + hi)
+        if light(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
 
 
 def _harmonic_radius(rng: np.random.Generator, strength: float) -> tuple[np.ndarray, np.ndarray]:
@@ -325,10 +372,10 @@ _LUT_SCALE = 200.0  # levels per unit concentration
 
 
 @functools.cache
-def _lut() -> np.ndarray:
+def _lut(h_od: tuple[float, float, float], e_od: tuple[float, float, float]) -> np.ndarray:
     """RGB (N*N, 3) uint8 for every (eosin, haematoxylin) concentration pair on glass."""
     c = np.arange(_LUT_N, dtype=np.float32) / _LUT_SCALE
-    od = c[:, None, None] * _E_OD + c[None, :, None] * _H_OD
+    od = c[:, None, None] * np.array(e_od, np.float32) + c[None, :, None] * np.array(h_od, np.float32)
     return np.clip(_GLASS * np.exp(-od) + 0.5, 0, 255).astype(np.uint8).reshape(-1, 3)
 
 
@@ -464,10 +511,48 @@ class _SlideModel:
         self.tum_h: _Tex | None = None
         if tumour is not None:
             te, th = _tumour_texture(rng, _P_TUMOUR, k)
+            if spec.tumour_matched:
+                te, th = self._matched_tumour(te, th, density[tissue > 0], stain[tissue > 0], conc)
             self.tum_e, self.tum_h = _Tex(te, "od"), _Tex(th, "od")
         self.glass = _Tex(np.abs(rng.normal(0, 0.006, (_P_NOISE, _P_NOISE))), "mean")  # faint glass noise
 
     # ---- construction helpers
+
+    def _matched_tumour(
+        self, te: np.ndarray, th: np.ndarray, density: np.ndarray, stain: np.ndarray, nuclei: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Tumour textures scaled to normal tissue's mean transmittance, per stain and then in every channel.
+
+        Normal eosin is the fibre textures times the stain field; normal haematoxylin is the stromal nuclei
+        present (a `density` share of them) over a background of 0.04. Matching mean light, not mean
+        concentration, matters: normal tissue's pale clefts make it brighter than a smoother texture of the
+        same mean concentration. What is left is pale, vesicular tumour nuclei in eosinophilic cytoplasm:
+        the surrounding tissue's colour and brightness, another texture.
+        """
+        staining = self.spec.staining
+        e_od = np.array(staining.e_od, np.float32) * staining.e_gain
+        h_od = np.array(staining.h_od, np.float32) * staining.h_gain
+        p = float(density.mean()) if density.size else 0.5
+        fibres = np.concatenate([self.fibre[0].base.ravel(), self.fibre[1].base.ravel()])
+        normal_e = fibres * (float(stain.mean()) if stain.size else 1.0)
+        present = nuclei.ravel() + 0.04
+
+        def light(conc: np.ndarray, od: np.ndarray) -> np.ndarray:
+            """Mean transmittance per channel of a concentration sample through one stain."""
+            return np.exp(-conc.ravel()[:, None] * od).mean(0)
+
+        normal_h_light = p * light(present, h_od) + (1 - p) * np.exp(-0.04 * h_od)
+        normal = light(normal_e, e_od) * normal_h_light  # eosin and haematoxylin are independent there
+        e_target = float(light(normal_e, e_od).mean())
+        e_sample, h_sample = te[::3, ::3], th[::3, ::3]  # every 9th pixel calibrates to < 1 %
+        e_scale = _transmittance_scale(lambda s: float(light(s * e_sample, e_od).mean()), e_target)
+        h_scale = _transmittance_scale(
+            lambda s: float(light(s * h_sample, h_od).mean()), float(normal_h_light.mean())
+        )
+        joint = np.stack([e_scale * e_sample.ravel(), h_scale * h_sample.ravel()], 1)
+        od = np.stack([e_od, h_od])
+        scale = _transmittance_scale(lambda s: float(np.exp(-s * joint @ od).mean()), float(normal.mean()))
+        return te * (e_scale * scale), th * (h_scale * scale)
 
     def _place_pieces(self, rng: np.random.Generator, spec: SlideSpec) -> tuple[list[dict], dict | None]:
         w, h = spec.width, spec.height
@@ -522,7 +607,7 @@ class _SlideModel:
     def _tumour_field(
         self, rng: np.random.Generator, pieces: list[dict], fields: list[np.ndarray], tissue: np.ndarray
     ) -> np.ndarray:
-        """1-3 irregular blobs inside tissue covering ~12-26 % of it (scale solved as a quantile)."""
+        """1-3 irregular blobs inside tissue covering `tumour_cover` of it (scale solved as a quantile)."""
         inside = tissue > 0
         if not inside.any():
             return np.full_like(tissue, -1e4)
@@ -548,7 +633,7 @@ class _SlideModel:
             rr = rb * _radius(np.arctan2(dy, dx), amps, phases)
             radii.append((np.hypot(dx, dy), rr))
             rho = np.minimum(rho, radii[-1][0] / rr)
-        target = rng.uniform(0.12, 0.26)
+        target = rng.uniform(0.12, 0.26) if self.spec.tumour_cover is None else self.spec.tumour_cover
         scale = float(np.quantile(rho[inside], target))
         blob_sd = np.full(tissue.shape, -np.inf, np.float32)
         for dist, rr in radii:
@@ -615,6 +700,9 @@ class _SlideModel:
             return np.concatenate(rows, axis=0)
         view = _View(self, x0, y0, w, h, float(downsample))
         conc_e, conc_h = self._stain(view)
+        staining = self.spec.staining
+        if staining.h_gain != 1.0 or staining.e_gain != 1.0:
+            conc_e, conc_h = conc_e * staining.e_gain, conc_h * staining.h_gain
         conc_h = conc_h + self.glass.window(view.d, view.iy0, view.ix0, h, w)
         pens = []
         for fi, ink, (bx0, by0, bx1, by1) in self.pens:
@@ -627,9 +715,10 @@ class _SlideModel:
             qh = np.minimum((conc_h * _LUT_SCALE + 0.5).astype(np.int32), _LUT_N - 1)
             if isinstance(conc_e, np.ndarray):
                 qh += np.minimum((conc_e * _LUT_SCALE + 0.5).astype(np.int32), _LUT_N - 1) * _LUT_N
-            return _lut().take(qh, axis=0)
+            return _lut(staining.h_od, staining.e_od).take(qh, axis=0)
         conc_e = np.broadcast_to(np.asarray(conc_e, np.float32), (h, w))
-        od = conc_e[..., None] * _E_OD + conc_h[..., None] * _H_OD
+        od = conc_e[..., None] * np.array(staining.e_od, np.float32)
+        od = od + conc_h[..., None] * np.array(staining.h_od, np.float32)
         for a, ink in pens:
             od = od + (a[..., None] if isinstance(a, np.ndarray) else a) * ink
         return np.clip(_GLASS * np.exp(-od) + 0.5, 0, 255).astype(np.uint8)
@@ -842,6 +931,98 @@ def _write_slides_in_parallel(paths: list[str], specs: list[SlideSpec]) -> list[
         return list(pool.map(write_slide, paths, specs))
 
 
+def site_staining(seed: int, site: int) -> Staining:
+    """A lab's H&E: stain vectors tilted from the reference ones and concentration gains, drawn per site."""
+    rng = np.random.default_rng([seed, site, 0x517E])
+
+    def tilt(vector: tuple[float, float, float], sd: float) -> tuple[float, float, float]:
+        v = np.clip(np.array(vector) + rng.normal(0, sd, 3), 0.05, None)
+        r, g, b = (float(x) for x in v / np.linalg.norm(v))
+        return r, g, b
+
+    return Staining(
+        h_od=tilt(DEFAULT_STAINING.h_od, 0.12),
+        e_od=tilt(DEFAULT_STAINING.e_od, 0.12),
+        h_gain=float(rng.uniform(0.6, 1.5)),
+        e_gain=float(rng.uniform(0.6, 1.5)),
+    )
+
+
+def _slide_staining(site: Staining, rng: np.random.Generator) -> Staining:
+    """One slide's jitter around its site's staining (section thickness, staining time)."""
+    return Staining(
+        h_od=site.h_od,
+        e_od=site.e_od,
+        h_gain=site.h_gain * float(rng.uniform(0.9, 1.1)),
+        e_gain=site.e_gain * float(rng.uniform(0.9, 1.1)),
+    )
+
+
+def cohort_specs(
+    n_slides: int,
+    seed: int = 0,
+    size: str = "tiny",
+    fmt: str = "svs",
+    positive_fraction: float = 0.5,
+    pen_marks: bool = True,
+    difficulty: str = "easy",
+    sites: int = HARD_SITES,
+    tumour_cover: tuple[float, float] = HARD_TUMOUR_COVER,
+) -> list[CohortSlide]:
+    """The slides of a labelled cohort: exactly round(n * positive_fraction) positives, shuffled by `seed`.
+
+    With `pen_marks`, about a third of the slides carry pen strokes; about a quarter carry an extra faint
+    tissue piece. A hard cohort spreads its slides over `sites` stainings (slide i at site i % sites, so
+    sites are independent of labels), matches tumour to normal tissue's mean stain, and draws each positive
+    slide's tumour fraction of tissue log-uniformly in `tumour_cover`.
+    """
+    if size not in SIZES:
+        raise SynthError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
+    if fmt not in ("svs", "tiff"):
+        raise SynthError(f"unknown slide format {fmt!r}")
+    if difficulty not in DIFFICULTIES:
+        raise SynthError(f"unknown difficulty {difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
+    lo, hi = tumour_cover
+    if not 0 < lo <= hi < 1:
+        raise SynthError(f"tumour cover {lo:g} {hi:g}: needs 0 < low <= high < 1")
+    if sites < 1:
+        raise SynthError(f"sites must be at least 1, not {sites}")
+    width, height = SIZES[size]
+    hard = difficulty == "hard"
+    n_pos = min(n_slides, max(0, round(n_slides * positive_fraction)))
+    labels = np.array([1] * n_pos + [0] * (n_slides - n_pos))
+    np.random.default_rng([seed, 0xDA7A]).shuffle(labels)
+    stainings = [site_staining(seed, site) for site in range(sites)] if hard else []
+    cohort = []
+    for i, label in enumerate(labels.tolist()):
+        slide_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+        choice = np.random.default_rng(slide_seed).random(3)
+        spec = SlideSpec(
+            width=width,
+            height=height,
+            mpp=0.25,
+            fmt=fmt,  # type: ignore[arg-type]
+            positive=bool(label),
+            n_pieces=2 + int(choice[0] * 3),
+            pen_marks=pen_marks and choice[1] < 0.35,
+            faint_tissue=choice[2] < 0.25,
+            seed=slide_seed,
+        )
+        site = 0
+        if hard:
+            site = i % sites
+            hard_rng = np.random.default_rng([slide_seed, 0x4A2D])
+            cover = float(lo * (hi / lo) ** hard_rng.random())
+            spec = replace(
+                spec,
+                staining=_slide_staining(stainings[site], hard_rng),
+                tumour_cover=cover,
+                tumour_matched=True,
+            )
+        cohort.append(CohortSlide(spec, site))
+    return cohort
+
+
 def write_dataset(
     out: str,
     n_slides: int,
@@ -851,49 +1032,28 @@ def write_dataset(
     positive_fraction: float = 0.5,
     pen_marks: bool = True,
     storage_options: dict | None = None,
+    difficulty: str = "easy",
+    sites: int = HARD_SITES,
+    tumour_cover: tuple[float, float] = HARD_TUMOUR_COVER,
 ) -> SynthDataset:
-    """Write a labelled set of synthetic slides, ground-truth masks, labels.csv and synth.json under `out`.
+    """Write a labelled cohort (`cohort_specs`): slides, ground-truth masks, labels.csv and synth.json.
 
-    `out` is a local directory or an fsspec URI (s3://bucket/prefix). Exactly round(n * positive_fraction)
-    slides are positive, in an order shuffled by `seed`. With `pen_marks`, about a third of the slides carry
-    pen strokes; about a quarter carry an extra faint tissue piece. Every two slides share one patient.
+    `out` is a local directory or an fsspec URI (s3://bucket/prefix). Every two slides share one patient;
+    labels.csv also names each slide's site.
     """
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    if fmt not in ("svs", "tiff"):
-        raise ValueError(f"unknown slide format {fmt!r}")
-    width, height = SIZES[size]
-    mpp = 0.25
+    cohort = cohort_specs(
+        n_slides, seed, size, fmt, positive_fraction, pen_marks, difficulty, sites, tumour_cover
+    )
+    specs = [slide.spec for slide in cohort]
     fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
     local = isinstance(fs, LocalFileSystem)
     if local:
         root = os.path.abspath(root)
         fs.makedirs(posixpath.join(root, "masks"), exist_ok=True)
 
-    n_pos = min(n_slides, max(0, round(n_slides * positive_fraction)))
-    labels = np.array([1] * n_pos + [0] * (n_slides - n_pos))
-    np.random.default_rng([seed, 0xDA7A]).shuffle(labels)
-
     def uri_of(name: str) -> str:
         return posixpath.join(root, name) if local else f"{out.rstrip('/')}/{name}"
 
-    specs = []
-    for i, label in enumerate(labels.tolist()):
-        slide_seed = int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
-        choice = np.random.default_rng(slide_seed).random(3)
-        specs.append(
-            SlideSpec(
-                width=width,
-                height=height,
-                mpp=mpp,
-                fmt=fmt,  # type: ignore[arg-type]
-                positive=bool(label),
-                n_pieces=2 + int(choice[0] * 3),
-                pen_marks=pen_marks and choice[1] < 0.35,
-                faint_tissue=choice[2] < 0.25,
-                seed=slide_seed,
-            )
-        )
     names = [f"slide_{i:03d}.{fmt}" for i in range(n_slides)]
     with tempfile.TemporaryDirectory(prefix="slidestream-synth-") as staging:
         # Slides are written locally (in place, or staged for upload), one process per core: each slide
@@ -901,7 +1061,7 @@ def write_dataset(
         targets = [posixpath.join(root if local else staging, name) for name in names]
         truths = _write_slides_in_parallel(targets, specs)
         slide_ids, uris, entries = [], [], []
-        for name, target, truth, label in zip(names, targets, truths, labels.tolist(), strict=True):
+        for name, target, truth, slide in zip(names, targets, truths, cohort, strict=True):
             slide_id = name.rsplit(".", 1)[0]
             if not local:
                 fs.put(target, posixpath.join(root, name))
@@ -913,24 +1073,89 @@ def write_dataset(
             )
             slide_ids.append(slide_id)
             uris.append(uri_of(name))
-            entries.append({"slide_id": slide_id, "file": name, "label": int(label)})
+            entry: dict[str, Any] = {"slide_id": slide_id, "file": name, "label": int(slide.spec.positive)}
+            entry["site"] = slide.site
+            if difficulty == "hard":
+                entry["tumour_cover"] = slide.spec.tumour_cover if slide.spec.positive else 0.0
+                entry["staining"] = asdict(slide.spec.staining)
+            entries.append(entry)
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["slide_id", "label", "patient_id"])
+    writer.writerow(["slide_id", "label", "patient_id", "site"])
     for i, entry in enumerate(entries):
-        writer.writerow([entry["slide_id"], entry["label"], f"patient_{i // 2:03d}"])
+        writer.writerow([entry["slide_id"], entry["label"], f"patient_{i // 2:03d}", f"site_{entry['site']}"])
     labels_path = posixpath.join(root, "labels.csv")
     fs.pipe_file(labels_path, buf.getvalue().encode())
     meta = {
         "seed": seed,
         "size": size,
         "fmt": fmt,
-        "mpp": mpp,
+        "mpp": 0.25,
+        "difficulty": difficulty,
         "mask_downsample": MASK_DOWNSAMPLE,
         "slides": entries,
     }
     fs.pipe_file(posixpath.join(root, "synth.json"), (json.dumps(meta, indent=2) + "\n").encode())
     return SynthDataset(
-        uris=uris, labels_uri=uri_of("labels.csv"), slide_ids=slide_ids, labels=[int(v) for v in labels]
+        uris=uris,
+        labels_uri=uri_of("labels.csv"),
+        slide_ids=slide_ids,
+        labels=[int(slide.spec.positive) for slide in cohort],
+        sites=[slide.site for slide in cohort],
     )
+
+
+@dataclass
+class LabelledTiles:
+    """Tiles rendered in memory with their ground truth (no slide file involved)."""
+
+    images: np.ndarray  # (n, px, px, 3) uint8
+    tumour_fraction: np.ndarray  # (n,) float32: share of the tile's mask cells that are tumour
+    tissue_fraction: np.ndarray  # (n,) float32
+
+
+def sample_tiles(
+    spec: SlideSpec, n_tiles: int, tile_px: int, mpp: float, seed: int, tumour_share: float = 0.0
+) -> LabelledTiles:
+    """`n_tiles` tiles of `tile_px` at `mpp` drawn on one slide's tissue, with their tumour fraction.
+
+    Tiles sit at random positions where at least half the tile is tissue; with `tumour_share`, that share
+    of them is centred on tumour cells (when the slide has any), the rest anywhere on tissue.
+    """
+    if spec.mpp is None:
+        raise ValueError("sample_tiles needs a slide with an mpp")
+    model = _SlideModel(spec)
+    truth = model.truth
+    d = mpp / spec.mpp
+    side = tile_px * d  # level-0 px per tile
+    cells = max(1, math.ceil(side / _G))
+    rng = np.random.default_rng([seed, 0x711E])
+    tissue = truth.tissue_mask
+    candidates = np.argwhere(tissue)
+    tumour_cells = np.argwhere(truth.tumour_mask)
+    if not len(candidates):
+        raise ValueError(f"slide seed {spec.seed} has no tissue to sample tiles from")
+    images = np.empty((n_tiles, tile_px, tile_px, 3), np.uint8)
+    tumour_fraction = np.empty(n_tiles, np.float32)
+    tissue_fraction = np.empty(n_tiles, np.float32)
+    made = 0
+    for _ in range(50 * n_tiles):
+        if made == n_tiles:
+            break
+        pool = tumour_cells if len(tumour_cells) and rng.random() < tumour_share else candidates
+        cy, cx = pool[rng.integers(len(pool))]
+        x0 = float(np.clip((cx + 0.5) * _G - side / 2, 0, spec.width - side))
+        y0 = float(np.clip((cy + 0.5) * _G - side / 2, 0, spec.height - side))
+        gx0, gy0 = int(x0 // _G), int(y0 // _G)
+        window = (slice(gy0, gy0 + cells), slice(gx0, gx0 + cells))
+        tissue_share = float(tissue[window].mean())
+        if tissue_share < 0.5:
+            continue
+        images[made] = model._render(x0, y0, tile_px, tile_px, d)
+        tumour_fraction[made] = float(truth.tumour_mask[window].mean())
+        tissue_fraction[made] = tissue_share
+        made += 1
+    if made < n_tiles:
+        raise ValueError(f"slide seed {spec.seed}: found tissue for {made} of {n_tiles} tiles")
+    return LabelledTiles(images, tumour_fraction, tissue_fraction)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from slidestream.cluster.config import Config, ConfigError, load_config
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import scrub_secrets
+from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.models import MODELS
 
@@ -82,6 +83,21 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--format", dest="fmt", choices=["svs", "tiff"], default="svs")
     synth.add_argument("--positive-fraction", type=float, default=0.5)
     synth.add_argument("--no-pen-marks", action="store_true")
+    synth.add_argument(
+        "--difficulty",
+        choices=list(DIFFICULTIES),
+        default="easy",
+        help="hard: stain varies per site and slide, tumour has normal tissue's colour and covers a few %%",
+    )
+    synth.add_argument("--sites", type=int, default=HARD_SITES, help="hard: labs/scanners (stainings)")
+    synth.add_argument(
+        "--tumour-cover",
+        type=float,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        default=HARD_TUMOUR_COVER,
+        help="hard: tumour share of tissue per positive slide, log-uniform in [LOW, HIGH]",
+    )
 
     ingest = commands.add_parser(
         "ingest", parents=[common], help="slides → tissue → tiles → WebDataset shards"

@@ -45,6 +45,9 @@ def cmd_synth(
     fmt: str,
     positive_fraction: float,
     no_pen_marks: bool,
+    difficulty: str,
+    sites: int,
+    tumour_cover: tuple[float, float],
 ) -> int:
     made = write_dataset(
         out,
@@ -54,9 +57,13 @@ def cmd_synth(
         fmt=fmt,
         positive_fraction=positive_fraction,
         pen_marks=not no_pen_marks,
+        difficulty=difficulty,
+        sites=sites,
+        tumour_cover=(tumour_cover[0], tumour_cover[1]),
     )
     positives = sum(made.labels)
-    print(f"wrote {len(made.uris)} {size} {fmt} slides ({positives} positive) to {out}")
+    kind = f"{difficulty} ({sites} sites)" if difficulty == "hard" else difficulty
+    print(f"wrote {len(made.uris)} {kind} {size} {fmt} slides ({positives} positive) to {out}")
     print(f"labels: {made.labels_uri}")
     return 0
 

@@ -13,11 +13,15 @@ import pytest
 from PIL import Image
 from tiffslide import TiffSlide
 
+from slidestream.cli import main
 from slidestream.pipelines.synthetic import (
     MASK_DOWNSAMPLE,
     SIZES,
     SlideSpec,
+    SynthError,
     _SlideModel,
+    cohort_specs,
+    sample_tiles,
     write_dataset,
     write_slide,
 )
@@ -198,10 +202,11 @@ def _check_dataset(fs, root: str, ds, n: int, n_pos: int, fmt: str) -> None:
     assert sum(ds.labels) == n_pos
     with fs.open(f"{root}/labels.csv", "r") as f:
         rows = list(csv.DictReader(io.StringIO(f.read())))
-    assert list(rows[0]) == ["slide_id", "label", "patient_id"]
+    assert list(rows[0]) == ["slide_id", "label", "patient_id", "site"]
     assert [r["slide_id"] for r in rows] == ds.slide_ids == [f"slide_{i:03d}" for i in range(n)]
     assert [int(r["label"]) for r in rows] == ds.labels
     assert [r["patient_id"] for r in rows] == [f"patient_{i // 2:03d}" for i in range(n)]
+    assert [r["site"] for r in rows] == [f"site_{site}" for site in ds.sites]
     meta = json.loads(fs.cat_file(f"{root}/synth.json"))
     assert meta["fmt"] == fmt and meta["mask_downsample"] == MASK_DOWNSAMPLE and meta["mpp"] == 0.25
     assert [s["file"] for s in meta["slides"]] == [f"{i}.{fmt}" for i in ds.slide_ids]
@@ -232,3 +237,87 @@ def test_write_dataset_remote_filesystem():
         assert ds.labels_uri == "memory://synth-test/labels.csv"
     finally:
         fs.rm("/synth-test", recursive=True)
+
+
+# -- hard cohorts -------------------------------------------------------------------------------------------
+
+
+def _tumour_against_tile_look(cohort) -> tuple[float, ...]:
+    """Over whole-tissue tiles of positive slides: r(tumour fraction, mean grey), r(fraction, grey std)."""
+    fraction, grey, spread = [], [], []
+    for slide in cohort:
+        tiles = sample_tiles(slide.spec, 40, 64, 2.0, seed=1, tumour_share=0.5)
+        full = tiles.tissue_fraction == 1
+        images = tiles.images[full].astype(np.float32).mean(axis=3).reshape(int(full.sum()), -1)
+        fraction.append(tiles.tumour_fraction[full])
+        grey.append(images.mean(axis=1))
+        spread.append(images.std(axis=1))
+    f = np.concatenate(fraction)
+    return tuple(float(np.corrcoef(f, np.concatenate(look))[0, 1]) for look in (grey, spread))
+
+
+def test_hard_tumour_differs_in_texture_not_in_darkness():
+    """Easy tumour is darker (r ≈ -0.97 against tile brightness); hard tumour is as bright as the tissue
+    around it and is found by its texture (smoother sheets of pale nuclei against fibres and clefts)."""
+    easy = cohort_specs(6, seed=5, positive_fraction=1.0)
+    hard = cohort_specs(6, seed=5, positive_fraction=1.0, difficulty="hard", tumour_cover=(0.1, 0.2))
+    easy_grey, _ = _tumour_against_tile_look(easy)
+    hard_grey, hard_spread = _tumour_against_tile_look(hard)
+    assert easy_grey < -0.9
+    assert abs(hard_grey) < 0.3, hard_grey
+    assert hard_spread < -0.5, hard_spread
+
+
+def test_hard_sites_stain_differently_and_do_not_follow_the_labels():
+    cohort = cohort_specs(12, seed=2, difficulty="hard", sites=3)
+    assert [slide.site for slide in cohort] == [i % 3 for i in range(12)]
+    by_site: dict[int, set] = {}
+    for slide in cohort:
+        by_site.setdefault(slide.site, set()).add((slide.spec.staining.h_od, slide.spec.staining.e_od))
+    vectors = [next(iter(v)) for v in by_site.values()]
+    assert all(len(v) == 1 for v in by_site.values()) and len(set(vectors)) == 3  # one staining per site
+    gains = [slide.spec.staining.h_gain for slide in cohort if slide.site == 0]
+    assert len(set(gains)) == len(gains)  # each slide jitters its site's intensity
+    for site in range(3):  # both classes at every site: colour cannot stand in for the label
+        assert {slide.spec.positive for slide in cohort if slide.site == site} == {True, False}
+    # slides' mean tissue colours spread further than an easy cohort's (one staining, a stain field)
+    spread = {}
+    for difficulty in ("easy", "hard"):
+        specs = [s.spec for s in cohort_specs(12, seed=2, pen_marks=False, difficulty=difficulty)]
+        looks = [sample_tiles(spec, 8, 64, 2.0, seed=0).images.mean(axis=(0, 1, 2)) for spec in specs]
+        spread[difficulty] = float(np.linalg.norm(np.std(looks, axis=0)))
+    assert spread["hard"] > 1.5 * spread["easy"], spread
+
+
+def test_hard_dataset_has_small_tumours_and_names_sites(tmp_path):
+    root = tmp_path / "hard"
+    assert main(["synth", "--out", str(root), "--n-slides", "4", "--seed", "9", "--positive-fraction", "1",
+                 "--difficulty", "hard", "--sites", "2", "--no-pen-marks"]) == 0  # fmt: skip
+    meta = json.loads((root / "synth.json").read_text())
+    assert meta["difficulty"] == "hard"
+    with (root / "labels.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["site"] for row in rows] == ["site_0", "site_1", "site_0", "site_1"]
+    for entry in meta["slides"]:
+        assert 0.005 <= entry["tumour_cover"] <= 0.08 and set(entry["staining"]) == {
+            "h_od", "e_od", "h_gain", "e_gain"}  # fmt: skip
+        tumour = np.asarray(Image.open(root / "masks" / f"{entry['slide_id']}.tumour.png")) > 0
+        tissue = np.asarray(Image.open(root / "masks" / f"{entry['slide_id']}.tissue.png")) > 0
+        share = tumour.sum() / tissue.sum()
+        assert tumour.any() and share < 0.1, (entry["slide_id"], share)  # a few % of tissue, or one focus
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--tumour-cover", "0.2", "0.1"], "tumour cover 0.2 0.1: needs 0 < low <= high < 1"),
+        (["--sites", "0"], "sites must be at least 1, not 0"),
+    ],
+)
+def test_hard_knobs_that_cannot_work_are_refused(tmp_path, capsys, flags, message):
+    argv = ["synth", "--out", str(tmp_path / "x"), "--n-slides", "2", "--difficulty", "hard", *flags]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(SynthError):
+        cohort_specs(2, difficulty="medium")

@@ -1,4 +1,5 @@
-"""Frozen tile encoders (CPU or GPU): truncated ResNets from the MIL literature and any timm backbone.
+"""Frozen tile encoders (CPU or GPU): truncated ResNets from the MIL literature, a small CNN for
+64-px tiles (`resnet10t_64`, the architecture `slidestream pretrain-encoder` trains) and any timm backbone.
 
 Weights always come from a local file (torch state dict or safetensors) or are explicitly "random";
 nothing here downloads anything (`pretrained=False` everywhere, no hub calls).
@@ -23,7 +24,7 @@ from slidestream.cluster.errors import SlidestreamError
 
 log = logging.getLogger(__name__)
 
-ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc")  # plus any "timm:<model-name>"
+ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc", "resnet10t_64")  # + "timm:<model>"
 TIMM_PREFIX = "timm:"
 RANDOM = "random"
 
@@ -35,6 +36,8 @@ _TRUNC: dict[str, tuple[str, int, int]] = {
     "resnet50_trunc": ("resnet50", 1024, 224),
     "resnet18_trunc": ("resnet18", 256, 224),
 }
+# name → (timm architecture, input side): whole timm networks without their classifier, at a native side
+_NATIVE: dict[str, tuple[str, int]] = {"resnet10t_64": ("resnet10t", 64)}
 _TRUNC_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")
 _TRUNC_IGNORED = ("layer4.", "fc.")
 _STRIP_PREFIXES = ("module.", "model.", "backbone.")
@@ -65,7 +68,7 @@ def _safe_name(name: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    if name in _TRUNC:
+    if name in _TRUNC or name in _NATIVE:
         return
     if name.startswith(TIMM_PREFIX):
         model = name[len(TIMM_PREFIX) :]
@@ -117,6 +120,20 @@ def _timm_model(model_name: str) -> Any:  # a timm model: num_features, pretrain
     return timm.create_model(model_name, pretrained=False, num_classes=0)
 
 
+def _feature_dim(model: Any) -> int:
+    """The width of a classifier-less timm model's output (MobileNetV3 & co. end in a wider hidden layer
+    than `num_features`)."""
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
+def trainable_backbone(name: str) -> nn.Module:
+    """A randomly initialised, trainable network of a named encoder whose state dict `build_encoder`
+    loads back (what `slidestream pretrain-encoder` trains)."""
+    if name not in _NATIVE:
+        raise EncoderError(f"encoder {name!r} cannot be trained here; choose one of {', '.join(_NATIVE)}")
+    return _timm_model(_NATIVE[name][0])
+
+
 def _rgb(values: Any) -> tuple[float, float, float]:
     r, g, b = (float(v) for v in values)
     return r, g, b
@@ -139,6 +156,11 @@ def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) ->
     if name in _TRUNC:
         _, dim, px = _TRUNC[name]
         mean, std = IMAGENET_MEAN, IMAGENET_STD
+    elif name in _NATIVE:
+        arch, px = _NATIVE[name]
+        with torch.device("meta"):
+            dim = _feature_dim(_timm_model(arch))
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
     else:
         model_name = name[len(TIMM_PREFIX) :]
         try:
@@ -146,7 +168,7 @@ def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) ->
                 model = _timm_model(model_name)
         except Exception:  # some models cannot initialise on meta tensors: build for real
             model = _timm_model(model_name)
-        dim = int(model.num_features)
+        dim = _feature_dim(model)
         px, mean, std = _timm_data(model)
     return EncoderInfo(
         name=name,
@@ -347,6 +369,8 @@ def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -
         if name in _TRUNC:
             model: nn.Module = _TruncatedResNet(_TRUNC[name][0])
             ignored: tuple[str, ...] = _TRUNC_IGNORED
+        elif name in _NATIVE:
+            model, ignored = trainable_backbone(name), ()
         else:
             model = _timm_model(name[len(TIMM_PREFIX) :])
             classifier = getattr(model, "pretrained_cfg", {}).get("classifier")

@@ -64,6 +64,9 @@ def _views_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+ENCODER_HELP = "resnet50_trunc, resnet18_trunc, resnet10t_64 (see pretrain-encoder) or timm:<model>"
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(prog="slidestream", description=__doc__)
@@ -111,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common], help="ingest + embed in one pass (tiles read once)")
     run.add_argument("--slides", required=True, help="slide prefix (dir or s3://) or slide-list CSV")
     run.add_argument("--out", required=True, help="output root (dir or s3://)")
-    run.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
+    run.add_argument("--encoder", required=True, help=ENCODER_HELP)
     run.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
     run.add_argument("--labels", help="labels CSV/Parquet (slide_id,label); checked against the slides")
     run.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     embed = commands.add_parser("embed", parents=[common], help="features for a new encoder from shards")
     embed.add_argument("--out", required=True, help="output root holding committed tile shards")
-    embed.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
+    embed.add_argument("--encoder", required=True, help=ENCODER_HELP)
     embed.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
     embed.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
     _views_flag(embed)
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.add_argument("--slides", required=True, help="slide prefix (dir or s3://) to watch")
     watch.add_argument("--out", required=True, help="output root (dir or s3://); one watcher per root")
-    watch.add_argument("--encoder", required=True, help="resnet50_trunc, resnet18_trunc or timm:<model>")
+    watch.add_argument("--encoder", required=True, help=ENCODER_HELP)
     watch.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
     watch.add_argument("--interval", type=float, help="seconds between polls (watch.interval_s)")
     watch.add_argument(
@@ -228,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--heatmaps", action="store_true", help="attention heatmaps over slide thumbnails")
     predict.add_argument("--slides", help="slide prefix or list for the heatmaps (default: from the ledger)")
 
+    pretrain = commands.add_parser(
+        "pretrain-encoder",
+        parents=[common],
+        help="train the resnet10t_64 tile encoder on synthetic tissue (for --encoder resnet10t_64)",
+    )
+    pretrain.add_argument("--out", required=True, help="weights file to write (a JSON record goes beside it)")
+    pretrain.add_argument("--slides", type=int, default=24, help="synthetic slides to draw tiles from")
+    pretrain.add_argument("--tiles-per-slide", type=int, default=96)
+    pretrain.add_argument("--epochs", type=int, default=4)
+    pretrain.add_argument(
+        "--seed", type=int, default=1000, help="the pretraining cohort's seed (keep evaluation cohorts apart)"
+    )
+
     submit = commands.add_parser(
         "submit",
         parents=[common],
@@ -311,7 +327,7 @@ def _command(name: str) -> Callable[..., int]:
         return submit
     from slidestream import commands
 
-    return getattr(commands, f"cmd_{name}")
+    return getattr(commands, f"cmd_{name.replace('-', '_')}")
 
 
 def _call(command: Callable[..., int], args: argparse.Namespace, config: Config) -> int:

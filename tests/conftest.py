@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.encoder import pretrained_encoder
 from slidestream.testing.helpers import make_config
 from slidestream.testing.s3server import S3Server, start_s3_server, stop_s3_server
 
@@ -47,6 +48,12 @@ def slide_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("slides")
     write_dataset(str(root), 4, seed=7, size="tiny", fmt="svs")
     return root
+
+
+@pytest.fixture(scope="session")
+def pretrained_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`resnet10t_64` pretrained on a synthetic cohort of its own (seed 1000), trained once per session."""
+    return pretrained_encoder(tmp_path_factory.mktemp("encoder"))
 
 
 @pytest.fixture()

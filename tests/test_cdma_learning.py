@@ -11,10 +11,11 @@ threads made every step ~10× slower).
   0.5-8 %: a tiny slide has ~80 tissue tiles of 128 µm at 2 µm/px, so a 0.5 % focus is smaller than one
   tile and a per-slide Dice of it says nothing. MEASURED (2026-12-05): in this budget the claim is not
   reached — CDMA and supervised-only both stay at validation Dice 0 (nothing predicted as tumour) after
-  10 × 8 steps at lr 1e-3, and also after 30 × 8 steps at lr 1e-2 — although a tile's grey-level standard
-  deviation alone separates tumour from normal tissue (8.7 vs 21 on the labelled slides). The Dice part is
-  therefore an `xfail` that reports the measured figures on every run and passes once the claim holds;
-  the mechanics (split, semi-supervised epochs, both runs evaluated) are asserted outright.
+  10 × 8 steps at lr 1e-3, and CDMA also through 25 × 8 steps at lr 1e-2 — although a tile's grey-level
+  standard deviation alone separates tumour from normal tissue (8.7 vs 21 on the labelled slides). The
+  Dice part is therefore an `xfail` that reports the measured figures on every run and passes once the
+  claim holds; the mechanics (split, semi-supervised epochs, both runs evaluated) are asserted outright.
+  bench/RESULTS.md (2026-12-05, hard cohort) has the bench figures and what was found.
 * The easy cohort (tumour darker than normal tissue) is the regression guard that fails when the method
   is broken: tumour Dice ≥ 0.8 per held-out slide and a held-out negative slide free of tumour.
 """

@@ -19,9 +19,10 @@ threads made every step ~10× slower).
 * The easy cohort (tumour darker than normal tissue) is the regression guard that fails when the method
   is broken: tumour Dice ≥ 0.8 per held-out slide and a held-out negative slide free of tumour.
 
-Runtime (2026-12-05, 2 cores shared with other sessions at load averages 15-39): 12.5 min for both, easy
-280 s (cohort 65 s + one training), hard 456 s (two trainings); 125 s of the pytest process's own CPU.
-The previous easy-only test, training in the driver, took 9.3 min at load average 3.5.
+Runtime (2026-12-05, 2 cores shared with other sessions at load averages 15-39): 12.5 min for both:
+easy 280 s (65 s of it fixtures: Ray, S3 server, cohort), hard 456 s (two trainings); 125 s of the
+pytest process's own CPU. The previous easy-only test, training in the driver, took 9.3 min at load
+average 3.5.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ only (the unlabelled slides switched off) for comparison; then slide inference o
 Layout under `OUT/runs/<name>/`: `run.json` (the slide split and settings), `config.yaml`, `ray/<job>/`
 (Ray Train storage, a checkpoint per epoch), `jobs/<job>/` (`weights.pt` = best validation Dice,
 `result.json` written last), `slides/<job>/<slide_id>.{mask.png,overlay.png,geojson}` and `metrics.json`
-with per-slide Dice / Jaccard / HD95 / ASD and mean ± std for both runs side by side. Rerunning the same
-name resumes: finished jobs are kept, an unfinished one continues from its last checkpoint.
+with per-slide Dice / Jaccard / HD95 / ASD, mean ± std and the pooled Dice (the pixels of every test slide
+together) for both runs side by side. Rerunning the same name resumes: finished jobs are kept, an
+unfinished one continues from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -333,13 +334,23 @@ class CDMARun:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)
         result = json.loads(read_bytes(join(job.result_dir, RESULT_FILE)))
-        rows = [self._slide(model, job, slide_id, device) for slide_id in self.split.test]
+        done = [self._slide(model, job, slide_id, device) for slide_id in self.split.test]
+        rows = [row for row, _ in done]
         numeric = [{k: v for k, v in r.items() if k not in ("slide_id", "windows")} for r in rows]
         mean, std = summarise(numeric)
-        return {"slides": rows, "mean": mean, "std": std, "best_val_dice": result["best_val_dice"],
-                "history": result["history"]}  # fmt: skip
+        counts = np.sum([c for _, c in done], axis=0)  # (classes - 1, 2): intersection, |pred| + |truth|
+        pooled = {
+            f"dice_{self.cfg.classes[c]}": float(2 * inter / total) if total else 1.0
+            for c, (inter, total) in enumerate(counts, start=1)
+        }
+        return {"slides": rows, "mean": mean, "std": std, "pooled": pooled,
+                "best_val_dice": result["best_val_dice"], "history": result["history"]}  # fmt: skip
 
-    def _slide(self, model: MTNet, job: CDMAJob, slide_id: str, device: torch.device) -> dict[str, Any]:
+    def _slide(
+        self, model: MTNet, job: CDMAJob, slide_id: str, device: torch.device
+    ) -> tuple[dict[str, Any], np.ndarray]:
+        """The slide's outputs and metrics row, and per foreground class its pixel counts for the pooled
+        Dice (intersection, predicted + true)."""
         ds = self.cfg.mask_downsample
         uri = self.entries[slide_id].uri
         pred = predict_slide(
@@ -363,7 +374,14 @@ class CDMARun:
         for key in _METRICS:
             finite = [v[key] for v in per_class if math.isfinite(v[key])]
             row[key] = float(np.mean(finite)) if finite else math.nan
-        return row
+        counts = np.array(
+            [
+                [np.sum((pred.mask == c) & (truth == c)), np.sum(pred.mask == c) + np.sum(truth == c)]
+                for c in range(1, len(self.cfg.classes))
+            ],
+            dtype=np.float64,
+        )
+        return row, counts
 
 
 def format_cdma_table(metrics: dict[str, Any]) -> str:

@@ -26,7 +26,14 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from slidestream.cluster.errors import UsageError
-from slidestream.pipelines.encoders import IMAGENET_MEAN, IMAGENET_STD, trainable_backbone, weights_digest
+from slidestream.pipelines.encoders import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDOM,
+    encoder_info,
+    trainable_backbone,
+    weights_digest,
+)
 from slidestream.pipelines.gigassl_views import apply_view, draw_params
 from slidestream.pipelines.synthetic import cohort_specs, sample_tiles
 
@@ -132,7 +139,7 @@ def pretrain_tile_encoder(out: str | os.PathLike, settings: PretrainSettings) ->
     train_tiles, train_fractions = tiles[~held], torch.from_numpy(fractions[~held])
     torch.manual_seed(settings.seed)
     net = trainable_backbone(ENCODER)
-    head = nn.Linear(int(net.num_features), 1)
+    head = nn.Linear(encoder_info(ENCODER, RANDOM).dim, 1)
     optimiser = torch.optim.AdamW([*net.parameters(), *head.parameters()], lr=settings.lr, weight_decay=1e-4)
     steps = settings.epochs * -(-len(train_tiles) // settings.batch_size)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimiser, settings.lr, total_steps=steps)

@@ -12,6 +12,16 @@ gigassl` does when they exist. The real trainer and probe (`GigaSSLRun`, `run_pr
 (`gigassl.workers=0`), layer4 from random init (no ImageNet file: the tile features are synthetic).
 
     python bench/gigassl_fidelity.py [--slides 48] [--epochs 20] [--variants "cell_px=224" "cell_px=null"]
+
+`--few-labels N`: the issue's row "slide embeddings beat mean pooling with few labels" on a HARD cohort
+made by our pipeline instead: N tiny hard synthetic slides (3 sites, default tumour cover; seed
+`--cohort-seed`) → 64-px tiles at 2 µm/px → features and `--views` Giga-SSL views of the pretrained
+`resnet10t_64` (`pretrained_encoder(WORK, PretrainSettings())`, a disjoint cohort). Per `--seeds` seed: a
+Giga-SSL run (`gigassl.seed`), the same network untrained (`gigassl.epochs=0`, same seed), and the
+mean-pooled tile features, all probed on the same splits (`seed`) at `--sizes` training slides and the
+full training part; mean ± std over seeds of each seed's mean AUC over `--repeats` splits.
+
+    python bench/gigassl_fidelity.py --few-labels 72 [--seeds 0 1 2] [--epochs 20] [--work DIR]
 """
 
 from __future__ import annotations
@@ -83,6 +93,70 @@ def measure(variant: str, root: Path, labels: str, args: argparse.Namespace) -> 
     return aucs
 
 
+def few_labels(args: argparse.Namespace) -> None:
+    """Probe AUC at few training slides: Giga-SSL (trained, untrained) vs mean-pooled tile features."""
+    import time
+
+    from slidestream.testing.cohort import embedded_cohort
+    from slidestream.testing.encoder import pretrained_encoder
+    from slidestream.trainers.encoder_pretrain import PretrainSettings
+
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-gigassl-few-"))
+    work.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    weights = pretrained_encoder(work, PretrainSettings())
+    naug, nt = (int(v) for v in args.views.split(","))
+    cohort = embedded_cohort(work / f"cohort{args.few_labels}-seed{args.cohort_seed}", args.few_labels,
+                             weights, args.cohort_seed, views=(naug, nt))  # fmt: skip
+    print(f"encoder + cohort: {time.perf_counter() - started:.0f} s", flush=True)
+    views, features = cohort.views["pretrained"], cohort.features["pretrained"]
+    sizes = tuple(int(v) for v in args.sizes.split(","))
+    rows: dict[str, dict[str, list[float]]] = {}
+    losses = []
+    for seed in args.seeds:
+        for name, epochs in (("Giga-SSL trained", args.epochs), ("Giga-SSL untrained (epochs=0)", 0)):
+            settings = [
+                "gigassl.workers=0", f"gigassl.epochs={epochs}", f"gigassl.batch_size={args.batch}",
+                "gigassl.warmup_epochs=2", "gigassl.init_weights=random", f"gigassl.lr={args.lr}",
+                f"gigassl.seed={seed}", f"gigassl.export_chunks={args.export_chunks}",
+            ]  # fmt: skip
+            started = time.perf_counter()
+            summary = GigaSSLRun(f"few-e{epochs}-s{seed}", cohort.out, views, load_config(None, settings),
+                                 export_from=features).execute()  # fmt: skip
+            if epochs:
+                losses.append((summary.history[0]["train_loss"], summary.history[-1]["train_loss"]))
+            report = run_probe(summary.embeddings, cohort.labels, features if epochs else None, sizes=sizes,
+                               repeats=args.repeats, test_frac=args.test_frac, seed=seed,
+                               output=summary.run_dir)  # fmt: skip
+            named = {name: report.results["gigassl"]}
+            if epochs:
+                named["mean-pooled tile features"] = report.results["mean-pooled features"]
+            for label, by_size in named.items():
+                for size, stats in by_size.items():
+                    rows.setdefault(label, {}).setdefault(size, []).append(stats["auc_mean"])
+            print(f"seed {seed} {name}: {time.perf_counter() - started:.0f} s, "
+                  + ", ".join(f"{k}={v['auc_mean']:.3f}" for k, v in report.results["gigassl"].items()),
+                  flush=True)  # fmt: skip
+    columns = [str(s) for s in sizes] + ["full"]
+    print(f"\nProbe AUC, {args.few_labels} hard slides (cohort seed {args.cohort_seed}), views {args.views}, "
+          f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}; {args.repeats} patient-level splits "
+          f"(test {args.test_frac}) per seed; mean ± std over seeds {args.seeds}; loss first → last epoch "
+          + ", ".join(f"{a:.2f} → {b:.2f}" for a, b in losses))  # fmt: skip
+    print("| representation | " + " | ".join(f"{c} training slides" if c != "full" else "full training part"
+                                            for c in columns) + " |")  # fmt: skip
+    print("|---" * (len(columns) + 1) + "|")
+    for label, by_size in rows.items():
+        cells = [
+            f"{np.mean(by_size[c]):.3f} ± {np.std(by_size[c]):.3f} ("
+            + ", ".join(f"{v:.3f}" for v in by_size[c])
+            + ")"
+            if c in by_size
+            else "-"
+            for c in columns
+        ]
+        print(f"| {label} | " + " | ".join(cells) + " |")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -101,8 +175,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=["cell_px=224", "cell_px=null"],
                         help="space-separated gigassl.* settings per run")  # fmt: skip
+    parser.add_argument("--few-labels", type=int, help="slides of a hard pipeline cohort (see above)")
+    parser.add_argument("--cohort-seed", type=int, default=7)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--views", default="8,32", help="--few-labels: stored augmentations, tiles each")
+    parser.add_argument("--sizes", default="20,50", help="--few-labels: training slides of the probe")
+    parser.add_argument("--lr", type=float, default=1e-3, help="--few-labels: gigassl.lr")
+    parser.add_argument("--export-chunks", type=int, default=32)
+    parser.add_argument("--test-frac", type=float, default=0.25, help="--few-labels: probe test share")
+    parser.add_argument("--work", help="--few-labels: work directory (kept; default a new temporary one)")
     args = parser.parse_args()
     ensure_ray(load_config(None, ["ray.num_cpus=2"]).ray)
+    if args.few_labels:
+        few_labels(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-gigassl-fidelity-") as tmp:
         root = Path(tmp)
         labels = write_cohort(root, args)

@@ -228,7 +228,9 @@ class GigaSSLConfig(WorkerResources):
 
     recipe: Recipe = "default"  # paper: the Giga-SSL paper's recipe (cluster.recipes, docs/methods.md)
 
-    epochs: int = Field(default=100, ge=1)  # training stops after this epoch
+    # training stops after this epoch; 0: no training, the network at its initialisation is exported
+    # (the untrained baseline a probe compares a run with)
+    epochs: int = Field(default=100, ge=0)
     # length of the warm-up + cosine schedule (≥ epochs); null: epochs. Paper: stop at 1000 of 3000
     schedule_epochs: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=256, ge=2)  # slides per step, the GLOBAL batch split across workers

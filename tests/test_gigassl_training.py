@@ -1,14 +1,13 @@
 """Giga-SSL training, export and probing: the run's protocol on small view bags in-process (resume,
 refused changes and inputs, export, LARS, schedule), and the learning test on slides made by our own
-pipeline (synthetic slides → tiles → Giga-SSL views) with a real 2-worker Ray Train run, probed beside the
-mean-pooled-features baseline (the issue's AUC ≥ 0.85 is not met yet: see bench/RESULTS.md)."""
+pipeline (hard synthetic slides → tiles → views from the pretrained `resnet10t_64`) with a real 2-worker
+Ray Train run, probed beside the mean-pooled-features baseline and the same network untrained."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,16 +17,18 @@ import torch
 from PIL import Image
 
 from slidestream.cli import main
-from slidestream.cluster.runtime import ensure_ray
-from slidestream.cluster.storage import join
-from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.features import BagMeta, bag_table, write_bag
-from slidestream.pipelines.ingest import run_ingest
-from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.cohort import PIPELINE, EmbeddedCohort, embedded_cohort
 from slidestream.testing.helpers import make_config
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.gigassl.probe import read_embeddings, run_probe
-from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings, global_batch
+from slidestream.trainers.gigassl.train import (
+    GigaSSLRun,
+    build_net,
+    export_embeddings,
+    format_gigassl,
+    global_batch,
+)
 from slidestream.trainers.optim import LARS, warmup_cosine
 
 SMALL = ("gigassl.workers=0", "gigassl.epochs=30", "gigassl.batch_size=16", "gigassl.dim=32",
@@ -125,6 +126,22 @@ def test_run_trains_exports_and_refuses_changes(ray_local, small_views, tmp_path
         export_embeddings(str(run), str(tmp_path / "d8"))
 
 
+def test_zero_epochs_export_the_network_at_its_initialisation(ray_local, small_views, tmp_path):
+    """`gigassl.epochs=0`: nothing is trained; the run exports the network its seed initialises (the
+    untrained baseline of a probe), with no curve and an empty history."""
+    summary = GigaSSLRun("init", str(tmp_path / "out"), str(small_views),
+                         make_config(*SMALL, "gigassl.epochs=0")).execute()  # fmt: skip
+    run = Path(summary.run_dir)
+    assert summary.history == [] and not (run / "curves.png").exists()
+    torch.manual_seed(0)  # gigassl.seed
+    fresh = build_net(make_config(*SMALL).gigassl.model_dump(), 16).state_dict()
+    saved = torch.load(run / "weights.pt", weights_only=True)
+    assert all(torch.equal(saved[k], v) for k, v in fresh.items())
+    ids, emb = read_embeddings(summary.embeddings)
+    assert len(ids) == 16 and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+    assert "no training" in format_gigassl(summary)
+
+
 def test_too_few_slides_are_refused_before_anything_is_written(tmp_path):
     _write_views(tmp_path / "views", 1)
     with pytest.raises(TrainDataError, match="1 slides cannot fill a batch"):
@@ -160,69 +177,85 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
 
 # -- learning test: data made by our pipeline, a real 2-worker run ----------------------------------------
 
-ENCODER = "resnet18_trunc"
-# T = 5 tiles per view, batch 8 slides over 2 workers (4 each), a short run at a small learning rate: with a
-# random-weight encoder, views of a slide from different augmentations are no more alike than other slides'
-# (bench/gigassl_signal.py), so longer training only learns colours (bench/RESULTS.md, Giga-SSL)
-LEARN = ("gigassl.epochs=4", "gigassl.batch_size=8", "gigassl.warmup_epochs=1", "gigassl.lr=0.00001",
+# A hard cohort through our pipeline, tiles embedded by the pretrained `resnet10t_64` (session fixture):
+# HARD_SLIDES tiny slides (half with tumour, 3 sites), 8 stored augmentations × 32 tiles per slide.
+HARD_SLIDES, HARD_SEED, HARD_COVER = 24, 11, (0.1, 0.3)
+# T = 5 tiles per view, batch 8 slides over 2 workers (4 each), 20 epochs of 3 steps
+LEARN = ("gigassl.epochs=20", "gigassl.batch_size=8", "gigassl.warmup_epochs=2", "gigassl.lr=0.001",
          "gigassl.init_weights=random")  # fmt: skip
-PIPELINE = ("tiling.mpp=1.0", "tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
-
-
-@dataclass
-class PipelineViews:
-    out: str
-    views: str
-    features: str
-    labels: str
 
 
 @pytest.fixture(scope="session")
-def pipeline_views(tmp_path_factory: pytest.TempPathFactory, s3_server) -> PipelineViews:
-    """10 tiny synthetic slides (5 with tumour) → tiles → light random-encoder features and Giga-SSL views
-    (4 augmentations × 16 tiles), made once per session by `slidestream run --gigassl-views`."""
-    root = tmp_path_factory.mktemp("gigassl")
-    slides, out = root / "slides", root / "out"
-    write_dataset(str(slides), 10, seed=11, size="tiny", fmt="svs")
-    config = make_config(*PIPELINE)
-    ensure_ray(config.ray)
-    features = EmbedStage(ENCODER, "random", config.tiling, config.embed)
-    run_ingest(str(slides), str(out), config, embed=features)
-    views = EmbedStage(ENCODER, "random", config.tiling, config.embed, views=(4, 16))
-    report = run_embed(str(out), config, views)
-    assert len(report.ok) == 10, report.summary()
-    return PipelineViews(str(out), join(str(out), views.stage), join(str(out), features.stage),
-                         str(slides / "labels.csv"))  # fmt: skip
+def hard_views(
+    tmp_path_factory: pytest.TempPathFactory, s3_server, pretrained_weights: Path
+) -> EmbeddedCohort:
+    """HARD_SLIDES tiny hard synthetic slides → 64-px tiles at 2 µm/px → pretrained `resnet10t_64` tile
+    features and Giga-SSL views (8 augmentations × 32 tiles), made once per session by our pipeline.
+
+    Tumour covers HARD_COVER (10-30 %) of a positive slide's tissue instead of the default 0.5-8 %: a tiny
+    slide has ~100 tissue tiles at 2 µm/px, so the default puts 0-8 tumour tiles among them, too few for
+    any slide-level embedding averaged over the tiles to carry the label on 24 slides: at the default the
+    mean-pooled pretrained features probed at 0.341 ± 0.183 (24 slides, seed 11; 0.934 ± 0.100 with
+    HARD_COVER; bench/RESULTS.md). The default cover is measured in bench/gigassl_fidelity.py --few-labels."""
+    return embedded_cohort(tmp_path_factory.mktemp("gigassl-hard"), HARD_SLIDES, pretrained_weights,
+                           HARD_SEED, views=(8, 32), tumour_cover=HARD_COVER)  # fmt: skip
 
 
-def test_two_worker_run_on_pipeline_views_is_probed_beside_the_baseline(pipeline_views, capsys):
-    data = pipeline_views
-    train = ["train", "gigassl", "--name", "learn", "--out", data.out, "--workers", "2",
-             *itertools.chain.from_iterable(("--set", s) for s in (*PIPELINE, *LEARN))]  # fmt: skip
+def _probe(embeddings: Path, data: EmbeddedCohort, baseline: bool) -> dict:
+    extra = ["--baseline-features", data.features["pretrained"]] if baseline else []
+    args = ["probe", "--embeddings", str(embeddings), "--labels", data.labels, "--sizes", "8",
+            "--repeats", "20", *extra]  # fmt: skip
+    assert main(args) == 0
+    return json.loads((embeddings.parent / "probe.json").read_text())["results"]
+
+
+def test_two_worker_run_on_pretrained_views_is_probed_beside_its_untrained_network(hard_views, capsys):
+    """Giga-SSL on views of the pretrained tile encoder (hard cohort): a real 2-worker Ray Train run, its
+    exported slide embeddings probed beside the mean-pooled tile features and beside the same network at
+    its initialisation (`gigassl.epochs=0`, exported the same way); the run resumes from its checkpoint.
+
+    Issue 23 asks for a probe AUC ≥ 0.85 that beats the untrained network. Measured on this cohort
+    (2026-12-05, bench/RESULTS.md): trained 0.444 ± 0.254 (lr 1e-3; 0.503 at lr 1e-4), untrained 0.597 ±
+    0.213, mean-pooled features 0.934 ± 0.100. Neither claim holds: the views of a hard slide find their
+    own slide across augmentations barely above chance even with the pretrained encoder
+    (bench/gigassl_signal.py: 0.06 against 0.04), so NT-Xent has little slide identity to learn from.
+    What the test asserts: the tile features carry the label (baseline ≥ 0.85), the pipeline trains,
+    exports both networks and probes them, and the run resumes."""
+    data = hard_views
+    common = ["--out", data.out, *itertools.chain.from_iterable(("--set", s) for s in (*PIPELINE, *LEARN))]
+    views = ["--features", data.views["pretrained"]]
+    train = ["train", "gigassl", "--name", "learn", "--workers", "2", *views, *common]
     assert main(train) == 0
     run = Path(data.out) / "runs" / "learn"
     result = json.loads((run / "result.json").read_text())
     assert result["workers"] == 2 and result["batch"] == 8
     losses = [h["train_loss"] for h in result["history"]]
+    assert len(losses) == 20 and all(np.isfinite(losses))
     # embedded from the slides' un-augmented tile features (the bags beside the views), as at inference
     meta = pq.read_schema(run / "embeddings.parquet").metadata
-    assert meta[b"slidestream.views"].decode() == data.features
+    assert meta[b"slidestream.views"].decode() == data.features["pretrained"]
 
-    probe = ["probe", "--embeddings", str(run / "embeddings.parquet"), "--labels", data.labels,
-             "--baseline-features", data.features, "--sizes", "4", "--repeats", "20"]  # fmt: skip
-    assert main(probe) == 0
+    # the untrained baseline: the same network and seed, no epoch trained, exported the same way
+    untrained = ["train", "gigassl", "--name", "untrained", "--workers", "0", *views, *common,
+                 "--set", "gigassl.epochs=0"]  # fmt: skip
+    assert main(untrained) == 0
+    initial = Path(data.out) / "runs" / "untrained"
+    assert json.loads((initial / "result.json").read_text())["history"] == []
+    start = torch.load(initial / "weights.pt", weights_only=True)
+    trained = torch.load(run / "weights.pt", weights_only=True)
+    assert not torch.equal(start["pool.conv1.weight"], trained["pool.conv1.weight"])
+
+    results = _probe(run / "embeddings.parquet", data, baseline=True)
     table = capsys.readouterr().out
-    results = json.loads((run / "probe.json").read_text())["results"]
+    before = _probe(initial / "embeddings.parquet", data, baseline=False)["gigassl"]
+    auc, auc_before = results["gigassl"]["full"]["auc_mean"], before["full"]["auc_mean"]
+    baseline = results["mean-pooled features"]["full"]["auc_mean"]
     with capsys.disabled():
-        print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}):\n{table}")
-    # Issue 6 asks for a probe AUC ≥ 0.85 here. With the official probe (raw embeddings, splits by
-    # patient: 5 patients, 3-4 test slides per split) measured 0.350 ± 0.387 against 0.550 ± 0.384 for the
-    # baseline; a scaler would give 0.483 and 1.000 (the random encoder's pooled features vary by ~0.003,
-    # too little for C = 10 unscaled), and slide-level splits 0.625 and 0.950 (docs/methods.md). Too close
-    # to assert, so the test asserts that both were probed and prints the figures: the separation needs an
-    # encoder whose features survive augmentation.
-    assert all(np.isfinite(r["full"]["auc_mean"]) for r in results.values()), table
-    assert "mean-pooled features" in results and (run / "embedding_map.png").stat().st_size > 5000
+        print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}; untrained network "
+              f"{auc_before:.3f} ± {before['full']['auc_std']:.3f}):\n{table}")  # fmt: skip
+    assert baseline >= 0.85, (auc, auc_before, baseline)  # the pretrained features carry the label
+    assert np.isfinite(auc) and np.isfinite(auc_before), (auc, auc_before, baseline)
+    assert (run / "embedding_map.png").stat().st_size > 5000
 
     # resume: the last epoch checkpoint is the starting point, so no epoch is trained again
     (run / "result.json").unlink()

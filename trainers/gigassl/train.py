@@ -7,6 +7,10 @@ own BatchNorm batch, as the official loop), and the NT-Xent over all 2B views is
 projections gathered across workers with autograd (`trainers/gigassl/ntxent.py`). Layer4 starts from a
 local ImageNet ResNet-18 file (`gigassl.init_weights`) or, asked for by name, from random weights.
 
+`gigassl.epochs=0` trains nothing: the run exports the network at its initialisation (the same seed gives
+the same starting weights as a trained run's, BatchNorm at its initial statistics), the untrained baseline
+that a probe of a trained run is compared with.
+
 Run layout `OUT/runs/<name>/`: `run.json` (the plan: a rerun with other settings is refused, the same
 settings resume from the last epoch checkpoint), `config.yaml`, `ray/` (Ray Train checkpoints),
 `weights.pt` + `result.json` (written last: the run is complete), `curves.png`, `embeddings.parquet`.
@@ -428,9 +432,10 @@ class GigaSSLRun:
         result_uri = join(self.run_dir, RESULT_FILE)
         fit_once(train_gigassl, asdict(job), self.name, self.cfg, join(self.run_dir, "ray"), result_uri)
         history = json.loads(read_bytes(join(self.run_dir, RESULT_FILE)))["history"]
-        from slidestream.trainers.viz import training_curves
+        if history:  # gigassl.epochs=0: the network at its initialisation, no curve to draw
+            from slidestream.trainers.viz import training_curves
 
-        training_curves({self.name: history}, join(self.run_dir, "curves.png"), metrics=("train_loss",))
+            training_curves({self.name: history}, join(self.run_dir, "curves.png"), metrics=("train_loss",))
         embeddings = export_embeddings(self.run_dir, self.export_from, export_chunks=self.cfg.export_chunks,
                                        export_bn=self.cfg.export_bn)  # fmt: skip
         return GigaSSLSummary(self.name, self.run_dir, history, embeddings)
@@ -452,6 +457,9 @@ def run_gigassl(request: TrainRequest, config: Config) -> GigaSSLSummary:
 
 
 def format_gigassl(summary: GigaSSLSummary) -> str:
+    if not summary.history:
+        untrained = "  no training (gigassl.epochs=0): the network at its initialisation"
+        return f"{untrained}\n  embeddings: {summary.embeddings}"
     last = summary.history[-1]
     return (
         f"  final loss {last['train_loss']:.4f} ({last['slides_per_s']:.1f} slides/s)\n"

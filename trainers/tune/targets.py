@@ -208,6 +208,8 @@ class GigaSSLTarget(SweepTarget):
 
         super().__init__(config)
         layer4_weights(config.gigassl.init_weights)  # refused before any trial runs when unset
+        if config.gigassl.epochs < 1:
+            raise TrainDataError("gigassl.epochs=0 trains nothing: a sweep needs at least 1 epoch per trial")
         bags = FeatureBags(views, require_labels=False)
         self.views, self.slide_ids, self.in_dim = views, list(bags.slide_ids), bags.dim
         global_batch(len(self.slide_ids), config.gigassl.batch_size, max(1, config.gigassl.workers))

@@ -153,7 +153,7 @@ def test_submit_runs_a_command_on_a_real_head(head, tmp_path):
     out = tmp_path / "synth"
     run = _submit(head, "--", "slidestream", "synth", "--out", str(out), "--n-slides", "1")
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "wrote 1 tiny svs slides" in run.stdout  # the job's log, followed
+    assert "wrote 1 easy tiny svs slides" in run.stdout  # the job's log, followed
     assert "SUCCEEDED" in run.stderr
     assert (out / "slide_000.svs").is_file()  # the head is this machine
     assert head.token not in run.stdout + run.stderr

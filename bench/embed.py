@@ -38,6 +38,7 @@ from cpu_monitor import CpuMonitor  # bench/, the script's folder
 from slidestream.cluster.config import load_config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.pipelines.embed import EmbedStage, cpu_threads, with_input_px
+from slidestream.pipelines.encoder_tiling import encoder_tiling
 from slidestream.pipelines.encoders import build_encoder
 from slidestream.pipelines.ingest import planned_chunks, run_ingest
 from slidestream.pipelines.reader import read_tile, read_tiles, resize_tile
@@ -66,7 +67,7 @@ def clam_style(slides: str, config, encoder, batch: int) -> tuple[int, float]:
     started, count, pending = time.perf_counter(), 0, []
     for _, handle, chunk, plan in planned_chunks(slides, config):
         for x, y in zip(chunk["xs"], chunk["ys"], strict=True):
-            pending.append(resize_tile(read_tile(handle, x, y, plan), encoder.info.input_px))
+            pending.append(resize_tile(read_tile(handle, x, y, plan), encoder.info.feed_px))
             if len(pending) == batch:
                 encoder.embed(np.stack(pending), batch_size=batch)
                 count, pending = count + len(pending), []
@@ -152,7 +153,7 @@ def main() -> None:
     overrides = ["ray.object_store_mb=1024", f"embed.batch_size={args.batch}", "embed.dtype=float32"]
     if args.input_px:
         overrides.append(f"embed.input_px={args.input_px}")
-    config = load_config(None, [*overrides, *args.overrides])
+    config = encoder_tiling(load_config(None, [*overrides, *args.overrides]), args.encoder)
     slides = str(work / "slides")
     print(f"writing {args.slides} {args.size} synthetic slides …", flush=True)
     write_dataset(slides, args.slides, seed=3, size=args.size, fmt="svs")
@@ -160,7 +161,7 @@ def main() -> None:
     stage = EmbedStage(args.encoder, "random", config.tiling, config.embed)
     encoder = build_encoder(args.encoder, "random", config.embed.seed)
     encoder.info = with_input_px(encoder.info, config.embed.input_px)
-    tiles = preload(slides, config, encoder.info.input_px)
+    tiles = preload(slides, config, encoder.info.feed_px)
     threads = os.cpu_count() or 1  # the encoder alone at its best on this machine
 
     def alone_pass() -> EncoderAlone:

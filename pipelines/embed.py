@@ -48,10 +48,11 @@ def cpu_threads(cfg: EmbedConfig) -> int:
 
 
 def with_input_px(info: Any, input_px: int | None) -> Any:
-    """Encoder info at a non-default input size; the key says so, since the features differ."""
+    """Encoder info at a non-default input size (tiles resized straight to it, no crop); the key says so,
+    since the features differ."""
     if not input_px or input_px == info.input_px:
         return info
-    return replace(info, input_px=input_px, key=f"{info.key}-in{input_px}")
+    return replace(info, input_px=input_px, resize_px=0, key=f"{info.key}-in{input_px}")
 
 
 class EmbedActor:
@@ -122,7 +123,8 @@ class EmbedStage:
 
     @property
     def input_px(self) -> int:
-        return self.info.input_px
+        """The side tiles reach the encoder at, before its centre crop (if it has one)."""
+        return self.info.feed_px
 
     def on_gpu(self) -> bool:
         """Whether the encoder actors get a GPU: the cluster (Ray must be up) has one and they ask for it."""

@@ -1,18 +1,16 @@
 """Frozen tile encoders (CPU or GPU): truncated ResNets from the MIL literature, a small CNN for
-64-px tiles (`resnet10t_64`, the architecture `slidestream pretrain-encoder` trains) and any timm backbone.
+64-px tiles (`resnet10t_64`, the architecture `slidestream pretrain-encoder` trains), the pathology
+foundation models as named presets (`encoder_presets`) and any timm backbone.
 
-Weights always come from a local file (torch state dict or safetensors) or are explicitly "random";
-nothing here downloads anything (`pretrained=False` everywhere, no hub calls).
+Weights always come from a local file or folder (`encoder_weights`) or are explicitly "random"; nothing
+here downloads anything (`pretrained=False` everywhere, no hub calls).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,13 +18,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidestream.cluster.errors import SlidestreamError
+from slidestream.pipelines.encoder_presets import PRESETS, EncoderPreset, build_preset
+from slidestream.pipelines.encoder_weights import (
+    RANDOM,
+    Convert,
+    EncoderError,
+    load_weights,
+    resolve_weights,
+    to_timm_vit,
+    weights_digest,
+)
+
+__all__ = [
+    "ENCODER_NAMES",
+    "RANDOM",
+    "EncoderError",
+    "EncoderInfo",
+    "TileEncoder",
+    "build_encoder",
+    "encoder_info",
+    "weights_digest",
+]
 
 log = logging.getLogger(__name__)
 
-ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc", "resnet10t_64")  # + "timm:<model>"
-TIMM_PREFIX = "timm:"
-RANDOM = "random"
+ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc", "resnet10t_64", *PRESETS)
+TIMM_PREFIX = "timm:"  # + any timm model name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,13 +57,6 @@ _TRUNC: dict[str, tuple[str, int, int]] = {
 _NATIVE: dict[str, tuple[str, int]] = {"resnet10t_64": ("resnet10t", 64)}
 _TRUNC_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")
 _TRUNC_IGNORED = ("layer4.", "fc.")
-_STRIP_PREFIXES = ("module.", "model.", "backbone.")
-_CONTAINER_KEYS = ("state_dict", "model")
-_TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
-
-
-class EncoderError(SlidestreamError, ValueError):
-    """An encoder could not be built: unknown name, missing or unusable weights file."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +68,13 @@ class EncoderInfo:
     std: tuple[float, float, float]
     key: str  # "<safe name>-<sha256[:10] of weights>" or "<safe name>-random-seed<seed>"
     weights: str  # the weights path, or "random"
+    resize_px: int = 0  # side a tile is resized to before a centre crop to input_px (0: input_px, no crop)
+    autocast: bool = True  # bf16 autocast on CUDA is safe for this model
+
+    @property
+    def feed_px(self) -> int:
+        """The side tiles are resized to before any crop: what the feeding tasks hand the encoder."""
+        return self.resize_px or self.input_px
 
 
 # ------------------------------------------------------------------------------------------ naming
@@ -68,7 +85,7 @@ def _safe_name(name: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    if name in _TRUNC or name in _NATIVE:
+    if name in _TRUNC or name in _NATIVE or name in PRESETS:
         return
     if name.startswith(TIMM_PREFIX):
         model = name[len(TIMM_PREFIX) :]
@@ -78,32 +95,9 @@ def _check_name(name: str) -> None:
             raise EncoderError(f"encoder {name!r}: {model!r} is not a model known to the installed timm")
         return
     raise EncoderError(
-        f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_NAMES)} or 'timm:<model>'"
+        f"unknown encoder {name!r}; choose one of {', '.join(ENCODER_NAMES)} or 'timm:<model>' "
+        "(`slidestream encoders` lists them)"
     )
-
-
-def _resolve_weights(name: str, weights: str | os.PathLike | None) -> str:
-    if weights is None:
-        raise EncoderError(
-            f"encoder {name!r}: no weights given; pass a local weights file (.pt/.pth/.bin/.safetensors) "
-            f"or the literal {RANDOM!r} for random initialisation (random weights are never implied)"
-        )
-    weights = os.fspath(weights)
-    if weights == RANDOM:
-        return RANDOM
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise EncoderError(f"encoder {name!r}: weights file {weights!r} does not exist or is not a file")
-    return str(path)
-
-
-def weights_digest(path: str | os.PathLike) -> str:
-    """First 10 hex digits of the sha256 of a weights file."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:10]
 
 
 def _key(name: str, weights: str, seed: int) -> str:
@@ -149,10 +143,26 @@ def _timm_data(model: nn.Module) -> tuple[int, tuple[float, float, float], tuple
     return int(h), _rgb(cfg["mean"]), _rgb(cfg["std"])
 
 
+def _preset_info(preset: EncoderPreset, weights: str, seed: int) -> EncoderInfo:
+    return EncoderInfo(
+        name=preset.name,
+        dim=preset.dim,
+        input_px=preset.input_px,
+        mean=preset.mean,
+        std=preset.std,
+        key=_key(preset.name, weights, seed),
+        weights=weights,
+        resize_px=preset.resize_px if preset.resize_px != preset.input_px else 0,
+        autocast=preset.bf16,
+    )
+
+
 def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) -> EncoderInfo:
     """The encoder's dims, normalisation and output key, without building it (timm models: on 'meta')."""
     _check_name(name)
-    weights = _resolve_weights(name, weights)
+    weights = resolve_weights(name, weights)
+    if name in PRESETS:
+        return _preset_info(PRESETS[name], weights, seed)
     if name in _TRUNC:
         _, dim, px = _TRUNC[name]
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -241,10 +251,14 @@ class TileEncoder(nn.Module):
         if x.dtype != torch.uint8:
             raise ValueError(f"{self.info.name}: tiles must be uint8, got {x.dtype}")
         x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-        side = self.info.input_px
+        side = self.info.feed_px
         if x.shape[-2:] != (side, side) and x.shape[0] > 0:
             x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
             x = x.clamp_(0.0, 1.0)
+        crop = self.info.input_px
+        if side > crop:  # centre crop, as torchvision's CenterCrop: the extra row/column goes to the end
+            top = (side - crop) // 2
+            x = x[:, :, top : top + crop, top : top + crop]
         return (x - self._mean.to(x.device)) / self._std.to(x.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,7 +269,8 @@ class TileEncoder(nn.Module):
     def embed(
         self, tiles: np.ndarray | torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 64
     ) -> np.ndarray:
-        """Preprocess + forward in batches (CUDA: channels_last, bf16 autocast) → float32 numpy (N, D)."""
+        """Preprocess + forward in batches (CUDA: channels_last, bf16 autocast where the model allows it) →
+        float32 numpy (N, D)."""
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.to(device)
@@ -269,7 +284,7 @@ class TileEncoder(nn.Module):
             x = self._normalised(batch.to(device, non_blocking=cuda))
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast("cuda", dtype=torch.bfloat16):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.info.autocast):
                     feats = self(x)
             else:
                 feats = self(x.contiguous())
@@ -277,107 +292,39 @@ class TileEncoder(nn.Module):
         return out
 
 
-# ----------------------------------------------------------------------------------------- weights
-
-
-def _read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
-    obj: Any  # a state dict, possibly wrapped
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path, device="cpu")
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        hint = (
-            ""
-            if path.endswith((*_TORCH_SUFFIXES, ".safetensors"))
-            else " (expected .pt/.pth/.bin or .safetensors)"
-        )
-        raise EncoderError(f"encoder {name!r}: cannot read weights file {path!r}{hint}: {exc}") from exc
-    for _ in range(3):  # {"state_dict": {...}} / {"model": {...}} wrappers, possibly nested
-        if not isinstance(obj, Mapping):
-            break
-        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if inner is None:
-            break
-        obj = inner
-    if not isinstance(obj, Mapping):
-        raise EncoderError(f"encoder {name!r}: weights file {path!r} does not hold a state dict")
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise EncoderError(f"encoder {name!r}: weights file {path!r} holds no tensors")
-    return tensors
-
-
-def _strip(key: str, wanted: set[str]) -> str:
-    """Drop wrapper prefixes (module./model./backbone.) unless the key already names a model entry."""
-    while key not in wanted:
-        prefix = next((p for p in _STRIP_PREFIXES if key.startswith(p)), None)
-        if prefix is None:
-            break
-        key = key[len(prefix) :]
-    return key
-
-
-def _few(keys: list[str], n: int = 6) -> str:
-    shown = ", ".join(keys[:n])
-    return shown + (f", … ({len(keys)} in all)" if len(keys) > n else "")
-
-
-def _load_weights(model: nn.Module, path: str, name: str, ignored_prefixes: tuple[str, ...]) -> None:
-    expected = model.state_dict()
-    wanted = set(expected)
-    loaded: dict[str, torch.Tensor] = {}
-    unexpected: list[str] = []
-    for raw, value in _read_state_dict(path, name).items():
-        key = _strip(raw, wanted)
-        if key in wanted:
-            loaded[key] = value
-        elif not key.startswith(ignored_prefixes):
-            unexpected.append(raw)
-    missing = [k for k in expected if k not in loaded]
-    mismatched = [
-        f"{k} {tuple(loaded[k].shape)} vs {tuple(expected[k].shape)}"
-        for k in expected
-        if k in loaded and loaded[k].shape != expected[k].shape
-    ]
-    if missing or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_few(missing)}")
-        if mismatched:
-            parts.append(f"shape mismatches (file vs model): {_few(mismatched)}")
-        fit = "; ".join(parts)
-        raise EncoderError(f"encoder {name!r}: weights file {path!r} does not fit the model; {fit}")
-    if unexpected:
-        log.warning(
-            "encoder %r: ignoring %d unused keys in %s: %s", name, len(unexpected), path, _few(unexpected)
-        )
-    model.load_state_dict(loaded, strict=True)
-
-
 # ------------------------------------------------------------------------------------------- build
 
 
+@dataclass(frozen=True)
+class _Network:
+    module: nn.Module  # what the TileEncoder runs
+    loads_into: nn.Module  # the part a weights file holds (a preset's ViT without its pooling)
+    ignored: tuple[str, ...] = ()  # key prefixes of the file the module leaves out
+    convert: Convert | None = None  # foreign key layouts → the module's
+
+
+def _network(name: str) -> _Network:
+    if name in PRESETS:
+        features = build_preset(PRESETS[name])
+        return _Network(features, features.vit, convert=to_timm_vit)
+    if name in _TRUNC:
+        model: nn.Module = _TruncatedResNet(_TRUNC[name][0])
+        return _Network(model, model, _TRUNC_IGNORED)
+    if name in _NATIVE:
+        model = trainable_backbone(name)
+        return _Network(model, model)
+    model = _timm_model(name[len(TIMM_PREFIX) :])
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    heads = list(classifier) if isinstance(classifier, (list, tuple)) else [classifier] * bool(classifier)
+    return _Network(model, model, tuple(f"{h}." for h in heads))
+
+
 def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -> TileEncoder:
-    """A frozen TileEncoder on CPU, in eval mode, from a local weights file or `"random"` (seeded)."""
+    """A frozen TileEncoder on CPU, in eval mode, from local weights or `"random"` (seeded)."""
     info = encoder_info(name, weights, seed)
     with torch.random.fork_rng(devices=[]):  # seeding must not disturb the caller's random state
         torch.manual_seed(seed)
-        if name in _TRUNC:
-            model: nn.Module = _TruncatedResNet(_TRUNC[name][0])
-            ignored: tuple[str, ...] = _TRUNC_IGNORED
-        elif name in _NATIVE:
-            model, ignored = trainable_backbone(name), ()
-        else:
-            model = _timm_model(name[len(TIMM_PREFIX) :])
-            classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
-            heads = (
-                list(classifier) if isinstance(classifier, (list, tuple)) else [classifier] * bool(classifier)
-            )
-            ignored = tuple(f"{h}." for h in heads)
+        network = _network(name)
     if info.weights != RANDOM:
-        _load_weights(model, info.weights, name, ignored)
-    return TileEncoder(model, info)
+        load_weights(network.loads_into, info.weights, name, network.ignored, network.convert)
+    return TileEncoder(network.module, info)

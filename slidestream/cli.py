@@ -64,7 +64,11 @@ def _views_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-ENCODER_HELP = "resnet50_trunc, resnet18_trunc, resnet10t_64 (see pretrain-encoder) or timm:<model>"
+ENCODER_HELP = (
+    "a preset (uni, virchow2, h-optimus-0, …: `slidestream encoders`), resnet50_trunc, resnet18_trunc, "
+    "resnet10t_64 (see pretrain-encoder) or timm:<model>"
+)
+WEIGHTS_HELP = "local weights file or model folder (a Hugging Face cache entry), or 'random' (explicitly)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--slides", required=True, help="slide prefix (dir or s3://) or slide-list CSV")
     run.add_argument("--out", required=True, help="output root (dir or s3://)")
     run.add_argument("--encoder", required=True, help=ENCODER_HELP)
-    run.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
+    run.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     run.add_argument("--labels", help="labels CSV/Parquet (slide_id,label); checked against the slides")
     run.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
     _views_flag(run)
@@ -124,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser("embed", parents=[common], help="features for a new encoder from shards")
     embed.add_argument("--out", required=True, help="output root holding committed tile shards")
     embed.add_argument("--encoder", required=True, help=ENCODER_HELP)
-    embed.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
+    embed.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     embed.add_argument("--strict", action="store_true", help="exit non-zero when any slide failed")
     _views_flag(embed)
     _tiling_flags(embed)
@@ -137,13 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--slides", required=True, help="slide prefix (dir or s3://) to watch")
     watch.add_argument("--out", required=True, help="output root (dir or s3://); one watcher per root")
     watch.add_argument("--encoder", required=True, help=ENCODER_HELP)
-    watch.add_argument("--weights", required=True, help="local weights file, or 'random' (explicitly)")
+    watch.add_argument("--weights", required=True, help=WEIGHTS_HELP)
     watch.add_argument("--interval", type=float, help="seconds between polls (watch.interval_s)")
     watch.add_argument(
         "--model", dest="score_run", help="a trained run (OUT/runs/NAME): score each new slide with it"
     )
     watch.add_argument("--json-status", help="where the JSON status goes (default: OUT/watch/status.json)")
     _tiling_flags(watch)
+
+    encoders = commands.add_parser(
+        "encoders", parents=[common], help="the preset tile encoders: dims, tiling, size, licence"
+    )
+    encoders.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
 
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
     status.add_argument("--out", required=True)

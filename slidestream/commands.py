@@ -15,6 +15,7 @@ from slidestream.cluster.config import Config
 from slidestream.cluster.errors import UsageError
 from slidestream.cluster.storage import filesystem, join
 from slidestream.pipelines.embed import EmbedStage, run_embed
+from slidestream.pipelines.encoder_tiling import encoder_tiling
 from slidestream.pipelines.features import FeatureBags
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.labels import read_labels
@@ -133,6 +134,7 @@ def cmd_run(
     strict: bool,
     gigassl_views: tuple[int, int] | None,
 ) -> int:
+    config = encoder_tiling(config, encoder)
     embed = EmbedStage(encoder, weights, config.tiling, config.embed)
     status = _ingest(config, "run", slides, out, labels, strict, embed)
     return _views(config, out, encoder, weights, gigassl_views, strict) or status
@@ -147,6 +149,7 @@ def cmd_embed(
     strict: bool,
     gigassl_views: tuple[int, int] | None,
 ) -> int:
+    config = encoder_tiling(config, encoder)
     stage = EmbedStage(encoder, weights, config.tiling, config.embed)
     with WriterLock(out, "embed", config.watch.lock_ttl_s):
         report = run_embed(out, config, stage)
@@ -168,6 +171,7 @@ def cmd_watch(
 ) -> int:
     from slidestream.pipelines.watch import Watcher
 
+    config = encoder_tiling(config, encoder)
     discover_slides(slides, config.ingest.slide_extensions)  # a wrong source fails before Ray starts
     embed = EmbedStage(encoder, weights, config.tiling, config.embed)
     features = join(out, embed.stage)
@@ -269,6 +273,25 @@ def cmd_probe(
     return 0
 
 
+def cmd_encoders(*, as_json: bool) -> int:
+    """The preset encoders: what each embeds and what its weights need."""
+    from slidestream.pipelines.encoder_presets import preset_rows
+
+    rows = preset_rows()
+    if as_json:
+        print_json({"presets": rows})
+        return 0
+    print(f"{'preset':<14} {'dim':>5}  {'tiles → input':<25} {'params':>7}  {'feature':<15} licence")
+    for r in rows:
+        crop = f" → crop {r['input_px']}" if r["resize_px"] != r["input_px"] else ""
+        tiles = f"{r['tile_px']}@{r['mpp']} → {r['resize_px']}{crop}"
+        size = f"{r['params_m']}M"
+        print(f"{r['name']:<14} {r['dim']:>5}  {tiles:<25} {size:>7}  {r['feature']:<15} {r['licence']}")
+    print("weights: --weights FILE or a model folder / Hugging Face cache entry (nothing is downloaded)")
+    print("also: resnet50_trunc, resnet18_trunc, resnet10t_64, timm:<model>; docs/encoders.md")
+    return 0
+
+
 def cmd_pretrain_encoder(*, out: str, slides: int, tiles_per_slide: int, epochs: int, seed: int) -> int:
     from slidestream.trainers.encoder_pretrain import ENCODER, PretrainSettings, pretrain_tile_encoder
 
@@ -313,6 +336,8 @@ def cmd_train(
     from slidestream.trainers.fit import TrainingError
 
     method = METHODS[kind]
+    if encoder:
+        config = encoder_tiling(config, encoder)
     request = TrainRequest(
         kind,
         name,

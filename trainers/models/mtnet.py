@@ -250,7 +250,7 @@ def build_mtnet(n_classes: int, network: str = "official", weights: Path | None 
     random init that `cdma.weights: random` asks for, or weights loaded afterwards)."""
     model = MTNet(n_classes, MTNetSpec.named(network))
     if weights is not None:
-        from slidestream.pipelines.encoders import _load_weights
+        from slidestream.pipelines.encoder_weights import load_weights
 
-        _load_weights(model.encoder, str(weights), f"cdma {network} encoder", ("fc.",))
+        load_weights(model.encoder, str(weights), f"cdma {network} encoder", ("fc.",))
     return model

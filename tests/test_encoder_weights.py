@@ -1,0 +1,141 @@
+"""Weights for the preset encoders: the real key layouts load (timm's, and transformers' DINOv2 through the
+remap, checked against transformers' own forward), a wrong file is refused naming the preset and the
+first mismatches, folders and Hugging Face cache entries resolve to their file, keys follow the content."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from slidestream.pipelines.encoder_presets import PRESETS, EncoderPreset, ViTFeatures, build_preset
+from slidestream.pipelines.encoder_weights import (
+    EncoderError,
+    load_weights,
+    resolve_weights,
+    to_timm_vit,
+    weights_digest,
+)
+from slidestream.pipelines.encoders import encoder_info
+
+# The same architectures as the presets, narrowed and shortened (same key layout, small files).
+SMALL = {"embed_dim": 96, "depth": 2, "num_heads": 4}
+
+
+def _small(name: str) -> EncoderPreset:
+    preset = PRESETS[name]
+    return replace(preset, kwargs={**preset.kwargs, **SMALL})
+
+
+def _seeded(preset: EncoderPreset, seed: int) -> ViTFeatures:
+    torch.manual_seed(seed)
+    return build_preset(preset).eval()
+
+
+def _features(model: ViTFeatures, px: int) -> torch.Tensor:
+    x = torch.randn(2, 3, px, px, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model(x)
+
+
+@pytest.mark.parametrize("name", ["uni", "uni2-h", "virchow2", "h-optimus-0"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_timm_layout_loads_exactly(tmp_path: Path, name: str, suffix: str) -> None:
+    preset = _small(name)
+    source = _seeded(preset, 1)
+    path = tmp_path / f"weights{suffix}"
+    state = {k: v.contiguous() for k, v in source.vit.state_dict().items()}
+    save_file(state, path) if suffix == ".safetensors" else torch.save(state, path)
+    target = _seeded(preset, 2)
+    load_weights(target.vit, str(path), name, convert=to_timm_vit)
+    torch.testing.assert_close(_features(target, preset.input_px), _features(source, preset.input_px))
+
+
+def _refusal(tmp_path: Path, state: dict[str, torch.Tensor]) -> str:
+    path = tmp_path / "wrong.safetensors"
+    save_file(state, path)
+    with pytest.raises(EncoderError) as err:
+        load_weights(_seeded(_small("uni"), 0).vit, str(path), "uni", convert=to_timm_vit)
+    message = str(err.value)
+    assert message.startswith("encoder 'uni': weights file") and "wrong.safetensors" in message
+    return message
+
+
+def test_a_wrong_file_is_refused_naming_the_preset_and_the_mismatches(tmp_path: Path) -> None:
+    state = {k: v.contiguous() for k, v in _seeded(_small("uni"), 1).vit.state_dict().items()}
+
+    missing = _refusal(tmp_path, {k: v for k, v in state.items() if k != "blocks.1.attn.qkv.weight"})
+    assert "missing keys: blocks.1.attn.qkv.weight" in missing
+
+    extra = _refusal(tmp_path, {**state, "head.weight": torch.zeros(2, 96)})
+    assert "unexpected keys: head.weight" in extra
+
+    wrong = _refusal(tmp_path, {**state, "blocks.0.mlp.fc1.weight": torch.zeros(128, 96)})
+    assert "shape mismatches (file vs model): blocks.0.mlp.fc1.weight (128, 96) vs (384, 96)" in wrong
+
+
+@pytest.mark.parametrize(
+    ("name", "registers", "swiglu", "grid_px"),
+    [
+        ("phikon-v2", 0, False, 224),  # ViT-L/16 without registers
+        ("phikon-v2", 0, False, 518),  # position embedding kept at 518 px, resampled to the input
+        ("hibou-b", 4, True, 224),  # 4 registers and SwiGLU (transformers' Dinov2WithRegisters)
+    ],
+)
+def test_transformers_dinov2_layout_is_remapped(
+    tmp_path: Path, name: str, registers: int, swiglu: bool, grid_px: int
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    preset = _small(name)
+    patch = preset.kwargs.get("patch_size") or PRESETS[name].patch
+    common = {
+        "hidden_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "patch_size": patch,
+        "image_size": grid_px,
+        "use_swiglu_ffn": swiglu,
+    }
+    torch.manual_seed(3)
+    if registers:
+        hf = transformers.Dinov2WithRegistersModel(
+            transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
+        )
+    else:
+        hf = transformers.Dinov2Model(transformers.Dinov2Config(**common))
+    cache = tmp_path / "models--org--model"
+    hf.save_pretrained(cache / "snapshots" / "abc123")
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("abc123")
+
+    path = resolve_weights(name, cache)
+    assert path == str(cache / "snapshots" / "abc123" / "model.safetensors")
+    ours = _seeded(preset, 0)
+    load_weights(ours.vit, path, name, convert=to_timm_vit)
+    x = torch.randn(2, 3, preset.input_px, preset.input_px, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf.eval()(pixel_values=x).pooler_output
+        got = ours(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_folders_resolve_and_keys_follow_the_content(tmp_path: Path) -> None:
+    state = {k: v.contiguous() for k, v in _seeded(_small("uni"), 1).vit.state_dict().items()}
+    folder = tmp_path / "uni"
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    assert resolve_weights("uni", folder) == str(folder / "pytorch_model.bin")
+    key = encoder_info("uni", folder).key
+    assert key == f"uni-{weights_digest(folder / 'pytorch_model.bin')}"
+    assert encoder_info("uni", folder / "pytorch_model.bin").key == key
+    assert encoder_info("virchow2", folder).key != key  # same file, another encoder
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(
+        EncoderError, match=r"encoder 'uni': folder .*empty.* holds none of model\.safetensors"
+    ):
+        resolve_weights("uni", empty)

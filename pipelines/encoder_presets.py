@@ -12,16 +12,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from timm.models.vision_transformer import VisionTransformer
+from slidestream.pipelines.preset_networks import AttentionPooledViT, Pooling, PresetNetwork, ViTFeatures
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-Pooling = Literal["cls", "cls+patch_mean"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +28,7 @@ class EncoderPreset:
     arch: str  # timm architecture
     kwargs: Mapping[str, Any]  # timm.create_model keyword arguments; layers by name (`_LAYERS`)
     dim: int  # feature dimension
-    pooling: Pooling  # the class token, or the class token ⊕ the mean of the patch tokens
+    pooling: Pooling  # what makes the feature (`preset_networks`)
     mpp: float  # µm/px of the tiles the authors embedded
     tile_px: int  # tile side read at `mpp`, then resized to `resize_px`...
     input_px: int  # ...and centre-cropped to this side, the network's input
@@ -249,6 +247,29 @@ _PRESETS = (
     # github.com/HistAI/hibou), pooler output = class token. SwiGLU width as transformers computes it
     # ((int(4·D·2/3) + 7) // 8 · 8 = 2048 / 2736, packed ×2). preprocessor_config.json: 224 px, Hibou
     # mean/std. Magnification: TRIDENT's 20x (no official statement found). TRIDENT runs them in fp32.
+    # CONCH v1.5 (TITAN's tile encoder): a ViT-L/16 trunk (LayerScale) whose tokens a single learned query
+    # attends over (CoCa's attentional pooler, 8 heads), then a LayerNorm: 768-d. 512-px tiles at 20x,
+    # Resize(448) + CenterCrop(448), ImageNet (huggingface.co/MahmoodLab/conchv1_5; TITAN's README;
+    # TRIDENT's conch_v15 loader: `pytorch_model_vision.bin`, keys trunk./attn_pool_contrast./ln_contrast.).
+    EncoderPreset(
+        name="conch-v1.5",
+        arch="vit_large_patch16_224",
+        kwargs={"img_size": 448, "init_values": 1.0},
+        dim=768,
+        pooling="attention",
+        mpp=0.5,
+        tile_px=512,
+        resize_px=448,
+        input_px=448,
+        mean=IMAGENET[0],
+        std=IMAGENET[1],
+        bf16=True,
+        licence=_NC_GATED,
+        card="https://huggingface.co/MahmoodLab/conchv1_5",
+        blocks=24,
+        width=1024,
+        patch=16,
+    ),
     EncoderPreset(
         name="hibou-b",
         arch="vit_base_patch14_reg4_dinov2",
@@ -307,25 +328,7 @@ def preset_kwargs(preset: EncoderPreset) -> dict[str, Any]:
     return {k: layers[v] if k.endswith("_layer") else v for k, v in preset.kwargs.items()}
 
 
-class ViTFeatures(nn.Module):
-    """A timm ViT's tile feature: the class token after the final norm, or that ⊕ the mean of the patch
-    tokens (register tokens left out), computed from `forward_features` whatever timm's own pooling."""
-
-    def __init__(self, vit: VisionTransformer, pooling: Pooling) -> None:
-        super().__init__()
-        self.vit = vit
-        self.pooling = pooling
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        tokens = self.vit.forward_features(x)
-        cls = tokens[:, 0]
-        if self.pooling == "cls":
-            return cls
-        patches = tokens[:, self.vit.num_prefix_tokens :]
-        return torch.cat([cls, patches.mean(dim=1)], dim=-1)
-
-
-def build_preset(preset: EncoderPreset) -> ViTFeatures:
+def build_preset(preset: EncoderPreset) -> PresetNetwork:
     """The preset's network, randomly initialised (on the current default device: `meta` builds giants
     without memory)."""
     import timm
@@ -334,6 +337,8 @@ def build_preset(preset: EncoderPreset) -> ViTFeatures:
     vit = timm.create_model(preset.arch, pretrained=False, num_classes=0, **preset_kwargs(preset))
     if not isinstance(vit, VisionTransformer):
         raise TypeError(f"preset {preset.name!r}: timm built a {type(vit).__name__}, not a VisionTransformer")
+    if preset.pooling == "attention":
+        return AttentionPooledViT(vit, preset.dim)
     return ViTFeatures(vit, preset.pooling)
 
 

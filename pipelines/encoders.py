@@ -25,7 +25,6 @@ from slidestream.pipelines.encoder_weights import (
     EncoderError,
     load_weights,
     resolve_weights,
-    to_timm_vit,
     weights_digest,
 )
 
@@ -306,7 +305,7 @@ class _Network:
 def _network(name: str) -> _Network:
     if name in PRESETS:
         features = build_preset(PRESETS[name])
-        return _Network(features, features.vit, convert=to_timm_vit)
+        return _Network(features, features.weights_module, convert=features.convert_weights)
     if name in _TRUNC:
         model: nn.Module = _TruncatedResNet(_TRUNC[name][0])
         return _Network(model, model, _TRUNC_IGNORED)

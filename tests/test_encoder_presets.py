@@ -27,7 +27,7 @@ def test_preset_builds_as_documented(name: str) -> None:
     with torch.device("meta"):
         network = build_preset(preset)
         features = network(torch.empty(2, 3, preset.input_px, preset.input_px))
-    vit = network.vit
+    vit = network.backbone
     assert len(vit.blocks) == preset.blocks
     assert vit.embed_dim == preset.width
     assert vit.patch_embed.patch_size == (preset.patch, preset.patch)

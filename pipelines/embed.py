@@ -108,11 +108,12 @@ class EmbedStage:
     info: Any = field(init=False)
 
     def __post_init__(self) -> None:
-        from slidestream.pipelines.encoders import encoder_info
+        from slidestream.pipelines.encoders import check_encoder, encoder_info
 
         self.info = with_input_px(
             encoder_info(self.encoder_name, self.weights, self.cfg.seed), self.cfg.input_px
         )
+        check_encoder(self.encoder_name, self.weights)  # a wrong weights file fails before any slide is read
 
     @property
     def stage(self) -> str:

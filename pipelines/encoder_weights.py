@@ -136,11 +136,31 @@ def _unwrap(obj: Any) -> Any:
     return obj
 
 
-def read_state_dict(path: str, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a weights file (or of a sharded checkpoint), unwrapped from training containers."""
+def _read_shapes(path: str, name: str) -> Any:
+    """A file's tensors as `meta` tensors of their shapes and dtypes, without reading the data: safetensors'
+    header, or a memory-mapped torch file."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, "pt") as f:
+                keys = f.keys()  # a safetensors handle is not a mapping
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in keys}
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not mappable (a legacy torch file): read it whole, the error names the file if bad
+        obj = _read_one(path, name)
+    obj = _unwrap(obj)
+    if not isinstance(obj, Mapping):
+        return obj
+    return {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in obj.items()}
+
+
+def read_state_dict(path: str, name: str, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of a weights file (or of a sharded checkpoint), unwrapped from training containers;
+    `shapes_only`: as `meta` tensors, the data left unread."""
     tensors: dict[str, torch.Tensor] = {}
     for shard in _shards(path):
-        obj = _unwrap(_read_one(shard, name))
+        obj = _read_shapes(shard, name) if shapes_only else _unwrap(_read_one(shard, name))
         if not isinstance(obj, Mapping):
             raise EncoderError(f"encoder {name!r}: weights file {shard!r} does not hold a state dict")
         tensors.update({str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)})
@@ -287,9 +307,33 @@ def load_weights(
     """Load a weights file into `model`, all or nothing: every model entry must come from the file with its
     shape, and every key of the file must be used (or start with one of `ignored_prefixes`, the parts a
     truncated or headless model leaves out). `convert` maps a foreign layout onto the model's keys."""
+    model.load_state_dict(_fitted(model, path, name, ignored_prefixes, convert, False), strict=True)
+
+
+def check_weights(
+    model: nn.Module,
+    path: str,
+    name: str,
+    ignored_prefixes: tuple[str, ...] = (),
+    convert: Convert | None = None,
+) -> None:
+    """What `load_weights` would refuse, found from the file's shapes alone (`model` may be on `meta`):
+    cheap enough to run before any slide is read, even for a multi-GB file."""
+    _fitted(model, path, name, ignored_prefixes, convert, True)
+
+
+def _fitted(
+    model: nn.Module,
+    path: str,
+    name: str,
+    ignored_prefixes: tuple[str, ...],
+    convert: Convert | None,
+    shapes_only: bool,
+) -> dict[str, torch.Tensor]:
+    """The file's entries for `model`'s keys, or an EncoderError listing what does not fit."""
     expected = model.state_dict()
     wanted = set(expected)
-    state = {_strip(k, wanted): v for k, v in read_state_dict(path, name).items()}
+    state = {_strip(k, wanted): v for k, v in read_state_dict(path, name, shapes_only).items()}
     if convert is not None:
         state = convert(state, model)
     loaded = {k: v for k, v in state.items() if k in wanted}
@@ -313,4 +357,4 @@ def load_weights(
         raise EncoderError(
             f"encoder {name!r}: weights file {path!r} does not fit the model; {'; '.join(problems)}"
         )
-    model.load_state_dict(loaded, strict=True)
+    return loaded

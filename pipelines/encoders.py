@@ -23,6 +23,7 @@ from slidestream.pipelines.encoder_weights import (
     RANDOM,
     Convert,
     EncoderError,
+    check_weights,
     load_weights,
     resolve_weights,
     weights_digest,
@@ -316,6 +317,17 @@ def _network(name: str) -> _Network:
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
     heads = list(classifier) if isinstance(classifier, (list, tuple)) else [classifier] * bool(classifier)
     return _Network(model, model, tuple(f"{h}." for h in heads))
+
+
+def check_encoder(name: str, weights: str | os.PathLike | None) -> None:
+    """Refuses a weights file that `build_encoder` would refuse, from its shapes alone and the network on
+    the `meta` device: run where the work is planned, before any slide is read."""
+    info = encoder_info(name, weights)
+    if info.weights == RANDOM:
+        return
+    with torch.device("meta"):
+        network = _network(name)
+    check_weights(network.loads_into, info.weights, name, network.ignored, network.convert)
 
 
 def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -> TileEncoder:

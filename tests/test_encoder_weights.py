@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from slidestream.pipelines.encoder_presets import PRESETS, EncoderPreset, build_preset
 from slidestream.pipelines.encoder_weights import (
     EncoderError,
+    check_weights,
     load_weights,
     resolve_weights,
     to_timm_vit,
@@ -61,6 +62,9 @@ def _refusal(tmp_path: Path, state: dict[str, torch.Tensor]) -> str:
     with pytest.raises(EncoderError) as err:
         load_weights(_seeded(_small("uni"), 0).weights_module, str(path), "uni", convert=to_timm_vit)
     message = str(err.value)
+    with torch.device("meta"), pytest.raises(EncoderError) as checked:  # from the file's header alone
+        check_weights(build_preset(_small("uni")).weights_module, str(path), "uni", convert=to_timm_vit)
+    assert str(checked.value) == message
     assert message.startswith("encoder 'uni': weights file") and "wrong.safetensors" in message
     return message
 
@@ -114,6 +118,8 @@ def test_transformers_dinov2_layout_is_remapped(
 
     path = resolve_weights(name, cache)
     assert path == str(cache / "snapshots" / "abc123" / "model.safetensors")
+    with torch.device("meta"):  # the remap also runs on shapes alone (the check before any slide is read)
+        check_weights(build_preset(preset).weights_module, path, name, convert=to_timm_vit)
     ours = _seeded(preset, 0)
     load_weights(ours.weights_module, path, name, convert=to_timm_vit)
     x = torch.randn(2, 3, preset.input_px, preset.input_px, generator=torch.Generator().manual_seed(5))
@@ -186,3 +192,19 @@ def test_conch_file_layout_and_position_resampling() -> None:
     want = torch.nn.functional.interpolate(grid, scale_factor=(28.1 / 14, 28.1 / 14), mode="bicubic")
     torch.testing.assert_close(loaded["trunk.pos_embed"][:, 1:], want.permute(0, 2, 3, 1).reshape(1, -1, 8))
     torch.testing.assert_close(loaded["trunk.pos_embed"][:, :1], pos[:, :1])
+
+
+def test_run_refuses_a_wrong_weights_file_before_any_slide_is_read(tmp_path: Path, capsys) -> None:
+    from slidestream.cli import main
+
+    wrong = tmp_path / "vit_small.safetensors"  # a file for another network
+    save_file(
+        {k: v.contiguous() for k, v in _seeded(_small("uni"), 0).weights_module.state_dict().items()}, wrong
+    )
+    out = tmp_path / "out"
+    args = ["run", "--slides", str(tmp_path), "--out", str(out), "--encoder", "uni", "--weights", str(wrong)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "encoder 'uni': weights file" in err and "missing keys: blocks.2." in err
+    assert "shape mismatches (file vs model): cls_token (1, 1, 96) vs (1, 1, 1024)" in err
+    assert not out.exists()

@@ -10,7 +10,7 @@ downloaded here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -26,23 +26,23 @@ IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 class EncoderPreset:
     name: str
     arch: str  # timm architecture
-    kwargs: Mapping[str, Any]  # timm.create_model keyword arguments; layers by name (`_LAYERS`)
+    kwargs: Mapping[str, Any]  # timm.create_model keyword arguments; layers by name (`_layers`)
     dim: int  # feature dimension
-    pooling: Pooling  # what makes the feature (`preset_networks`)
-    mpp: float  # µm/px of the tiles the authors embedded
     tile_px: int  # tile side read at `mpp`, then resized to `resize_px`...
     input_px: int  # ...and centre-cropped to this side, the network's input
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    bf16: bool  # bf16 autocast on CUDA keeps the features (the card runs it in half precision)
     licence: str
     card: str  # where the numbers come from
-    # documented architecture, checked against the built network by the tests
-    blocks: int = 0
-    width: int = 0
-    patch: int = 0
+    # the documented architecture, checked against the built network by the tests
+    blocks: int
+    width: int
+    patch: int
     registers: int = 0
-    resize_px: int = field(default=0)  # 0: tile_px
+    pooling: Pooling = "cls"  # what makes the feature (`preset_networks`)
+    mpp: float = 0.5  # µm/px of the tiles the authors embedded
+    resize_px: int = 0  # 0: tile_px
+    mean: tuple[float, float, float] = IMAGENET[0]
+    std: tuple[float, float, float] = IMAGENET[1]
+    bf16: bool = True  # bf16 autocast on CUDA keeps the features (the authors run it in half precision)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "kwargs", MappingProxyType(dict(self.kwargs)))
@@ -55,10 +55,28 @@ class EncoderPreset:
 _NC_GATED = "CC-BY-NC-ND-4.0, gated (request access on the model page)"
 _HIBOU_NORM = ((0.7068, 0.5755, 0.722), (0.195, 0.2316, 0.1816))
 _HOPTIMUS_NORM = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
-_SWIGLU = {
-    "mlp_layer": "swiglu_packed",
-    "act_layer": "silu",
-}  # timm's Block overrides SwiGLU's SiLU otherwise
+# SwiGLU: the activation must be named too, or timm's Block hands the MLP its own (GELU)
+_SWIGLU = {"mlp_layer": "swiglu_packed", "act_layer": "silu"}
+
+# H-optimus-0. huggingface.co/bioptimus/H-optimus-0: config.json (vit_giant_patch14_reg4_dinov2, token
+# pooling, 1536 features, its own mean/std) and the card (init_values=1e-5, dynamic_img_size=False;
+# "224x224 images extracted at 0.5 microns per pixel"; fp16 autocast recommended).
+_H_OPTIMUS_0 = EncoderPreset(
+    name="h-optimus-0",
+    arch="vit_giant_patch14_reg4_dinov2",
+    kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+    dim=1536,
+    tile_px=224,
+    input_px=224,
+    mean=_HOPTIMUS_NORM[0],
+    std=_HOPTIMUS_NORM[1],
+    licence="Apache-2.0",
+    card="https://huggingface.co/bioptimus/H-optimus-0",
+    blocks=40,
+    width=1536,
+    patch=14,
+    registers=4,
+)
 
 _PRESETS = (
     # UNI. Architecture and kwargs: huggingface.co/MahmoodLab/UNI (card), github.com/mahmoodlab/UNI
@@ -69,14 +87,9 @@ _PRESETS = (
         arch="vit_large_patch16_224",
         kwargs={"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
         dim=1024,
-        pooling="cls",
-        mpp=0.5,
         tile_px=256,
         resize_px=224,
         input_px=224,
-        mean=IMAGENET[0],
-        std=IMAGENET[1],
-        bf16=True,
         licence=_NC_GATED,
         card="https://huggingface.co/MahmoodLab/UNI",
         blocks=24,
@@ -103,14 +116,9 @@ _PRESETS = (
             **_SWIGLU,
         },
         dim=1536,
-        pooling="cls",
-        mpp=0.5,
         tile_px=256,
         resize_px=224,
         input_px=224,
-        mean=IMAGENET[0],
-        std=IMAGENET[1],
-        bf16=True,
         licence=_NC_GATED,
         card="https://huggingface.co/MahmoodLab/UNI2-h",
         blocks=24,
@@ -136,12 +144,8 @@ _PRESETS = (
         },
         dim=2560,
         pooling="cls+patch_mean",
-        mpp=0.5,
         tile_px=224,
         input_px=224,
-        mean=IMAGENET[0],
-        std=IMAGENET[1],
-        bf16=True,
         licence=_NC_GATED,
         card="https://huggingface.co/paige-ai/Virchow2",
         blocks=32,
@@ -149,48 +153,14 @@ _PRESETS = (
         patch=14,
         registers=4,
     ),
-    # H-optimus-0. huggingface.co/bioptimus/H-optimus-0: config.json (vit_giant_patch14_reg4_dinov2, token
-    # pooling, 1536 features, its own mean/std) and the card (init_values=1e-5, dynamic_img_size=False;
-    # "224x224 images extracted at 0.5 microns per pixel"; fp16 autocast recommended).
-    EncoderPreset(
-        name="h-optimus-0",
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-        dim=1536,
-        pooling="cls",
-        mpp=0.5,
-        tile_px=224,
-        input_px=224,
-        mean=_HOPTIMUS_NORM[0],
-        std=_HOPTIMUS_NORM[1],
-        bf16=True,
-        licence="Apache-2.0",
-        card="https://huggingface.co/bioptimus/H-optimus-0",
-        blocks=40,
-        width=1536,
-        patch=14,
-        registers=4,
-    ),
+    _H_OPTIMUS_0,
     # H-optimus-1: the same network, tiling and normalisation as H-optimus-0 (github.com/bioptimus/
     # h1-jumpstart README; TRIDENT). Its licence text was not found in the sources read.
-    EncoderPreset(
+    replace(
+        _H_OPTIMUS_0,
         name="h-optimus-1",
-        arch="vit_giant_patch14_reg4_dinov2",
-        kwargs={"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-        dim=1536,
-        pooling="cls",
-        mpp=0.5,
-        tile_px=224,
-        input_px=224,
-        mean=_HOPTIMUS_NORM[0],
-        std=_HOPTIMUS_NORM[1],
-        bf16=True,
         licence="gated; Bioptimus terms on the model page",
         card="https://huggingface.co/bioptimus/H-optimus-1",
-        blocks=40,
-        width=1536,
-        patch=14,
-        registers=4,
     ),
     # Prov-GigaPath tile encoder. config.json model_args of huggingface.co/prov-gigapath/prov-gigapath
     # (patch 16 despite the base name; the base supplies SwiGLU + SiLU); github.com/prov-gigapath/
@@ -209,13 +179,8 @@ _PRESETS = (
             "mlp_ratio": 5.33334,
         },
         dim=1536,
-        pooling="cls",
-        mpp=0.5,
         tile_px=256,
         input_px=224,
-        mean=IMAGENET[0],
-        std=IMAGENET[1],
-        bf16=True,
         licence="gated (agree to the terms), research use only; code Apache-2.0",
         card="https://huggingface.co/prov-gigapath/prov-gigapath",
         blocks=40,
@@ -230,12 +195,8 @@ _PRESETS = (
         arch="vit_large_patch16_224",
         kwargs={"img_size": 224, "init_values": 1.0},
         dim=1024,
-        pooling="cls",
-        mpp=0.5,
         tile_px=224,
         input_px=224,
-        mean=IMAGENET[0],
-        std=IMAGENET[1],
         bf16=False,
         licence="Owkin non-commercial licence",
         card="https://huggingface.co/owkin/phikon-v2",
@@ -243,10 +204,6 @@ _PRESETS = (
         width=1024,
         patch=16,
     ),
-    # Hibou-B / Hibou-L: DINOv2 with 4 registers and SwiGLU (huggingface.co/histai/hibou-b config.json;
-    # github.com/HistAI/hibou), pooler output = class token. SwiGLU width as transformers computes it
-    # ((int(4·D·2/3) + 7) // 8 · 8 = 2048 / 2736, packed ×2). preprocessor_config.json: 224 px, Hibou
-    # mean/std. Magnification: TRIDENT's 20x (no official statement found). TRIDENT runs them in fp32.
     # CONCH v1.5 (TITAN's tile encoder): a ViT-L/16 trunk (LayerScale) whose tokens a single learned query
     # attends over (CoCa's attentional pooler, 8 heads), then a LayerNorm: 768-d. 512-px tiles at 20x,
     # Resize(448) + CenterCrop(448), ImageNet (huggingface.co/MahmoodLab/conchv1_5; TITAN's README;
@@ -257,26 +214,24 @@ _PRESETS = (
         kwargs={"img_size": 448, "init_values": 1.0},
         dim=768,
         pooling="attention",
-        mpp=0.5,
         tile_px=512,
         resize_px=448,
         input_px=448,
-        mean=IMAGENET[0],
-        std=IMAGENET[1],
-        bf16=True,
         licence=_NC_GATED,
         card="https://huggingface.co/MahmoodLab/conchv1_5",
         blocks=24,
         width=1024,
         patch=16,
     ),
+    # Hibou-B / Hibou-L: DINOv2 with 4 registers and SwiGLU (huggingface.co/histai/hibou-b config.json;
+    # github.com/HistAI/hibou), pooler output = class token. SwiGLU width as transformers computes it
+    # ((int(4·D·2/3) + 7) // 8 · 8 = 2048 / 2736, packed ×2). preprocessor_config.json: 224 px, Hibou
+    # mean/std. Magnification: TRIDENT's 20x (no official statement found). TRIDENT runs them in fp32.
     EncoderPreset(
         name="hibou-b",
         arch="vit_base_patch14_reg4_dinov2",
         kwargs={"img_size": 224, "init_values": 1.0, "mlp_ratio": 4096.5 / 768, **_SWIGLU},
         dim=768,
-        pooling="cls",
-        mpp=0.5,
         tile_px=224,
         input_px=224,
         mean=_HIBOU_NORM[0],
@@ -294,8 +249,6 @@ _PRESETS = (
         arch="vit_large_patch14_reg4_dinov2",
         kwargs={"img_size": 224, "init_values": 1.0, "mlp_ratio": 5472.5 / 1024, **_SWIGLU},
         dim=1024,
-        pooling="cls",
-        mpp=0.5,
         tile_px=224,
         input_px=224,
         mean=_HIBOU_NORM[0],

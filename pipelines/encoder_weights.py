@@ -303,23 +303,17 @@ def load_weights(
     name: str,
     ignored_prefixes: tuple[str, ...] = (),
     convert: Convert | None = None,
+    check_only: bool = False,
 ) -> None:
     """Load a weights file into `model`, all or nothing: every model entry must come from the file with its
     shape, and every key of the file must be used (or start with one of `ignored_prefixes`, the parts a
-    truncated or headless model leaves out). `convert` maps a foreign layout onto the model's keys."""
-    model.load_state_dict(_fitted(model, path, name, ignored_prefixes, convert, False), strict=True)
+    truncated or headless model leaves out). `convert` maps a foreign layout onto the model's keys.
 
-
-def check_weights(
-    model: nn.Module,
-    path: str,
-    name: str,
-    ignored_prefixes: tuple[str, ...] = (),
-    convert: Convert | None = None,
-) -> None:
-    """What `load_weights` would refuse, found from the file's shapes alone (`model` may be on `meta`):
+    `check_only`: only find what would be refused, from the file's shapes alone (`model` may be on `meta`),
     cheap enough to run before any slide is read, even for a multi-GB file."""
-    _fitted(model, path, name, ignored_prefixes, convert, True)
+    loaded = _fitted(model, path, name, ignored_prefixes, convert, check_only)
+    if not check_only:
+        model.load_state_dict(loaded, strict=True)
 
 
 def _fitted(

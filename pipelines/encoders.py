@@ -23,7 +23,6 @@ from slidestream.pipelines.encoder_weights import (
     RANDOM,
     Convert,
     EncoderError,
-    check_weights,
     load_weights,
     resolve_weights,
     weights_digest,
@@ -327,7 +326,7 @@ def check_encoder(name: str, weights: str | os.PathLike | None) -> None:
         return
     with torch.device("meta"):
         network = _network(name)
-    check_weights(network.loads_into, info.weights, name, network.ignored, network.convert)
+    load_weights(network.loads_into, info.weights, name, network.ignored, network.convert, check_only=True)
 
 
 def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -> TileEncoder:

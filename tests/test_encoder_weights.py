@@ -14,7 +14,6 @@ from safetensors.torch import save_file
 from slidestream.pipelines.encoder_presets import PRESETS, EncoderPreset, build_preset
 from slidestream.pipelines.encoder_weights import (
     EncoderError,
-    check_weights,
     load_weights,
     resolve_weights,
     to_timm_vit,
@@ -63,7 +62,9 @@ def _refusal(tmp_path: Path, state: dict[str, torch.Tensor]) -> str:
         load_weights(_seeded(_small("uni"), 0).weights_module, str(path), "uni", convert=to_timm_vit)
     message = str(err.value)
     with torch.device("meta"), pytest.raises(EncoderError) as checked:  # from the file's header alone
-        check_weights(build_preset(_small("uni")).weights_module, str(path), "uni", convert=to_timm_vit)
+        load_weights(
+            build_preset(_small("uni")).weights_module, str(path), "uni", convert=to_timm_vit, check_only=True
+        )
     assert str(checked.value) == message
     assert message.startswith("encoder 'uni': weights file") and "wrong.safetensors" in message
     return message
@@ -119,7 +120,7 @@ def test_transformers_dinov2_layout_is_remapped(
     path = resolve_weights(name, cache)
     assert path == str(cache / "snapshots" / "abc123" / "model.safetensors")
     with torch.device("meta"):  # the remap also runs on shapes alone (the check before any slide is read)
-        check_weights(build_preset(preset).weights_module, path, name, convert=to_timm_vit)
+        load_weights(build_preset(preset).weights_module, path, name, convert=to_timm_vit, check_only=True)
     ours = _seeded(preset, 0)
     load_weights(ours.weights_module, path, name, convert=to_timm_vit)
     x = torch.randn(2, 3, preset.input_px, preset.input_px, generator=torch.Generator().manual_seed(5))

@@ -28,7 +28,8 @@ _FOLDER_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
-_STRIP_PREFIXES = ("module.", "model.", "backbone.")
+# wrappers around the network: DataParallel, training modules, our TileEncoder (model.) and preset ViT (vit.)
+_STRIP_PREFIXES = ("module.", "model.", "backbone.", "vit.")
 _CONTAINER_KEYS = ("state_dict", "model")
 _TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
@@ -280,7 +281,7 @@ def to_timm_vit(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, t
 
 
 def _strip(key: str, wanted: set[str]) -> str:
-    """Drop wrapper prefixes (module./model./backbone.) unless the key already names a model entry."""
+    """Drop wrapper prefixes (`_STRIP_PREFIXES`) unless the key already names a model entry."""
     while key not in wanted:
         prefix = next((p for p in _STRIP_PREFIXES if key.startswith(p)), None)
         if prefix is None:

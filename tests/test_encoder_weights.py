@@ -209,3 +209,17 @@ def test_run_refuses_a_wrong_weights_file_before_any_slide_is_read(tmp_path: Pat
     assert "encoder 'uni': weights file" in err and "missing keys: blocks.2." in err
     assert "shape mismatches (file vs model): cls_token (1, 1, 96) vs (1, 1, 1024)" in err
     assert not out.exists()
+
+
+def test_a_fine_tuned_preset_saved_whole_loads_back(tmp_path: Path) -> None:
+    """ICMIL saves its fine-tuned student as the TileEncoder's state dict (`model.vit.…` keys)."""
+    from slidestream.pipelines.encoders import TileEncoder
+
+    preset = _small("hibou-b")
+    student = TileEncoder(_seeded(preset, 1), encoder_info("hibou-b", "random"))
+    path = tmp_path / "encoder.pt"
+    torch.save(student.state_dict(), path)
+    assert next(iter(torch.load(path))).startswith("model.vit.")
+    loaded = _seeded(preset, 2)
+    load_weights(loaded.weights_module, str(path), "hibou-b", convert=loaded.convert_weights)
+    torch.testing.assert_close(_features(loaded, 224), _features(student.model, 224))

@@ -113,7 +113,7 @@ class EmbedStage:
         self.info = with_input_px(
             encoder_info(self.encoder_name, self.weights, self.cfg.seed), self.cfg.input_px
         )
-        check_encoder(self.encoder_name, self.weights)  # a wrong weights file fails before any slide is read
+        check_encoder(self.info)  # a wrong weights file fails before any slide is read
 
     @property
     def stage(self) -> str:

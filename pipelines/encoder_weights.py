@@ -6,6 +6,7 @@ VisionTransformer, and a file that does not fit the model exactly is refused, na
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -97,9 +98,18 @@ def _shards(path: str) -> list[str]:
 
 
 def weights_digest(path: str | os.PathLike) -> str:
-    """First 10 hex digits of the sha256 of a weights file (of its shards in order, for an index)."""
+    """First 10 hex digits of the sha256 of a weights file (of its shards in order, for an index). Hashed
+    once per process while the file keeps its size and modification time (a foundation model's file is
+    several GB, and the driver and every actor ask)."""
+    path = os.fspath(path)
+    stat = os.stat(path)
+    return _digest(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
-    for shard in _shards(os.fspath(path)):
+    for shard in _shards(path):
         with open(shard, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)

@@ -318,15 +318,16 @@ def _network(name: str) -> _Network:
     return _Network(model, model, tuple(f"{h}." for h in heads))
 
 
-def check_encoder(name: str, weights: str | os.PathLike | None) -> None:
+def check_encoder(info: EncoderInfo) -> None:
     """Refuses a weights file that `build_encoder` would refuse, from its shapes alone and the network on
     the `meta` device: run where the work is planned, before any slide is read."""
-    info = encoder_info(name, weights)
     if info.weights == RANDOM:
         return
     with torch.device("meta"):
-        network = _network(name)
-    load_weights(network.loads_into, info.weights, name, network.ignored, network.convert, check_only=True)
+        network = _network(info.name)
+    load_weights(
+        network.loads_into, info.weights, info.name, network.ignored, network.convert, check_only=True
+    )
 
 
 def build_encoder(name: str, weights: str | os.PathLike | None, seed: int = 0) -> TileEncoder:

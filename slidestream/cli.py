@@ -347,11 +347,46 @@ def _call(command: Callable[..., int], args: argparse.Namespace, config: Config)
     return command(config, **flags) if "config" in parameters else command(**flags)
 
 
+# Flags that name data locations: each object-storage one is checked before the command starts.
+STORAGE_FLAGS = (
+    "slides",
+    "out",
+    "labels",
+    "features",
+    "annotations",
+    "embeddings",
+    "baseline_features",
+    "run",
+    "score_run",
+    "output",
+    "space",
+    "json_status",
+)
+
+
+def _check_storage(args: argparse.Namespace) -> None:
+    """Unusable credentials, a missing bucket or an unreachable endpoint: one line before any work (and
+    before Ray starts). `submit` checks nothing here: its command runs on the cluster, with the cluster's
+    identity where --no-credentials says so."""
+    if args.command == "submit":
+        return
+    from slidestream.cluster.storage_errors import check_storage
+
+    for flag in STORAGE_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str):
+            check_storage(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    if not args.verbose:  # not "Found credentials in environment variables." on every command
+        for name in ("botocore.credentials", "aiobotocore.credentials"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         config = _config_from(args)
+        _check_storage(args)
         return _call(_command(args.command), args, config)
     except ConfigError as exc:
         print(f"slidestream: {exc}", file=sys.stderr)

@@ -19,7 +19,8 @@ over seeds for CDMA and supervised-only, and the paired difference CDMA − supe
 Runs are named by fraction and seed, so a rerun with the same settings resumes instead of retraining.
 
     python bench/cdma.py [--work DIR] [--slides 12] [--mpp 2.0] [--tile-px 64] [--network light]
-                         [--weights random|PATH] [--steps 8] [--batch 16] [--infer-batch 16]
+                         [--weights random|PATH] [--encoder-bn auto|frozen|train] [--steps 8]
+                         [--batch 16] [--infer-batch 16]
                          [--learning --epochs 30 [--difficulty hard --tumour-cover 0.05 0.2]
                           [--labelled-fracs 0.1 0.05] [--seeds 0 1 2] [--lr 1e-3]]
 """
@@ -41,7 +42,7 @@ from slidestream.cluster.storage import join
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.trainers.cdma.infer import predict_slide
-from slidestream.trainers.cdma.run import WEIGHTS_FILE, CDMARun
+from slidestream.trainers.cdma.run import WEIGHTS_FILE, CDMARun, encoder_bn
 from slidestream.trainers.models.mtnet import build_mtnet
 from slidestream.trainers.session import load_weights
 
@@ -73,6 +74,7 @@ def _config(args: argparse.Namespace, slides: str, *extra: str):
             f"tiling.tile_px={args.tile_px}",
             f"cdma.network={args.network}",
             f"cdma.weights={args.weights}",
+            f"cdma.encoder_bn={args.encoder_bn}",
             f"cdma.annotations={join(slides, 'masks')}",
             f"cdma.batch_size={args.batch}",
             "cdma.cpus_per_worker=1",
@@ -101,7 +103,7 @@ def _throughput(args: argparse.Namespace, slides: str, out: str) -> tuple[list[t
 def _inference(args: argparse.Namespace, run: CDMARun) -> list[tuple[str, float]]:
     """Slide inference tiles/s (windows of the sliding window) at batch 1 and `--infer-batch`."""
     config = run.config
-    model = build_mtnet(len(config.cdma.classes), config.cdma.network)
+    model = build_mtnet(len(config.cdma.classes), config.cdma.network, encoder_bn=encoder_bn(config.cdma))
     model.load_state_dict(load_weights(join(run.run_dir, "jobs", "cdma", WEIGHTS_FILE)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
@@ -123,7 +125,7 @@ def _learning_run(args: argparse.Namespace, slides: str, out: str, frac: float, 
         f"cdma.test_frac={args.test_frac}", f"cdma.split_seed={seed}", f"cdma.seed={seed}",
         "cdma.supervised_baseline=true",
     )  # fmt: skip
-    name = f"learn-{args.epochs}x{args.steps}-lr{args.lr:g}-f{frac:g}-s{seed}"
+    name = f"learn-{args.epochs}x{args.steps}-lr{args.lr:g}-bn{encoder_bn(config.cdma)}-f{frac:g}-s{seed}"
     t = time.perf_counter()
     metrics = CDMARun(name, out, config).execute()
     print(f"{name}: {time.perf_counter() - t:.0f} s; split {json.dumps(metrics['split'])}", flush=True)
@@ -161,7 +163,10 @@ def _learning(args: argparse.Namespace, slides: str, out: str) -> None:
     cohort = f"{args.slides} {args.difficulty} tiny slides"
     if args.difficulty == "hard":
         cohort += f", {args.sites} sites, tumour {args.tumour_cover[0]:g}-{args.tumour_cover[1]:g} of tissue"
-    training = f"{args.network} MTNet, {args.epochs} epochs × {args.steps} steps, lr {args.lr:g}"
+    bn = encoder_bn(_config(args, slides).cdma)
+    training = (
+        f"{args.network} MTNet ({bn} encoder BN), {args.epochs} epochs × {args.steps} steps, lr {args.lr:g}"
+    )
     print(f"\nCDMA vs supervised-only, {cohort}; {training}, seeds {args.seeds}")
     print("tumour Dice on the held-out slides, mean ± std over seeds")
     header = ("labelled", "measure", "CDMA", "supervised-only", "CDMA − supervised", "wins")
@@ -182,6 +187,9 @@ def main() -> None:
     parser.add_argument("--network", default="light", choices=["light", "official"])
     parser.add_argument(
         "--weights", default="random", help="cdma.weights: the encoder's ImageNet file, or random (timing)"
+    )
+    parser.add_argument(
+        "--encoder-bn", default="auto", choices=["auto", "frozen", "train"], help="cdma.encoder_bn"
     )
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--batch", type=int, default=16, help="per worker, half labelled (cdma.batch_size)")

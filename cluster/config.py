@@ -170,6 +170,8 @@ class CDMAConfig(WorkerResources):
 
     network: Literal["official", "light"] = "official"  # light: ResNet-18, narrow head (CPU tests, demo)
     weights: str | None = None  # encoder's local ImageNet weights file; "random": random init (null refuses)
+    # encoder BatchNorm: frozen (official, keeps ImageNet statistics) or train; auto: train for random weights
+    encoder_bn: Literal["auto", "frozen", "train"] = "auto"
     classes: list[str] = Field(default_factory=lambda: ["background", "tumour"], min_length=2)
     annotations: str | None = None  # dir of <slide_id><mask_suffix> mask images / <slide_id>.geojson
     mask_suffix: str = ".tumour.png"

@@ -1,4 +1,5 @@
-"""CDMA: the spec's golden loss values, MTNet's blocks and decoders, frozen BN, decoder 1 at inference."""
+"""CDMA: the spec's golden loss values, MTNet's blocks and decoders, frozen or trainable encoder BN, decoder 1
+at inference."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from slidestream.trainers.models.mtnet import (
     MTNetSpec,
     SpatialAttention,
     build_mtnet,
+    encoder_batchnorm,
 )
 
 
@@ -97,7 +99,7 @@ def test_official_network_forward() -> None:
 
 def test_encoder_batchnorm_is_frozen_but_affine_trains() -> None:
     torch.manual_seed(0)
-    model = build_mtnet(2, "light")
+    model = build_mtnet(2, "light", encoder_bn="frozen")
     norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms and all(isinstance(m, FrozenBatchNorm2d) for m in norms)
     before = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
@@ -110,6 +112,40 @@ def test_encoder_batchnorm_is_frozen_but_affine_trains() -> None:
     after = model.encoder.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not torch.equal(norms[0].weight.detach(), weight_before)
+
+
+def test_encoder_batchnorm_follows_the_weights(tmp_path) -> None:
+    """`cdma.encoder_bn: auto` freezes an ImageNet encoder's BatchNorm (official) and trains a random
+    encoder's (frozen initial statistics would be no normalisation); frozen / train force either kind."""
+    import timm
+
+    from slidestream.cluster.config import CDMAConfig
+    from slidestream.trainers.cdma.run import encoder_bn
+
+    torch.save(timm.create_model("resnet18", pretrained=False).state_dict(), tmp_path / "r18.pt")
+    assert CDMAConfig().encoder_bn == "auto"
+    for setting, weights, kind in [
+        ("auto", str(tmp_path / "r18.pt"), "frozen"),
+        ("auto", "random", "train"),
+        ("frozen", "random", "frozen"),
+        ("train", str(tmp_path / "r18.pt"), "train"),
+    ]:
+        cfg = CDMAConfig(network="light", weights=weights, encoder_bn=setting)
+        assert encoder_bn(cfg) == kind, (setting, weights)
+    with pytest.raises(ValueError, match="encoder_bn"):
+        encoder_batchnorm("sync", pretrained=True)
+
+    def norms(model: MTNet) -> list[torch.nn.BatchNorm2d]:
+        return [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+    pretrained = build_mtnet(2, "light", tmp_path / "r18.pt")
+    assert norms(pretrained) and all(isinstance(m, FrozenBatchNorm2d) for m in norms(pretrained))
+    random = build_mtnet(2, "light")
+    assert norms(random) and not any(isinstance(m, FrozenBatchNorm2d) for m in norms(random))
+    assert set(random.state_dict()) == set(pretrained.state_dict())  # the same checkpoint either way
+    random.train()
+    random(torch.randn(2, 3, 64, 64) * 3 + 1)
+    assert not torch.equal(norms(random)[0].running_mean, torch.zeros_like(norms(random)[0].running_mean))
 
 
 def test_inference_returns_decoder_one() -> None:

@@ -48,7 +48,7 @@ from slidestream.trainers.dist import average_gradients, gather_objects, rank_an
 from slidestream.trainers.fit import fit_once, write_or_check_plan
 from slidestream.trainers.methods import TrainRequest
 from slidestream.trainers.metrics import summarise
-from slidestream.trainers.models.mtnet import MTNet, build_mtnet
+from slidestream.trainers.models.mtnet import EncoderBN, MTNet, build_mtnet, encoder_batchnorm
 from slidestream.trainers.session import (
     bf16_autocast,
     load_weights,
@@ -57,7 +57,15 @@ from slidestream.trainers.session import (
     train_device,
 )
 
-__all__ = ["CDMAJob", "encoder_weights", "format_cdma_table", "make_optimizer", "run_cdma", "train_cdma"]
+__all__ = [
+    "CDMAJob",
+    "encoder_bn",
+    "encoder_weights",
+    "format_cdma_table",
+    "make_optimizer",
+    "run_cdma",
+    "train_cdma",
+]
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +124,12 @@ _WEIGHTS_NEEDED = {
 def encoder_weights(cfg: CDMAConfig) -> Path | None:
     """The encoder's ImageNet weights file; None only for an explicit `cdma.weights: random`."""
     return starting_weights(cfg.weights, setting="cdma.weights", needs=_WEIGHTS_NEEDED[cfg.network])
+
+
+def encoder_bn(cfg: CDMAConfig) -> EncoderBN:
+    """The encoder's BatchNorm kind of the run: `cdma.encoder_bn`, with `auto` resolved by `cdma.weights`
+    (frozen for an ImageNet file, trainable for `random`)."""
+    return encoder_batchnorm(cfg.encoder_bn, pretrained=encoder_weights(cfg) is not None)
 
 
 def annotations_for(cfg: CDMAConfig, slide_ids: list[str]) -> dict[str, SlideAnnotation]:
@@ -183,7 +197,7 @@ def train_cdma(config: dict[str, Any]) -> None:
     )
     val = load_tiles(job.out, tiling, job.val, annotations, cfg.min_tissue_frac) if job.val else None
     torch.manual_seed(cfg.seed)
-    model = build_mtnet(n_classes, cfg.network, encoder_weights(cfg)).to(device)
+    model = build_mtnet(n_classes, cfg.network, encoder_weights(cfg), encoder_bn(cfg)).to(device)
     optimizer = make_optimizer(model, cfg)
     loss_fn = CDMALoss(
         cfg.kd_weight, cfg.entropy_weight, cfg.unsup_start_epoch, cfg.temperature, job.semi_supervised
@@ -329,7 +343,7 @@ class CDMARun:
 
     def evaluate(self, job: CDMAJob) -> dict[str, Any]:
         """Slide inference on the test slides with the job's best weights: outputs and metrics per slide."""
-        model = build_mtnet(len(self.cfg.classes), self.cfg.network)
+        model = build_mtnet(len(self.cfg.classes), self.cfg.network, encoder_bn=encoder_bn(self.cfg))
         model.load_state_dict(load_weights(join(job.result_dir, WEIGHTS_FILE)))
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model.to(device)

@@ -1,5 +1,8 @@
-"""MTNet (CDMA): a DeepLabv3+ encoder with frozen BatchNorm, a shared ASPP and three decoders that differ only
-in their attention (decoder 1 CBAM, decoder 2 spatial, decoder 3 channel).
+"""MTNet (CDMA): a DeepLabv3+ encoder, a shared ASPP and three decoders that differ only in their attention
+(decoder 1 CBAM, decoder 2 spatial, decoder 3 channel).
+
+The encoder's BatchNorm is frozen as in the official network (it keeps the ImageNet statistics) or, for a
+randomly initialised encoder that has no statistics to keep, trained as usual (`encoder_batchnorm`).
 
 Training returns the three logit maps; evaluation returns decoder 1's alone (the other two are not run).
 `MTNetSpec.official()` is the paper's network (ResNet-50, 256-channel ASPP, 48 low-level channels);
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +24,19 @@ __all__ = [
     "CBAM",
     "ChannelAttention",
     "Decoder",
+    "EncoderBN",
     "FrozenBatchNorm2d",
     "MTNet",
     "MTNetSpec",
     "SpatialAttention",
     "build_mtnet",
+    "encoder_batchnorm",
     "undilated_stride16",
 ]
 
 _GROUPS = 4  # GroupNorm groups everywhere in the head
+
+EncoderBN = Literal["frozen", "train"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,17 @@ def freeze_batchnorm(module: nn.Module) -> nn.Module:
         else:
             freeze_batchnorm(child)
     return module
+
+
+def encoder_batchnorm(setting: str, pretrained: bool) -> EncoderBN:
+    """The encoder's BatchNorm kind for `cdma.encoder_bn`: `auto` freezes pretrained statistics (the
+    official network) and trains BatchNorm of a random encoder, whose frozen running statistics (mean 0,
+    variance 1) would leave it without any normalisation."""
+    if setting == "auto":
+        return "frozen" if pretrained else "train"
+    if setting in ("frozen", "train"):
+        return setting  # type: ignore[return-value]
+    raise ValueError(f"cdma.encoder_bn: unknown kind {setting!r}; choose auto, frozen or train")
 
 
 def undilated_stride16(encoder: Any) -> nn.Module:
@@ -200,11 +218,13 @@ class Decoder(nn.Module):
 
 
 class MTNet(nn.Module):
-    """Encoder (frozen BN) → ASPP → three attention decoders."""
+    """Encoder (frozen or trainable BN, `encoder_bn`) → ASPP → three attention decoders."""
 
     ATTENTIONS = ("cbam", "spatial", "channel")
 
-    def __init__(self, n_classes: int, spec: MTNetSpec | None = None) -> None:
+    def __init__(
+        self, n_classes: int, spec: MTNetSpec | None = None, encoder_bn: EncoderBN = "frozen"
+    ) -> None:
         super().__init__()
         import timm
 
@@ -212,7 +232,8 @@ class MTNet(nn.Module):
         encoder: Any = timm.create_model(  # a timm features model: feature_info
             self.spec.encoder, pretrained=False, features_only=True, out_indices=(1, 4)
         )
-        self.encoder = freeze_batchnorm(undilated_stride16(encoder))
+        encoder = undilated_stride16(encoder)
+        self.encoder = freeze_batchnorm(encoder) if encoder_bn == "frozen" else encoder
         low_in, high_in = encoder.feature_info.channels()
         self.aspp = ASPP(high_in, self.spec.aspp_ch, self.spec.dilations)
         self.decoders = nn.ModuleList(
@@ -245,10 +266,14 @@ class MTNet(nn.Module):
         return groups
 
 
-def build_mtnet(n_classes: int, network: str = "official", weights: Path | None = None) -> MTNet:
+def build_mtnet(
+    n_classes: int, network: str = "official", weights: Path | None = None, encoder_bn: str = "auto"
+) -> MTNet:
     """MTNet by configuration name; `weights` is a local ImageNet state dict for the encoder (None: the
-    random init that `cdma.weights: random` asks for, or weights loaded afterwards)."""
-    model = MTNet(n_classes, MTNetSpec.named(network))
+    random init that `cdma.weights: random` asks for, or weights loaded afterwards); `encoder_bn` is the
+    `cdma.encoder_bn` setting (`auto` decides by whether `weights` is given, see `encoder_batchnorm`)."""
+    kind = encoder_batchnorm(encoder_bn, pretrained=weights is not None)
+    model = MTNet(n_classes, MTNetSpec.named(network), kind)
     if weights is not None:
         from slidestream.pipelines.encoder_weights import load_weights
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # a test dependency: the remap is checked against transformers' own forward
 from safetensors.torch import save_file
 
 from slidestream.pipelines.encoder_presets import PRESETS, EncoderPreset, build_preset
@@ -94,7 +95,6 @@ def test_a_wrong_file_is_refused_naming_the_preset_and_the_mismatches(tmp_path: 
 def test_transformers_dinov2_layout_is_remapped(
     tmp_path: Path, name: str, registers: int, swiglu: bool, grid_px: int
 ) -> None:
-    transformers = pytest.importorskip("transformers")
     preset = _small(name)
     patch = preset.kwargs.get("patch_size") or PRESETS[name].patch
     common = {

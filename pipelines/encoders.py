@@ -67,7 +67,7 @@ class EncoderInfo:
     std: tuple[float, float, float]
     key: str  # "<safe name>-<sha256[:10] of weights>" or "<safe name>-random-seed<seed>"
     weights: str  # the weights path, or "random"
-    resize_px: int = 0  # side a tile is resized to before a centre crop to input_px (0: input_px, no crop)
+    resize_px: int = 0  # side a tile is resized to before a centre crop to input_px (0: input_px)
     autocast: bool = True  # bf16 autocast on CUDA is safe for this model
 
     @property
@@ -151,7 +151,7 @@ def _preset_info(preset: EncoderPreset, weights: str, seed: int) -> EncoderInfo:
         std=preset.std,
         key=_key(preset.name, weights, seed),
         weights=weights,
-        resize_px=preset.resize_px if preset.resize_px != preset.input_px else 0,
+        resize_px=preset.resize_px,
         autocast=preset.bf16,
     )
 

@@ -33,7 +33,10 @@ from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.tiling import ReadPlan, grid_positions, read_plan
 
 if TYPE_CHECKING:
+    from tiffslide import TiffSlide
+
     from slidestream.pipelines.embed import EmbedStage
+    from slidestream.pipelines.tissue import TissueMask
 
 log = logging.getLogger(__name__)
 INGEST_VERSION = "ingest-1"
@@ -64,12 +67,20 @@ def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
     return row
 
 
-def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig) -> list[dict]:
-    """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions."""
+def plan_slide(
+    slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: ShardConfig, qc_uri: str = ""
+) -> list[dict]:
+    """Open the slide, find its tissue, lay the tile grid; one row per chunk of tile positions.
+
+    With `qc_uri`, the slide's QC picture (thumbnail, tissue outline, tiles taken; or why it failed) is
+    written there as `<slide_id>.png`, drawn from the thumbnail the tissue was found on.
+    """
     from slidestream.pipelines.tissue import (
         tissue_mask,  # here: scikit-image/SciPy cost every read worker ~0.5 s
     )
 
+    handle: TiffSlide | None = None
+    mask: TissueMask | None = None
     try:
         try:
             handle = open_slide(slide["uri"], slide["fingerprint"])
@@ -97,7 +108,12 @@ def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: 
         xs, ys, fracs = xs[keep], ys[keep], fracs[keep]
     except Exception as exc:  # one bad slide never stops the stream: it becomes a failed record
         error = classify("cannot plan tiles", exc)
+        if qc_uri:
+            _write_qc(qc_uri, slide["slide_id"], handle, mask, np.zeros((0, 4)), error.reason)
         return [_chunk_row(slide, -1, 0, error=error.reason, permanent=error.permanent)]
+    if qc_uri:
+        boxes0 = np.stack([xs, ys, xs + plan.side0, ys + plan.side0], axis=1)
+        _write_qc(qc_uri, slide["slide_id"], handle, mask, boxes0, "")
     n_chunks = int(np.ceil(len(xs) / shards.max_tiles))
     rows = []
     for chunk in range(n_chunks):
@@ -119,6 +135,46 @@ def plan_slide(slide: dict, tiling: TilingConfig, tissue: TissueConfig, shards: 
             )
         )
     return rows
+
+
+def _write_qc(
+    qc_uri: str,
+    slide_id: str,
+    handle: TiffSlide | None,
+    mask: TissueMask | None,
+    boxes0: np.ndarray,
+    error: str,
+) -> None:
+    """Write the slide's QC picture (`boxes0`: the tiles taken, (x0, y0, x1, y1) in level-0 pixels); a
+    failure to draw or write it is logged and never fails the slide.
+
+    With nothing to draw (the slide did not open), a picture of an earlier version of the slide is removed.
+    """
+    from slidestream.pipelines.qc import MAX_PX, render_qc
+    from slidestream.pipelines.tissue import low_resolution_rgb
+
+    uri = join(qc_uri, f"{slide_id}.png")
+    try:
+        if mask is not None and mask.rgb is not None:
+            rgb, downsample = mask.rgb, mask.downsample
+        elif handle is not None:  # failed before its tissue was looked for (e.g. no mpp): the slide as is
+            # With mpp0 = 1 the "mask mpp" asked for is a plain level-0 downsample.
+            rgb, downsample = low_resolution_rgb(handle, 1.0, max(handle.dimensions) / MAX_PX)
+        else:
+            fs, path = filesystem(uri)
+            if fs.exists(path):
+                fs.rm_file(path)
+            return
+        caption = f"{slide_id} · {len(boxes0)} tiles"
+        if mask is not None:
+            caption += f" · tissue {100 * mask.mask.mean():.1f}% of the thumbnail"
+        if error:
+            caption += f"\nfailed: {error}"
+        info = {"slide_id": slide_id, "n_tiles": str(len(boxes0)), "status": "failed" if error else "ok"}
+        png = render_qc(rgb, None if mask is None else mask.mask, boxes0 / downsample, caption, info)
+        write_bytes_atomic(uri, png)
+    except Exception as exc:
+        log.warning("slide %s: QC picture not written: %s", slide_id, scrub_secrets(repr(exc)))
 
 
 def _tiles_of_chunk(
@@ -314,7 +370,8 @@ def run_ingest(
     report.skipped_unchanged = len(discovery.slides) - len(todo)
     if todo:
         ensure_ray(config.ray)
-        _stream(todo, stage, stage_uri, config, ledger, report, embed, progress_callback)
+        qc_uri = join(out, "qc", stage.rsplit("/", 1)[-1])
+        _stream(todo, stage, stage_uri, qc_uri, config, ledger, report, embed, progress_callback)
         collect_garbage(ledger, stage, stage_uri)
         if embed is not None:
             embed.prepare(out, ledger)
@@ -327,6 +384,7 @@ def _stream(
     todo: list[SlideRef],
     stage: str,
     stage_uri: str,
+    qc_uri: str,
     config: Config,
     ledger: Ledger,
     report: IngestReport,
@@ -351,7 +409,12 @@ def _stream(
         ray.data.from_items(items, override_num_blocks=len(items))
         .flat_map(
             feeding(plan_slide),
-            fn_kwargs={"tiling": config.tiling, "tissue": config.tissue, "shards": config.shards},
+            fn_kwargs={
+                "tiling": config.tiling,
+                "tissue": config.tissue,
+                "shards": config.shards,
+                "qc_uri": qc_uri,
+            },
             num_cpus=config.ingest.plan_cpus,
         )
         .map(

@@ -22,6 +22,7 @@ _STRIP_PX = 512  # rows read per step when a level has to be shrunk to the mask 
 class TissueMask:
     mask: np.ndarray  # bool (h, w)
     downsample: float  # level-0 pixels per mask pixel
+    rgb: np.ndarray | None = None  # uint8 (h, w, 3): the thumbnail it was found on (kept for the QC picture)
 
     def fractions(self, xs: np.ndarray, ys: np.ndarray, side0: float) -> np.ndarray:
         """Fraction of tissue inside each level-0 square (x, y, side0), from an integral image."""
@@ -99,4 +100,4 @@ def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
 
 def tissue_mask(slide, mpp0: float, cfg: TissueConfig) -> TissueMask:
     rgb, downsample = low_resolution_rgb(slide, mpp0, cfg.mask_mpp)
-    return TissueMask(detect_tissue(rgb, downsample * mpp0, cfg), downsample)
+    return TissueMask(detect_tissue(rgb, downsample * mpp0, cfg), downsample, rgb)

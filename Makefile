@@ -31,6 +31,7 @@ typecheck: setup
 test: setup typecheck
 	$(VENV)/bin/ruff check .
 	bash slidestream/testing/rgw.sh install
+	bash slidestream/testing/chromium.sh install
 	$(PY) -X faulthandler -m pytest -q --timeout=900 --durations=25 $(PYTEST_ARGS)
 
 clean:

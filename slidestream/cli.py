@@ -160,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--stage", help="ledger stage, e.g. tiles/mpp0.50_px256 (default: from the config)")
     _tiling_flags(status)
 
+    report = commands.add_parser(
+        "report",
+        parents=[common],
+        help="one static HTML page of an output root: cohort, QC thumbnails, runs, sweeps",
+    )
+    report.add_argument("--out", required=True, help="output root (dir or s3://)")
+    report.add_argument("--output", help="where the page goes (default: OUT/report.html)")
+
     train = commands.add_parser("train", parents=[common], help="train a slide classifier on feature bags")
     train.add_argument(
         "kind",

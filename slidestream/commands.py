@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import Counter
 from dataclasses import replace
 
 from slidestream.cluster.config import Config
@@ -19,12 +18,13 @@ from slidestream.pipelines.encoder_tiling import encoder_tiling
 from slidestream.pipelines.features import FeatureBags
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.labels import read_labels
-from slidestream.pipelines.ledger import Ledger, LedgerEntry
+from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.slides import discover_slides
 from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.synthetic import write_dataset
 from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.writer_lock import WriterLock
+from slidestream.report import status_payload, write_report
 from slidestream.trainers.methods import METHODS, Method, TrainRequest
 
 log = logging.getLogger("slidestream")
@@ -195,23 +195,6 @@ def cmd_watch(
     return 0
 
 
-def status_payload(entries: list[LedgerEntry]) -> dict:
-    counts = Counter(e.status for e in entries)
-    return {
-        "slides": [
-            {"slide_id": e.slide_id, "status": e.status, "n_tiles": e.n_tiles, "error": e.error}
-            for e in entries
-        ],
-        "totals": {
-            "slides": len(entries),
-            "ok": counts["ok"],
-            "failed": counts["failed"],
-            "skipped": counts["skipped"],
-            "tiles": sum(e.n_tiles for e in entries),
-        },
-    }
-
-
 def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) -> int:
     stage = stage or tiles_stage(config.tiling)
     payload = status_payload(Ledger(out).entries(stage))
@@ -224,6 +207,18 @@ def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) ->
         print(f"{slide['slide_id']:<28} {slide['status']:<7} {slide['n_tiles']:>7}  {slide['error'] or ''}")
     totals = payload["totals"]
     print(f"{totals['slides']} slides: {totals['ok']} ok, {totals['failed']} failed, {totals['tiles']} tiles")
+    return 0
+
+
+def cmd_report(*, out: str, output: str | None) -> int:
+    """One static HTML page of OUT: the cohort per ledger stage (with QC thumbnails), runs and sweeps."""
+    target, report = write_report(out, output)
+    slides = sum(s.payload["totals"]["slides"] for s in report.stages if s.stage.startswith("tiles/"))
+    print(
+        f"report of {out}: {slides} slides in {len(report.stages)} ledger stages, {len(report.runs)} runs, "
+        f"{len(report.sweeps)} sweeps"
+    )
+    print(target)
     return 0
 
 

@@ -9,6 +9,8 @@ report and the caller's callback learn about each slide right after its commit.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +19,8 @@ import ray
 
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.slides import SlideRef
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -87,12 +91,24 @@ def commit_slides(
 ) -> None:
     """Commit each completed slide: `entries_of` gives its ledger entries (the first is the one
     reported), committed together in one ledger commit so that they become visible together."""
-    for progress in completed_slides(dataset, pending):
+    total, started = len(pending), time.monotonic()
+    for done, progress in enumerate(completed_slides(dataset, pending), start=1):
         entries = entries_of(progress)
         ledger.commit(entries)
         report.record(entries[0], progress.results)
+        log.info(progress_line(report, done, total, time.monotonic() - started), extra={"progress": True})
         if progress_callback is not None:
             progress_callback(entries[0])
+
+
+def progress_line(report: IngestReport, done: int, total: int, seconds: float) -> str:
+    """The console's live line for a slide stream: slides done of total, tiles/s and the time left."""
+    failed = f" ({len(report.failed)} failed)" if report.failed else ""
+    left = seconds / done * (total - done)
+    return (
+        f"[{report.stage}] {done}/{total} slides{failed}, {report.tiles} tiles, "
+        f"{report.tiles / max(seconds, 1e-9):.1f} tiles/s, ETA {int(left) // 60}:{int(left) % 60:02d}"
+    )
 
 
 def no_fusion() -> dict[str, Any]:

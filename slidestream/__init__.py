@@ -14,3 +14,9 @@ from pathlib import Path
 _SOURCE_TREE = Path(__file__).resolve().parent.parent
 if (_SOURCE_TREE / "pyproject.toml").is_file() and (_SOURCE_TREE / "cluster" / "__init__.py").is_file():
     __path__.append(str(_SOURCE_TREE))
+
+# In a Ray worker of a command run with the console, our log records travel back tagged (see
+# cluster/console_routing.py); elsewhere this does nothing.
+from slidestream.cluster.console_routing import tag_worker_logs  # noqa: E402
+
+tag_worker_logs()

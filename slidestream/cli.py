@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from slidestream.cluster.config import Config, ConfigError, load_config
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import scrub_secrets
+from slidestream.console import console
 from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.models import MODELS
@@ -386,22 +387,27 @@ def _check_storage(args: argparse.Namespace) -> None:
             check_storage(value)
 
 
+# Commands whose --out is an output root: their log file goes to OUT/logs/.
+LOGGED_UNDER_OUT = ("demo", "ingest", "run", "embed", "watch", "train", "tune")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    if not args.verbose:  # not "Found credentials in environment variables." on every command
-        for name in ("botocore.credentials", "aiobotocore.credentials"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        config = _config_from(args)
-        _check_storage(args)
-        return _call(_command(args.command), args, config)
-    except ConfigError as exc:
-        print(f"slidestream: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except SlidestreamError as exc:  # what the user can fix: one line; anything else keeps its traceback
-        print(f"slidestream {args.command}: {scrub_secrets(str(exc))}", file=sys.stderr)
-        return exc.exit_code
+    out = getattr(args, "out", None) if args.command in LOGGED_UNDER_OUT else None
+    with console(args.command, out, args.verbose) as log_file:
+        try:
+            config = _config_from(args)
+            _check_storage(args)
+            code = _call(_command(args.command), args, config)
+        except ConfigError as exc:
+            print(f"slidestream: {exc}", file=sys.stderr)
+            return exc.exit_code
+        except SlidestreamError as exc:  # what the user can fix: one line; anything else: its traceback
+            print(f"slidestream {args.command}: {scrub_secrets(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        if out:
+            print(f"log: {log_file}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

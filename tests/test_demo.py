@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from slidestream.testing.helpers import ray_internal_lines
+
 pytestmark = pytest.mark.slow
 DEMO = [sys.executable, "-m", "slidestream.cli", "demo"]
 
@@ -34,6 +36,9 @@ def test_demo_trains_mhim_abmil_and_draws_heatmaps(tmp_path: Path, s3_server):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "24 slides: 24 ok, 0 failed" in done.stdout
     assert "mean ± std" in done.stdout and "heatmaps: 24 written, 0 skipped" in done.stdout
+    console = done.stdout + done.stderr
+    assert not ray_internal_lines(console), ray_internal_lines(console)  # Ray's chatter: in OUT/logs/
+    assert next((out / "logs").glob("demo-*.log")).stat().st_size > 0
 
     run = out / "runs" / "demo-mhim-abmil"
     metrics = json.loads((run / "metrics.json").read_text())

@@ -4,6 +4,7 @@ Ray, and reading back what was committed."""
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 
 import ray
@@ -22,6 +23,20 @@ def session_driver_env() -> dict[str, str]:
     """The environment of a subprocess driver that joins this test session's Ray instance, as a driver on a
     cluster does. Read when called: once Ray has started, the environment carries its auth token."""
     return {**os.environ, "SLIDESTREAM_PROGRESS": "0", "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
+# Lines that only Ray's internals print: worker-output prefixes, the raylet's notices, native log lines,
+# Ray Data's executor and progress tables, Ray Train's per-report lines, and the multi-instance errors.
+RAY_INTERNAL = re.compile(
+    r"\(raylet\)|pid=\d+\)|core_worker\.cc|streaming_executor|logging_progress|Token authentication"
+    r"|RayDeprecationWarning|Checkpoint successfully|Reporting training result|PlacementGroupCleaner"
+    r"|PreemptionWatcher|multiple active Ray instances|Traceback|ConnectionError"
+)
+
+
+def ray_internal_lines(text: str) -> list[str]:
+    """The lines of a console's output that are Ray's internals (none, with the quiet console)."""
+    return [line for line in text.splitlines() if RAY_INTERNAL.search(line)]
 
 
 def committed_samples(out: str, config: Config) -> dict[str, dict]:

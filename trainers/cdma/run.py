@@ -244,9 +244,11 @@ def train_cdma(config: dict[str, Any]) -> None:
             **{f"loss_{k}": v for k, v in sums.items()},
         }
         history.append(metrics)
-        log.info("%s epoch %d: %s", job.name, epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
         state = None
         if rank == 0:
+            losses = "  ".join(f"{k} {v:.4g}" for k, v in sums.items())
+            log.info("%s epoch %d/%d  val_dice %.4f  %s  %.1f s", job.name, epoch + 1, cfg.epochs, val_dice,
+                     losses, seconds, extra={"progress": True})  # fmt: skip
             state = {
                 "model": _state_dict_copy(model),
                 "optimizer": optimizer.state_dict(),

@@ -233,7 +233,8 @@ def train_gigassl(config: dict[str, Any]) -> None:
         state = None
         if rank == 0:
             log.info("%s epoch %d/%d  loss %.4f  lr %.2e  %.1f slides/s", job.name, epoch + 1, cfg["epochs"],
-                     metrics["train_loss"], metrics["lr"], metrics["slides_per_s"])  # fmt: skip
+                     metrics["train_loss"], metrics["lr"], metrics["slides_per_s"],
+                     extra={"progress": True})  # fmt: skip
             state = {"epoch": epoch, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "history": history}  # fmt: skip
         session.report_epoch(job.reporter, dict(metrics), state)

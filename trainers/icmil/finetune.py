@@ -266,7 +266,8 @@ def finetune_embedder(config: dict[str, Any]) -> None:
         state = None
         if rank == 0:
             log.info("%s epoch %d/%d  loss %.5f  val_mae %.5f  %.1f tiles/s", job.name, epoch + 1,
-                     cfg["epochs"], metrics.get("loss", math.nan), mae, metrics["tiles_per_s"])  # fmt: skip
+                     cfg["epochs"], metrics.get("loss", math.nan), mae, metrics["tiles_per_s"],
+                     extra={"progress": True})  # fmt: skip
             state = {
                 "epoch": epoch,
                 "student": student.state_dict(),

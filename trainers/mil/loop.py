@@ -340,6 +340,7 @@ def train_fold(config: dict[str, Any]) -> None:
                 metrics["train_loss"],
                 val_loss,
                 metrics["val_auc"],
+                extra={"progress": True},
             )
             state = {
                 "epoch": epoch,

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from slidestream.cluster.config import Config, ConfigError, with_values
+from slidestream.cluster.console_routing import console_mode
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
@@ -225,8 +226,9 @@ def _sortable(value: float, mode: str) -> float:
 
 
 def _verbosity() -> int:
-    """Tune's progress table unless progress output is switched off (SLIDESTREAM_PROGRESS=0)."""
-    return 1 if os.environ.get("SLIDESTREAM_PROGRESS", "1") != "0" else 0
+    """Tune's progress table, unless progress output is switched off (SLIDESTREAM_PROGRESS=0) or the
+    quiet console shows the trials' epoch lines instead."""
+    return 1 if os.environ.get("SLIDESTREAM_PROGRESS", "1") != "0" and console_mode() != "quiet" else 0
 
 
 def run_sweep(kind: str, name: str, out: str, space: str, config: Config, trials: int,

@@ -9,6 +9,8 @@ set -o errexit -o nounset -o pipefail
 
 log() { echo "chromium.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=apt_install.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
 
 find_chromium() {
     local b
@@ -25,24 +27,8 @@ cmd_install() {
     if find_chromium >/dev/null; then
         return 0
     fi
-    local sudo=()
-    if ((EUID != 0)); then
-        command -v sudo >/dev/null || die "chromium missing and not root (no sudo) to install it"
-        sudo=(sudo -n)
-    fi
-    local t0=$SECONDS out
-    out=$(mktemp)
-    log "installing chromium with apt-get ..."
-    if ! { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-        && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            chromium; } >"$out" 2>&1; then
-        tail -n 30 "$out" >&2
-        rm -f "$out"
-        die "apt-get install failed"
-    fi
-    rm -f "$out"
+    apt_install chromium chromium
     find_chromium >/dev/null || die "apt-get installed chromium but no chromium binary is on PATH"
-    log "installed in $((SECONDS - t0)) s"
 }
 
 case "${1:-}" in

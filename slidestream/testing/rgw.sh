@@ -28,6 +28,8 @@ if [[ -x /usr/bin/python3 ]]; then PY=/usr/bin/python3; else PY=python3; fi
 
 log() { echo "rgw.sh: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
+# shellcheck source=apt_install.sh
+source "$(dirname "${BASH_SOURCE[0]}")/apt_install.sh"
 
 usage() {
     sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2
@@ -197,23 +199,7 @@ cmd_install() {
         && command -v radosgw-admin >/dev/null; then
         return 0
     fi
-    local sudo=()
-    if ((EUID != 0)); then
-        command -v sudo >/dev/null || die "ceph packages missing and not root (no sudo) to install them"
-        sudo=(sudo -n)
-    fi
-    local t0=$SECONDS out
-    out=$(mktemp)
-    log "installing ceph-mon ceph-osd radosgw ceph-common with apt-get ..."
-    if ! { "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
-        && "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            ceph-mon ceph-osd radosgw ceph-common; } >"$out" 2>&1; then
-        tail -n 30 "$out" >&2
-        rm -f "$out"
-        die "apt-get install failed"
-    fi
-    rm -f "$out"
-    log "installed in $((SECONDS - t0)) s"
+    apt_install "ceph packages" ceph-mon ceph-osd radosgw ceph-common
 }
 
 healthy() {  # healthy PORT: all three daemons alive and S3 answers on PORT

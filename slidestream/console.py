@@ -38,7 +38,7 @@ def _under(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-class _LiveLine:
+class LiveLine:
     """One line at the bottom of a terminal, redrawn in place; other output is written above it."""
 
     def __init__(self, stream: IO[str]) -> None:
@@ -63,8 +63,8 @@ class _LiveLine:
         self.stream.flush()
 
 
-class _ConsoleHandler(logging.Handler):
-    def __init__(self, live: _LiveLine, verbose: bool) -> None:
+class ConsoleHandler(logging.Handler):
+    def __init__(self, live: LiveLine, verbose: bool) -> None:
         super().__init__(logging.DEBUG if verbose else logging.INFO)
         self.live = live
         self.verbose = verbose
@@ -94,7 +94,7 @@ class _ConsoleHandler(logging.Handler):
 class _Tee:
     """stdout as the commands print to it: clears the live line first, and copies into the log file."""
 
-    def __init__(self, stream: IO[str], live: _LiveLine, log_file: IO[str]) -> None:
+    def __init__(self, stream: IO[str], live: LiveLine, log_file: IO[str]) -> None:
         self.stream, self.live, self.log_file = stream, live, log_file
 
     def write(self, text: str) -> int:
@@ -138,11 +138,11 @@ def console(command: str, out: str | None, verbose: bool) -> Iterator[Path]:
         os.dup2(log_file.fileno(), 2)
         if sys.stderr is sys.__stderr__:  # else a capture (pytest's): it does not write to fd 2
             terminal_err = os.fdopen(os.dup(saved_fd2), "w", buffering=1)
-    live = _LiveLine(terminal_err)
+    live = LiveLine(terminal_err)
     root = logging.getLogger()
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(logging.Formatter(_FILE_FORMAT))
-    handlers = [file_handler, _ConsoleHandler(live, verbose)]
+    handlers = [file_handler, ConsoleHandler(live, verbose)]
     previous_handlers, previous_level = list(root.handlers), root.level
     for handler in previous_handlers:
         root.removeHandler(handler)

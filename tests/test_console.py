@@ -4,13 +4,16 @@ local Ray instance, with no error lines either way."""
 
 from __future__ import annotations
 
+import logging
 import os
+import pty
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from slidestream.cluster.console_routing import CONSOLE_ENV
+from slidestream.console import ConsoleHandler, LiveLine
 from slidestream.testing.bags import write_bags
 from slidestream.testing.helpers import ray_internal_lines
 
@@ -71,3 +74,20 @@ def test_verbose_gives_ray_its_console_back(slide_root: Path, tmp_path: Path):
     stdout, stderr = _finish(_start("ingest", "--slides", str(slide_root), "--out", str(tmp_path), "-v"))
     assert "4 ingested, 0 failed" in stdout
     assert "Execution plan of Dataset" in stderr  # Ray Data's executor, on the console again
+
+
+def test_on_a_terminal_the_progress_line_is_redrawn_in_place():
+    """A pseudo-terminal: progress records overwrite one line, other lines are written above it."""
+    controller, terminal = pty.openpty()
+    with os.fdopen(terminal, "w") as stream:
+        handler = ConsoleHandler(LiveLine(stream), verbose=False)
+        lines = (("[tiles] 1/2 slides", True), ("[tiles] 2/2 slides", True), ("done", False))
+        for message, progress in lines:
+            record = logging.LogRecord("slidestream.x", logging.INFO, __file__, 0, message, None, None)
+            record.progress = progress
+            handler.emit(record)
+        ray_record = logging.LogRecord("ray.data", logging.INFO, __file__, 0, "Execution plan", None, None)
+        handler.emit(ray_record)  # quiet: Ray's info lines are for the log file
+    shown = os.read(controller, 4096).decode()
+    os.close(controller)
+    assert shown == "\r\x1b[K[tiles] 1/2 slides\r\x1b[K[tiles] 2/2 slides\r\x1b[Kdone\r\n"

@@ -405,9 +405,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except SlidestreamError as exc:  # what the user can fix: one line; anything else: its traceback
             print(f"slidestream {args.command}: {scrub_secrets(str(exc))}", file=sys.stderr)
             return exc.exit_code
-        if out:
-            print(f"log: {log_file}", file=sys.stderr)
-        return code
+    if out:
+        print(f"log: {log_file.where}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ every `PLAIN_PROGRESS_S`). Ray's own chatter (worker output, Ray Data's executor
 native log lines written straight to the process's stderr) goes to the log file only. `-v` gives it
 back to the console, as Ray prints it.
 
-The log file is `OUT/logs/<command>-<time>-<pid>.log` for a command with an output root (written locally
-and copied there at the end when OUT is in object storage), else one under the system's temp folder.
+The log file is `OUT/logs/<command>-<time>-<pid>.log` for a command with an output root (written under
+the system's temp folder and placed there at the end when OUT is in object storage or does not exist yet),
+else one under the system's temp folder.
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import tempfile
 import time
 import traceback
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from slidestream.cluster.console_routing import CONSOLE_ENV, WORKER_OUTPUT_LOGGER, untag_driver_logs
-from slidestream.cluster.storage import is_local, join, write_bytes_atomic
+from slidestream.cluster.storage import exists, is_local, join, write_bytes_atomic
 
 PLAIN_PROGRESS_S = 10.0
 _QUIET_BELOW_ERROR = ("ray", "py.warnings", WORKER_OUTPUT_LOGGER)  # shown only with -v unless errors
@@ -110,20 +112,52 @@ class _Tee:
         return getattr(self.stream, name)
 
 
-def log_path(command: str, out: str | None) -> tuple[Path, str | None]:
-    """The local log file, and where it is copied at the end (None: it stays where it is)."""
+@dataclass
+class LogFile:
+    """The command's log file: written at `path`; `destination` (OUT/logs/…), when set, is where it goes
+    at the end, if OUT exists by then (a command refused before any work leaves no OUT behind)."""
+
+    path: Path
+    out: str | None = None
+    destination: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.destination or str(self.path)
+
+    def place(self) -> None:
+        if self.destination is None or self.out is None:
+            return
+        if not exists(self.out):
+            self.destination = None
+            return
+        with contextlib.suppress(Exception):  # the command's result stands without its log copy
+            if is_local(self.destination):
+                Path(self.destination).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(self.path, self.destination)
+            else:
+                write_bytes_atomic(self.destination, self.path.read_bytes())
+                self.path.unlink()
+            return
+        self.destination = None
+
+
+def log_file_for(command: str, out: str | None) -> LogFile:
+    """Straight into OUT/logs/ when OUT is a local folder that exists, else under the system's temp
+    folder, placed into OUT/logs/ at the end."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     name = f"{command}-{stamp}-{os.getpid()}.log"
-    if out and is_local(out):
-        return Path(out) / "logs" / name, None
+    if out and is_local(out) and Path(out).is_dir():
+        return LogFile(Path(out) / "logs" / name)
     local = Path(tempfile.gettempdir()) / "slidestream-logs" / name
-    return local, (join(out, "logs", name) if out else None)
+    return LogFile(local, out, join(out, "logs", name) if out else None)
 
 
 @contextlib.contextmanager
-def console(command: str, out: str | None, verbose: bool) -> Iterator[Path]:
-    """The console for one command (yields the log file's path). Quiet unless `verbose`."""
-    path, copy_to = log_path(command, out)
+def console(command: str, out: str | None, verbose: bool) -> Iterator[LogFile]:
+    """The console for one command (yields its log file). Quiet unless `verbose`."""
+    logged = log_file_for(command, out)
+    path = logged.path
     path.parent.mkdir(parents=True, exist_ok=True)
     previous_mode = os.environ.get(CONSOLE_ENV)
     os.environ[CONSOLE_ENV] = "verbose" if verbose else "quiet"
@@ -154,7 +188,7 @@ def console(command: str, out: str | None, verbose: bool) -> Iterator[Path]:
     stdout, sys.stdout = sys.stdout, _Tee(sys.stdout, live, log_file)  # type: ignore[assignment]
     sys.stderr = terminal_err
     try:
-        yield path
+        yield logged
     except Exception:  # a bug: its traceback goes to the console as Python prints it, and in the file
         log_file.write(traceback.format_exc())
         raise
@@ -182,9 +216,7 @@ def console(command: str, out: str | None, verbose: bool) -> Iterator[Path]:
             os.environ.pop(CONSOLE_ENV, None)
         else:
             os.environ[CONSOLE_ENV] = previous_mode
-        if copy_to:
-            with contextlib.suppress(Exception):  # the run's result stands without its log copy
-                write_bytes_atomic(copy_to, path.read_bytes())
+        logged.place()
 
 
 def _ray_is_up() -> bool:

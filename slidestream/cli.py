@@ -399,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = _config_from(args)
             _check_storage(args)
             code = _call(_command(args.command), args, config)
+            log_file.ran = True
         except ConfigError as exc:
             print(f"slidestream: {exc}", file=sys.stderr)
             return exc.exit_code

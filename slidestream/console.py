@@ -120,18 +120,19 @@ class LogFile:
     path: Path
     out: str | None = None
     destination: str | None = None
+    ran: bool = False  # set once the command has done its work: a refused command places nothing
 
     @property
     def where(self) -> str:
         return self.destination or str(self.path)
 
     def place(self) -> None:
-        if self.destination is None or self.out is None:
-            return
-        if not exists(self.out):
+        if self.destination is None or self.out is None or not self.ran:
             self.destination = None
             return
         with contextlib.suppress(Exception):  # the command's result stands without its log copy
+            if not exists(self.out):
+                raise FileNotFoundError(self.out)
             if is_local(self.destination):
                 Path(self.destination).parent.mkdir(parents=True, exist_ok=True)
                 shutil.move(self.path, self.destination)

@@ -104,7 +104,7 @@ def _route(data: dict[str, Any], ray_print: Callable[[dict[str, Any]], None], ve
             others.append(line)
             continue
         level, name, progress, message = parsed
-        logging.getLogger(name).log(level, message, extra={"progress": progress, "worker": True})
+        logging.getLogger(name).log(level, message, extra={"progress": progress})
     if not others:
         return
     if verbose:

@@ -32,7 +32,7 @@ from slidestream.cluster.console_routing import CONSOLE_ENV, WORKER_OUTPUT_LOGGE
 from slidestream.cluster.storage import exists, is_local, join, write_bytes_atomic
 
 PLAIN_PROGRESS_S = 10.0
-_QUIET_BELOW_ERROR = ("ray", "py.warnings", WORKER_OUTPUT_LOGGER)  # shown only with -v unless errors
+_QUIET_BELOW_ERROR = ("ray", "py.warnings")  # shown only with -v unless errors (worker output is "ray.…")
 _FILE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 

@@ -76,6 +76,21 @@ def test_verbose_gives_ray_its_console_back(slide_root: Path, tmp_path: Path):
     assert "Execution plan of Dataset" in stderr  # Ray Data's executor, on the console again
 
 
+def _read_until_closed(controller: int) -> bytes:
+    """Everything the terminal side wrote: one read may return only part of it."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # EIO: the terminal side is closed and drained
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(controller)
+    return b"".join(chunks)
+
+
 def test_on_a_terminal_the_progress_line_is_redrawn_in_place():
     """A pseudo-terminal: progress records overwrite one line, other lines are written above it."""
     controller, terminal = pty.openpty()
@@ -88,6 +103,5 @@ def test_on_a_terminal_the_progress_line_is_redrawn_in_place():
             handler.emit(record)
         ray_record = logging.LogRecord("ray.data", logging.INFO, __file__, 0, "Execution plan", None, None)
         handler.emit(ray_record)  # quiet: Ray's info lines are for the log file
-    shown = os.read(controller, 4096).decode()
-    os.close(controller)
+    shown = _read_until_closed(controller).decode()
     assert shown == "\r\x1b[K[tiles] 1/2 slides\r\x1b[K[tiles] 2/2 slides\r\x1b[Kdone\r\n"

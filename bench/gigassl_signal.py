@@ -9,12 +9,21 @@ features, and each first view is matched to the nearest second view by cosine si
 often that is the same slide (chance 1/slides).
 
     python bench/gigassl_signal.py OUT/gigassl/<key> [OUT/features/<key> ...] [--tiles 5,16,64]
-    python bench/gigassl_signal.py --cohort 24 [--work DIR] [--tiles 5,16,64]
+    python bench/gigassl_signal.py --cohort 24 [--work DIR] [--tiles 5,16,64] [--contrastive W]
+    python bench/gigassl_signal.py --cohort 24 --in-memory WEIGHTS [WEIGHTS ...]
 
 `--cohort N`: no bags given, the benchmark makes its own: N tiny HARD synthetic slides (seed `--seed`,
 3 sites, default tumour cover) through our pipeline (64-px tiles at 2 µm/px) with the pretrained
 `resnet10t_64` (`pretrained_encoder(WORK, PretrainSettings())`, trained on a disjoint cohort) and the same
 network at random weights, 8 augmentations × 32 tiles each; both view sets are measured side by side.
+`--contrastive W` pretrains with that weight of the tile-level NT-Xent term (default 0: supervised only);
+a weight other than 0 gets a cohort directory of its own.
+
+`--in-memory WEIGHTS…`: a cheaper stand-in for the pipeline (no Ray, no slide files, no training) to
+compare pretrained `resnet10t_64` weights files: the same N hard slides' specs (seed `--seed`, default
+tumour cover), 100 tissue tiles per slide drawn from the generator (`sample_tiles`, 64 px at 2 µm/px), and
+per slide 8 augmentations × 32 of them (with replacement, one `draw_params` per augmentation, generator
+seeded with `--seed`), each embedded by every weights file given ("random" for random weights).
 """
 
 from __future__ import annotations
@@ -77,37 +86,84 @@ def main() -> None:
     parser.add_argument("--tiles", default="5,16,64", help="T values, comma-separated")
     parser.add_argument("--trials", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--contrastive", type=float, help="--cohort: the encoder's NT-Xent weight")
+    parser.add_argument("--in-memory", nargs="+", metavar="WEIGHTS", help="--cohort: views made in memory")
     args = parser.parse_args()
     sizes = [int(t) for t in args.tiles.split(",")]
     if bool(args.bags) == bool(args.cohort):
         parser.error("give view bags or --cohort N, not both")
+    if args.in_memory:
+        if not args.cohort:
+            parser.error("--in-memory needs --cohort N")
+        table_of_bags(in_memory_views(args.cohort, args.seed, args.in_memory), sizes, args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-gigassl-signal-") as tmp:
-        named = made_cohort(Path(args.work or tmp), args.cohort, args.seed) if args.cohort else {
+        work = Path(args.work or tmp)
+        named = made_cohort(work, args.cohort, args.seed, args.contrastive) if args.cohort else {
             uri.rstrip("/").rsplit("/", 1)[-1]: uri for uri in args.bags}  # fmt: skip
         table(named, sizes, args)
 
 
-def made_cohort(work: Path, n_slides: int, seed: int) -> dict[str, str]:
-    """View bags of a hard cohort from the pretrained encoder and from its random-weight twin."""
+def made_cohort(work: Path, n_slides: int, seed: int, contrastive: float | None = None) -> dict[str, str]:
+    """View bags of a hard cohort from the pretrained encoder (`contrastive`: its NT-Xent weight, default
+    the pretraining's) and from its random-weight twin."""
     from slidestream.testing.cohort import embedded_cohort
     from slidestream.testing.encoder import pretrained_encoder
     from slidestream.trainers.encoder_pretrain import PretrainSettings
 
     work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    weights = pretrained_encoder(work, PretrainSettings())
+    settings = PretrainSettings() if contrastive is None else PretrainSettings(contrastive=contrastive)
+    weights = pretrained_encoder(work, settings)
     print(f"pretrained encoder {weights.name}: {time.perf_counter() - started:.0f} s", flush=True)
     started = time.perf_counter()
-    cohort = embedded_cohort(work / f"cohort{n_slides}-seed{seed}", n_slides, weights, seed, random_too=True)
+    ssl = f"-c{settings.contrastive:g}" if settings.contrastive else ""
+    cohort = embedded_cohort(
+        work / f"cohort{n_slides}-seed{seed}{ssl}", n_slides, weights, seed, random_too=True
+    )
     print(f"cohort of {n_slides} hard slides → features and views: {time.perf_counter() - started:.0f} s")
-    return {f"resnet10t_64 {name}": uri for name, uri in cohort.views.items()}
+    weight = f"NT-Xent {settings.contrastive:g}"
+    return {f"resnet10t_64 {name}" + (f" ({weight})" if name == "pretrained" else ""): uri
+            for name, uri in cohort.views.items()}  # fmt: skip
+
+
+def in_memory_views(n_slides: int, seed: int, weights: list[str]) -> dict[str, list[Bag]]:
+    """View bags (8 augmentations × 32 tiles per slide) made in memory, per weights file."""
+    from slidestream.pipelines.encoders import build_encoder
+    from slidestream.pipelines.gigassl_views import apply_view, draw_params
+    from slidestream.pipelines.synthetic import cohort_specs, sample_tiles
+
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    rng = np.random.default_rng(seed)
+    views = []
+    for index, slide in enumerate(cohort_specs(n_slides, seed=seed, difficulty="hard")):
+        tiles = sample_tiles(slide.spec, 100, 64, 2.0, seed=index).images
+        views.append(np.concatenate([apply_view(tiles[rng.integers(0, len(tiles), 32)], draw_params(rng), 64)
+                                     for _ in range(8)]))  # fmt: skip
+    print(f"{n_slides} hard slides → views in memory: {time.perf_counter() - started:.0f} s", flush=True)
+    aug = torch.arange(8, dtype=torch.int16).repeat_interleave(32)
+    out = {}
+    for source in weights:
+        encoder = build_encoder("resnet10t_64", source)
+        name = "random" if source == "random" else Path(source).name
+        coords = torch.zeros(len(aug), 2, dtype=torch.int32)
+        out[name] = [
+            Bag(str(i), torch.from_numpy(encoder.embed(v)), coords, None, aug) for i, v in enumerate(views)
+        ]
+    return out
 
 
 def table(named: dict[str, str], sizes: list[int], args: argparse.Namespace) -> None:
+    table_of_bags(
+        {name: list(FeatureBags(uri, require_labels=False)) for name, uri in named.items()}, sizes, args
+    )
+
+
+def table_of_bags(named: dict[str, list[Bag]], sizes: list[int], args: argparse.Namespace) -> None:
     print("| bags | views | slides | " + " | ".join(f"T = {t}" for t in sizes) + " | chance |")
     print("|---" * (len(sizes) + 4) + "|")
-    for name, uri in named.items():
-        bags = list(FeatureBags(uri, require_labels=False))
+    for name, bags in named.items():
         modes = [False, True] if all(b.aug is not None and len(b.aug.unique()) > 1 for b in bags) else [False]
         for across in modes:
             scores = [identification_accuracy(bags, t, args.trials, args.seed, across) for t in sizes]

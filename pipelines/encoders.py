@@ -41,7 +41,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc", "resnet10t_64", *PRESETS)
+ENCODER_NAMES: tuple[str, ...] = ("resnet50_trunc", "resnet18_trunc", "resnet10t_64", "resnet18_64", *PRESETS)
 TIMM_PREFIX = "timm:"  # + any timm model name
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -52,8 +52,12 @@ _TRUNC: dict[str, tuple[str, int, int]] = {
     "resnet50_trunc": ("resnet50", 1024, 224),
     "resnet18_trunc": ("resnet18", 256, 224),
 }
-# name → (timm architecture, input side): whole timm networks without their classifier, at a native side
-_NATIVE: dict[str, tuple[str, int]] = {"resnet10t_64": ("resnet10t", 64)}
+# name → (timm architecture, input side): whole timm networks without their classifier, at a native side.
+# resnet18_64's state dict is also what CDMA's light network loads as its encoder (`cdma.weights`).
+NATIVE_ENCODERS: dict[str, tuple[str, int]] = {
+    "resnet10t_64": ("resnet10t", 64),
+    "resnet18_64": ("resnet18", 64),
+}
 _TRUNC_PARTS = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3")
 _TRUNC_IGNORED = ("layer4.", "fc.")
 
@@ -84,7 +88,7 @@ def _safe_name(name: str) -> str:
 
 
 def _check_name(name: str) -> None:
-    if name in _TRUNC or name in _NATIVE or name in PRESETS:
+    if name in _TRUNC or name in NATIVE_ENCODERS or name in PRESETS:
         return
     if name.startswith(TIMM_PREFIX):
         model = name[len(TIMM_PREFIX) :]
@@ -122,9 +126,11 @@ def _feature_dim(model: Any) -> int:
 def trainable_backbone(name: str) -> nn.Module:
     """A randomly initialised, trainable network of a named encoder whose state dict `build_encoder`
     loads back (what `slidestream pretrain-encoder` trains)."""
-    if name not in _NATIVE:
-        raise EncoderError(f"encoder {name!r} cannot be trained here; choose one of {', '.join(_NATIVE)}")
-    return _timm_model(_NATIVE[name][0])
+    if name not in NATIVE_ENCODERS:
+        raise EncoderError(
+            f"encoder {name!r} cannot be trained here; choose one of {', '.join(NATIVE_ENCODERS)}"
+        )
+    return _timm_model(NATIVE_ENCODERS[name][0])
 
 
 def _rgb(values: Any) -> tuple[float, float, float]:
@@ -165,8 +171,8 @@ def encoder_info(name: str, weights: str | os.PathLike | None, seed: int = 0) ->
     if name in _TRUNC:
         _, dim, px = _TRUNC[name]
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-    elif name in _NATIVE:
-        arch, px = _NATIVE[name]
+    elif name in NATIVE_ENCODERS:
+        arch, px = NATIVE_ENCODERS[name]
         with torch.device("meta"):
             dim = _feature_dim(_timm_model(arch))
         mean, std = IMAGENET_MEAN, IMAGENET_STD
@@ -309,7 +315,7 @@ def _network(name: str) -> _Network:
     if name in _TRUNC:
         model: nn.Module = _TruncatedResNet(_TRUNC[name][0])
         return _Network(model, model, _TRUNC_IGNORED)
-    if name in _NATIVE:
+    if name in NATIVE_ENCODERS:
         model = trainable_backbone(name)
         return _Network(model, model)
     model = _timm_model(name[len(TIMM_PREFIX) :])

@@ -261,6 +261,12 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument(
         "--seed", type=int, default=1000, help="the pretraining cohort's seed (keep evaluation cohorts apart)"
     )
+    pretrain.add_argument(
+        "--contrastive",
+        type=float,
+        default=0.0,
+        help="weight of a tile-level NT-Xent term (two augmentations of a tile agree); 0: supervised only",
+    )
 
     submit = commands.add_parser(
         "submit",

@@ -287,14 +287,18 @@ def cmd_encoders(*, as_json: bool) -> int:
     return 0
 
 
-def cmd_pretrain_encoder(*, out: str, slides: int, tiles_per_slide: int, epochs: int, seed: int) -> int:
+def cmd_pretrain_encoder(
+    *, out: str, slides: int, tiles_per_slide: int, epochs: int, seed: int, contrastive: float
+) -> int:
     from slidestream.trainers.encoder_pretrain import ENCODER, PretrainSettings, pretrain_tile_encoder
 
-    settings = PretrainSettings(slides=slides, tiles_per_slide=tiles_per_slide, epochs=epochs, seed=seed)
+    settings = PretrainSettings(
+        slides=slides, tiles_per_slide=tiles_per_slide, epochs=epochs, seed=seed, contrastive=contrastive
+    )
     settings.check()
     print(
         f"pretraining {ENCODER}: {slides} hard synthetic slides (seed {seed}), "
-        f"{tiles_per_slide} tiles per slide"
+        f"{tiles_per_slide} tiles per slide, NT-Xent weight {contrastive:g}"
     )
     report = pretrain_tile_encoder(out, settings)
     held = report.counts

@@ -74,7 +74,11 @@ def test_timm_feature_width_is_what_the_model_outputs():
 
 @pytest.mark.parametrize(
     ("flags", "message"),
-    [(["--slides", "2"], "at least 4 slides, not 2"), (["--tiles-per-slide", "4"], "≥ 8 tiles per slide")],
+    [
+        (["--slides", "2"], "at least 4 slides, not 2"),
+        (["--tiles-per-slide", "4"], "≥ 8 tiles per slide"),
+        (["--contrastive", "-1"], "contrastive weight must be ≥ 0"),
+    ],
 )
 def test_settings_that_cannot_train_are_refused(tmp_path: Path, capsys, flags: list[str], message: str):
     assert main(["pretrain-encoder", "--out", str(tmp_path / "w.pt"), *flags]) == 2

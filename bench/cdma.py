@@ -125,7 +125,9 @@ def _learning_run(args: argparse.Namespace, slides: str, out: str, frac: float, 
         f"cdma.test_frac={args.test_frac}", f"cdma.split_seed={seed}", f"cdma.seed={seed}",
         "cdma.supervised_baseline=true",
     )  # fmt: skip
-    name = f"learn-{args.epochs}x{args.steps}-lr{args.lr:g}-bn{encoder_bn(config.cdma)}-f{frac:g}-s{seed}"
+    weights = "random" if args.weights == "random" else Path(args.weights).stem
+    schedule = f"{args.epochs}x{args.steps}-lr{args.lr:g}"
+    name = f"learn-{schedule}-{weights}-bn{encoder_bn(config.cdma)}-f{frac:g}-s{seed}"
     t = time.perf_counter()
     metrics = CDMARun(name, out, config).execute()
     print(f"{name}: {time.perf_counter() - t:.0f} s; split {json.dumps(metrics['split'])}", flush=True)

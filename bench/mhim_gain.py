@@ -25,34 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from slidestream.cluster.runtime import ensure_ray
-from slidestream.cluster.storage import join
-from slidestream.pipelines.embed import EmbedStage
-from slidestream.pipelines.ingest import run_ingest
-from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.cohort import ENCODER, embedded_cohort
 from slidestream.testing.encoder import pretrained_encoder
 from slidestream.testing.helpers import make_config
-from slidestream.trainers.encoder_pretrain import ENCODER, TILE_MPP, TILE_PX, PretrainSettings
+from slidestream.trainers.encoder_pretrain import PretrainSettings
 from slidestream.trainers.mil.runner import Run
-
-PIPELINE = (f"tiling.mpp={TILE_MPP}", f"tiling.tile_px={TILE_PX}", "embed.dtype=float32")
-
-
-def features(work: Path, slides: int, cohort_seed: int) -> tuple[str, str]:
-    """The cohort's feature bags and labels file, made once under `work`."""
-    root, out = work / f"hard-{slides}-s{cohort_seed}", work / f"hard-{slides}-s{cohort_seed}-out"
-    weights = pretrained_encoder(work, PretrainSettings())
-    config = make_config(*PIPELINE)
-    stage = EmbedStage(ENCODER, str(weights), config.tiling, config.embed)
-    if not (root / "synth.json").exists():
-        started = time.perf_counter()
-        write_dataset(str(root), slides, seed=cohort_seed, difficulty="hard")
-        print(f"wrote {slides} hard slides in {time.perf_counter() - started:.0f} s", flush=True)
-    ensure_ray(config.ray)
-    report = run_ingest(str(root), str(out), config, embed=stage)
-    if report.failed:
-        raise SystemExit(f"ingest failed: {report.summary()}")
-    return join(str(out), stage.stage), str(root / "labels.csv")
 
 
 def paired(rows: list[dict], base: list[dict], key: str) -> str:
@@ -80,7 +57,10 @@ def main() -> None:
     torch.set_num_threads(1)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    bags, labels = features(work, args.slides, args.cohort_seed)
+    weights = pretrained_encoder(work, PretrainSettings())
+    cohort = embedded_cohort(work / f"hard-{args.slides}-s{args.cohort_seed}", args.slides, weights,
+                             args.cohort_seed, views=None)  # fmt: skip
+    bags, labels = cohort.features["pretrained"], cohort.labels
     seeds = ",".join(str(s) for s in args.seeds)
     table = []
     for model in args.models:

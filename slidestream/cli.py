@@ -252,9 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain = commands.add_parser(
         "pretrain-encoder",
         parents=[common],
-        help="train the resnet10t_64 tile encoder on synthetic tissue (for --encoder resnet10t_64)",
+        help="train a small tile encoder on synthetic tissue (for --encoder resnet10t_64, or cdma.weights)",
     )
     pretrain.add_argument("--out", required=True, help="weights file to write (a JSON record goes beside it)")
+    pretrain.add_argument(
+        "--encoder",
+        default="resnet10t_64",
+        choices=["resnet10t_64", "resnet18_64"],
+        help="resnet10t_64: 512-d tile features (default); resnet18_64: also the light CDMA encoder",
+    )
     pretrain.add_argument("--slides", type=int, default=24, help="synthetic slides to draw tiles from")
     pretrain.add_argument("--tiles-per-slide", type=int, default=96)
     pretrain.add_argument("--epochs", type=int, default=4)

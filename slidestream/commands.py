@@ -288,16 +288,17 @@ def cmd_encoders(*, as_json: bool) -> int:
 
 
 def cmd_pretrain_encoder(
-    *, out: str, slides: int, tiles_per_slide: int, epochs: int, seed: int, contrastive: float
+    *, out: str, encoder: str, slides: int, tiles_per_slide: int, epochs: int, seed: int, contrastive: float
 ) -> int:
-    from slidestream.trainers.encoder_pretrain import ENCODER, PretrainSettings, pretrain_tile_encoder
+    from slidestream.trainers.encoder_pretrain import PretrainSettings, pretrain_tile_encoder
 
     settings = PretrainSettings(
-        slides=slides, tiles_per_slide=tiles_per_slide, epochs=epochs, seed=seed, contrastive=contrastive
-    )
+        slides=slides, tiles_per_slide=tiles_per_slide, epochs=epochs, seed=seed, contrastive=contrastive,
+        encoder=encoder,
+    )  # fmt: skip
     settings.check()
     print(
-        f"pretraining {ENCODER}: {slides} hard synthetic slides (seed {seed}), "
+        f"pretraining {encoder}: {slides} hard synthetic slides (seed {seed}), "
         f"{tiles_per_slide} tiles per slide, NT-Xent weight {contrastive:g}"
     )
     report = pretrain_tile_encoder(out, settings)
@@ -306,7 +307,9 @@ def cmd_pretrain_encoder(
         f"wrote {report.weights} in {report.seconds:.0f} s: held-out tumour AUC {report.held_out_auc:.3f} "
         f"({held['held_out_tiles']} tiles of {held['held_out_slides']} unseen slides)"
     )
-    print(f"  use it as: --encoder {ENCODER} --weights {report.weights}  (features key {report.key})")
+    print(f"  use it as: --encoder {encoder} --weights {report.weights}  (features key {report.key})")
+    if encoder == "resnet18_64":
+        print(f"  or as the light CDMA network's encoder: --set cdma.weights={report.weights}")
     return 0
 
 

@@ -18,6 +18,7 @@ from slidestream.cli import main
 from slidestream.pipelines.encoders import build_encoder, encoder_info, weights_digest
 from slidestream.pipelines.gigassl_views import apply_view, draw_params
 from slidestream.pipelines.synthetic import cohort_specs, sample_tiles
+from slidestream.trainers.models.mtnet import build_mtnet
 
 
 def _unseen_tiles() -> tuple[np.ndarray, np.ndarray]:
@@ -83,3 +84,19 @@ def test_timm_feature_width_is_what_the_model_outputs():
 def test_settings_that_cannot_train_are_refused(tmp_path: Path, capsys, flags: list[str], message: str):
     assert main(["pretrain-encoder", "--out", str(tmp_path / "w.pt"), *flags]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "w.pt").exists()
+
+
+def test_resnet18_64_pretrains_into_the_light_cdma_encoder(tmp_path: Path, capsys):
+    """`--encoder resnet18_64` trains the architecture of the light CDMA network's encoder: the file is
+    both a tile encoder and `cdma.weights` (every encoder tensor taken from it)."""
+    out = tmp_path / "r18.pt"
+    flags = ["--slides", "4", "--tiles-per-slide", "8", "--epochs", "1"]
+    assert main(["pretrain-encoder", "--out", str(out), "--encoder", "resnet18_64", *flags]) == 0
+    assert "cdma.weights=" in capsys.readouterr().out
+    encoder = build_encoder("resnet18_64", out)
+    assert (encoder.info.dim, encoder.info.input_px) == (512, 64)
+    state = torch.load(out, weights_only=True)
+    network = build_mtnet(2, "light", out)
+    loaded = network.encoder.state_dict()
+    assert set(loaded) == set(state)
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())

@@ -18,7 +18,7 @@ from PIL import Image
 
 from slidestream.cli import main
 from slidestream.pipelines.features import BagMeta, bag_table, write_bag
-from slidestream.testing.cohort import PIPELINE, EmbeddedCohort, embedded_cohort
+from slidestream.testing.cohort import PIPELINE, EmbeddedCohort
 from slidestream.testing.helpers import make_config
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.gigassl.probe import read_embeddings, run_probe
@@ -177,28 +177,9 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
 
 # -- learning test: data made by our pipeline, a real 2-worker run ----------------------------------------
 
-# A hard cohort through our pipeline, tiles embedded by the pretrained `resnet10t_64` (session fixture):
-# HARD_SLIDES tiny slides (half with tumour, 3 sites), 8 stored augmentations × 32 tiles per slide.
-HARD_SLIDES, HARD_SEED, HARD_COVER = 24, 11, (0.1, 0.3)
 # T = 5 tiles per view, batch 8 slides over 2 workers (4 each), 20 epochs of 3 steps
 LEARN = ("gigassl.epochs=20", "gigassl.batch_size=8", "gigassl.warmup_epochs=2", "gigassl.lr=0.001",
          "gigassl.init_weights=random")  # fmt: skip
-
-
-@pytest.fixture(scope="session")
-def hard_views(
-    tmp_path_factory: pytest.TempPathFactory, s3_server, pretrained_weights: Path
-) -> EmbeddedCohort:
-    """HARD_SLIDES tiny hard synthetic slides → 64-px tiles at 2 µm/px → pretrained `resnet10t_64` tile
-    features and Giga-SSL views (8 augmentations × 32 tiles), made once per session by our pipeline.
-
-    Tumour covers HARD_COVER (10-30 %) of a positive slide's tissue instead of the default 0.5-8 %: a tiny
-    slide has ~100 tissue tiles at 2 µm/px, so the default puts 0-8 tumour tiles among them, too few for
-    any slide-level embedding averaged over the tiles to carry the label on 24 slides: at the default the
-    mean-pooled pretrained features probed at 0.341 ± 0.183 (24 slides, seed 11; 0.934 ± 0.100 with
-    HARD_COVER; bench/RESULTS.md). The default cover is measured in bench/gigassl_fidelity.py --few-labels."""
-    return embedded_cohort(tmp_path_factory.mktemp("gigassl-hard"), HARD_SLIDES, pretrained_weights,
-                           HARD_SEED, views=(8, 32), tumour_cover=HARD_COVER)  # fmt: skip
 
 
 def _probe(embeddings: Path, data: EmbeddedCohort, baseline: bool) -> dict:
@@ -209,7 +190,7 @@ def _probe(embeddings: Path, data: EmbeddedCohort, baseline: bool) -> dict:
     return json.loads((embeddings.parent / "probe.json").read_text())["results"]
 
 
-def test_two_worker_run_on_pretrained_views_is_probed_beside_its_untrained_network(hard_views, capsys):
+def test_two_worker_run_on_pretrained_views_is_probed_beside_its_untrained_network(hard_cohort, capsys):
     """Giga-SSL on views of the pretrained tile encoder (hard cohort): a real 2-worker Ray Train run, its
     exported slide embeddings probed beside the mean-pooled tile features and beside the same network at
     its initialisation (`gigassl.epochs=0`, exported the same way); the run resumes from its checkpoint.
@@ -221,7 +202,7 @@ def test_two_worker_run_on_pretrained_views_is_probed_beside_its_untrained_netwo
     (bench/gigassl_signal.py: 0.06 against 0.04), so NT-Xent has little slide identity to learn from.
     What the test asserts: the tile features carry the label (baseline ≥ 0.85), the pipeline trains,
     exports both networks and probes them, and the run resumes."""
-    data = hard_views
+    data = hard_cohort
     common = ["--out", data.out, *itertools.chain.from_iterable(("--set", s) for s in (*PIPELINE, *LEARN))]
     views = ["--features", data.views["pretrained"]]
     train = ["train", "gigassl", "--name", "learn", "--workers", "2", *views, *common]

@@ -12,6 +12,7 @@ from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join
 from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.ingest import run_ingest
+from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.synthetic import HARD_TUMOUR_COVER, write_dataset
 from slidestream.testing.helpers import make_config
 
@@ -33,14 +34,15 @@ def embedded_cohort(
     n_slides: int,
     weights: Path,
     seed: int,
-    views: tuple[int, int] = (8, 32),
+    views: tuple[int, int] | None = (8, 32),
     tumour_cover: tuple[float, float] = HARD_TUMOUR_COVER,
     random_too: bool = False,
     config: Config | None = None,
 ) -> EmbeddedCohort:
     """`n_slides` tiny hard slides (`seed`; half with tumour covering `tumour_cover` of the tissue) under
     root/slides, ingested into root/out with the pretrained `weights`' features and `views` (NAUG, NT)
-    Giga-SSL views; with `random_too` also features and views of the same network at random weights."""
+    Giga-SSL views (None: no views); with `random_too` also features and views of the same network at
+    random weights."""
     config = config or make_config(*PIPELINE)
     slides, out = root / "slides", root / "out"
     if not (slides / "labels.csv").exists():
@@ -54,11 +56,16 @@ def embedded_cohort(
             report = run_ingest(str(slides), str(out), config, embed=features)
         else:
             report = run_embed(str(out), config, features)
-        view_stage = EmbedStage(ENCODER, source, config.tiling, config.embed, views=views)
-        view_report = run_embed(str(out), config, view_stage)
-        done = (len(r.ok) + r.skipped_unchanged for r in (report, view_report))  # a rerun skips what is done
-        if any(count != n_slides for count in done) or report.failed or view_report.failed:
-            raise RuntimeError(f"{name}: {report.summary()} / {view_report.summary()}")
+        _check_all_done(name, n_slides, report)
         cohort.features[name] = join(str(out), features.stage)
-        cohort.views[name] = join(str(out), view_stage.stage)
+        if views is not None:
+            view_stage = EmbedStage(ENCODER, source, config.tiling, config.embed, views=views)
+            _check_all_done(f"{name} views", n_slides, run_embed(str(out), config, view_stage))
+            cohort.views[name] = join(str(out), view_stage.stage)
     return cohort
+
+
+def _check_all_done(name: str, n_slides: int, report: IngestReport) -> None:
+    """Every slide must get through (a rerun skips what is done)."""
+    if report.failed or len(report.ok) + report.skipped_unchanged != n_slides:
+        raise RuntimeError(f"{name}: {report.summary()}")

@@ -67,7 +67,7 @@ def _views_flag(parser: argparse.ArgumentParser) -> None:
 
 ENCODER_HELP = (
     "a preset (uni, virchow2, h-optimus-0, …: `slidestream encoders`), resnet50_trunc, resnet18_trunc, "
-    "resnet10t_64 (see pretrain-encoder) or timm:<model>"
+    "resnet10t_64 or resnet18_64 (see pretrain-encoder) or timm:<model>"
 )
 WEIGHTS_HELP = "local weights file or model folder (a Hugging Face cache entry), or 'random' (explicitly)"
 

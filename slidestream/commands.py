@@ -283,7 +283,7 @@ def cmd_encoders(*, as_json: bool) -> int:
         size = f"{r['params_m']}M"
         print(f"{r['name']:<14} {r['dim']:>5}  {tiles:<25} {size:>7}  {r['feature']:<15} {r['licence']}")
     print("weights: --weights FILE or a model folder / Hugging Face cache entry (nothing is downloaded)")
-    print("also: resnet50_trunc, resnet18_trunc, resnet10t_64, timm:<model>; docs/encoders.md")
+    print("also: resnet50_trunc, resnet18_trunc, resnet10t_64, resnet18_64, timm:<model>; docs/encoders.md")
     return 0
 
 

@@ -100,3 +100,15 @@ def test_resnet18_64_pretrains_into_the_light_cdma_encoder(tmp_path: Path, capsy
     loaded = network.encoder.state_dict()
     assert set(loaded) == set(state)
     assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
+def test_contrastive_term_is_trained_and_recorded(tmp_path: Path):
+    """`--contrastive W` trains the NT-Xent term beside the supervised one; its loss is in the record."""
+    out = tmp_path / "c.pt"
+    flags = ["--slides", "4", "--tiles-per-slide", "8", "--epochs", "2", "--contrastive", "1"]
+    assert main(["pretrain-encoder", "--out", str(out), *flags]) == 0
+    history = json.loads(out.with_name(out.name + ".json").read_text())["history"]
+    ntxent = [epoch["ntxent"] for epoch in history]
+    assert len(ntxent) == 2 and all(np.isfinite(ntxent)) and min(ntxent) > 0, history
+    state = torch.load(out, weights_only=True)
+    assert set(state) == set(build_encoder("resnet10t_64", "random").model.state_dict())  # no projector

@@ -9,7 +9,7 @@ OUT    ?= slidestream-demo
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PIP) --upgrade pip
-	$(PIP) -e '.[test]'
+	$(PIP) -e '.[test,openslide]'
 	touch $@
 
 setup: $(VENV)/.installed

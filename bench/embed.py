@@ -57,8 +57,8 @@ CPU_GROUPS = [
 
 def preload(slides: str, config, input_px: int) -> np.ndarray:
     tiles = []
-    for slide, handle, chunk, plan in planned_chunks(slides, config):
-        pixels = read_tiles(handle, slide.uri, chunk["xs"], chunk["ys"], plan)
+    for _, handle, chunk, plan in planned_chunks(slides, config):
+        pixels = read_tiles(handle, chunk["xs"], chunk["ys"], plan)
         tiles += [resize_tile(t, input_px) for t in pixels]
     return np.stack(tiles)
 

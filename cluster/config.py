@@ -79,7 +79,11 @@ class IngestConfig(_Section):
     read_cpus: float = Field(default=1.0, gt=0)
     plan_cpus: float = Field(default=0.5, gt=0)
     slide_extensions: list[str] = Field(
-        default_factory=lambda: [".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff"]
+        default_factory=lambda: [
+            *(".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff"),  # tiffslide
+            ".dcm",  # DICOM-WSI instances, one slide per folder (wsidicom)
+            *(".mrxs", ".vms", ".vmu", ".svslide"),  # OpenSlide, an optional extra
+        ]
     )
 
 

@@ -21,9 +21,10 @@ from slidestream.cluster.config import Config, EmbedConfig, TilingConfig
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import filesystem, join, scrub_secrets
 from slidestream.pipelines.features import BagMeta, ParquetBagWriter, bag_table, write_bag
+from slidestream.pipelines.formats.errors import classify
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.priority import at_idle_priority
-from slidestream.pipelines.reader import classify, resize_tile
+from slidestream.pipelines.reader import resize_tile
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples, tile_position
 from slidestream.pipelines.slides import SlideRef, version_digest
 from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion

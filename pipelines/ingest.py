@@ -24,8 +24,10 @@ import ray
 from slidestream.cluster.config import Config, ShardConfig, TilingConfig, TissueConfig
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import filesystem, join, scrub_secrets, write_bytes_atomic
+from slidestream.pipelines.formats.choose import detect_backend
+from slidestream.pipelines.formats.errors import SlideError, classify
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
-from slidestream.pipelines.reader import SlideError, classify, open_slide, read_tiles, resize_tile, slide_info
+from slidestream.pipelines.reader import open_slide, read_tiles, resize_tile, slide_info
 from slidestream.pipelines.shards import Tile, encode_image, shard_stem, write_shards
 from slidestream.pipelines.slides import Discovery, SlideRef, discover_slides
 from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
@@ -33,9 +35,8 @@ from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.tiling import ReadPlan, grid_positions, read_plan
 
 if TYPE_CHECKING:
-    from tiffslide import TiffSlide
-
     from slidestream.pipelines.embed import EmbedStage
+    from slidestream.pipelines.formats.handle import SlideHandle
     from slidestream.pipelines.tissue import TissueMask
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ def _chunk_row(slide: dict, chunk: int, n_chunks: int, **values: Any) -> dict:
         "height": 0,
         "error": "",
         "permanent": True,
+        "backend": "",
     }
     row.update(values)
     return row
@@ -79,13 +81,17 @@ def plan_slide(
         tissue_mask,  # here: scikit-image/SciPy cost every read worker ~0.5 s
     )
 
-    handle: TiffSlide | None = None
+    handle: SlideHandle | None = None
     mask: TissueMask | None = None
+    backend = ""
     try:
         try:
-            handle = open_slide(slide["uri"], slide["fingerprint"])
+            backend = detect_backend(slide["uri"])
+            handle = open_slide(slide["uri"], slide["fingerprint"], backend)
+        except SlideError as exc:
+            raise SlideError(f"cannot open as a slide: {exc.reason}", exc.permanent) from None
         except Exception as exc:
-            raise classify("cannot open as a slide", exc) from None
+            raise classify(f"cannot open as a slide{f' with {backend}' if backend else ''}", exc) from None
         info = slide_info(handle, slide["mpp_override"] or tiling.mpp_override)
         if info.mpp is None:
             raise SlideError(
@@ -110,7 +116,7 @@ def plan_slide(
         error = classify("cannot plan tiles", exc)
         if qc_uri:
             _write_qc(qc_uri, slide["slide_id"], handle, mask, np.zeros((0, 4)), error.reason)
-        return [_chunk_row(slide, -1, 0, error=error.reason, permanent=error.permanent)]
+        return [_chunk_row(slide, -1, 0, error=error.reason, permanent=error.permanent, backend=backend)]
     if qc_uri:
         boxes0 = np.stack([xs, ys, xs + plan.side0, ys + plan.side0], axis=1)
         _write_qc(qc_uri, slide["slide_id"], handle, mask, boxes0, "")
@@ -132,6 +138,7 @@ def plan_slide(
                 mpp=info.mpp,
                 width=info.width,
                 height=info.height,
+                backend=backend,
             )
         )
     return rows
@@ -140,7 +147,7 @@ def plan_slide(
 def _write_qc(
     qc_uri: str,
     slide_id: str,
-    handle: TiffSlide | None,
+    handle: SlideHandle | None,
     mask: TissueMask | None,
     boxes0: np.ndarray,
     error: str,
@@ -181,12 +188,12 @@ def _tiles_of_chunk(
     row: dict, tiling: TilingConfig, shards: ShardConfig, keep_px: int, kept: list[np.ndarray]
 ) -> Iterator[Tile]:
     """Tiles of a chunk, encoded for the shards; with `keep_px`, each is also kept (resized) in `kept`."""
-    handle = open_slide(row["uri"], row["fingerprint"])
+    handle = open_slide(row["uri"], row["fingerprint"], row["backend"] or None)
     level = row["level"]
     plan = ReadPlan(
         level, float(handle.level_downsamples[level]), row["read_px"], tiling.tile_px, row["side0"]
     )
-    pixels = read_tiles(handle, row["uri"], row["xs"], row["ys"], plan)
+    pixels = read_tiles(handle, row["xs"], row["ys"], plan)
     for x, y, frac, tile in zip(row["xs"], row["ys"], row["fracs"], pixels, strict=True):
         if keep_px:
             kept.append(tile if keep_px == tile.shape[0] else resize_tile(tile, keep_px))
@@ -226,6 +233,7 @@ def read_chunk(
         "width": row["width"],
         "height": row["height"],
         "level": row["level"],
+        "backend": row["backend"],
     }
     kept: list[np.ndarray] = []
     if not row["error"]:
@@ -287,6 +295,7 @@ def _entry(
         permanent=permanent,
         n_tiles=0 if error else sum(r["n_tiles"] for r in results),
         mpp=first.get("mpp") or None,
+        backend=first.get("backend") or None,
         shards=[] if error else [name for r in results for name in r["shards"]],
         versions={"ingest": INGEST_VERSION},
         extra={

@@ -34,6 +34,7 @@ class LedgerEntry:
     permanent: bool = True  # a failed slide with the same fingerprint is not retried when True
     n_tiles: int = 0
     mpp: float | None = None
+    backend: str | None = None  # the reader that opened the slide (tiffslide, wsidicom, openslide)
     shards: list[str] = field(default_factory=list)  # paths relative to the stage directory
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -1,4 +1,4 @@
-"""Opening slides (local or object storage, range reads through fsspec) and reading tiles from them."""
+"""Opening slides (local or object storage, any supported format) and reading tiles from them."""
 
 from __future__ import annotations
 
@@ -8,29 +8,11 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
-from tiffslide import TiffSlide
 
-from slidestream.cluster.storage import filesystem, is_local, scrub_secrets, storage_options
-from slidestream.pipelines.regions import Rect, RegionReader, UnreadableRegion, level_page, on_white, supports
-from slidestream.pipelines.slides import fingerprint_of
+from slidestream.pipelines.formats.choose import Backend, open_handle
+from slidestream.pipelines.formats.handle import SlideHandle
+from slidestream.pipelines.slides import current_fingerprint
 from slidestream.pipelines.tiling import ReadPlan
-
-
-class SlideError(Exception):
-    """A slide that cannot be processed. `permanent` errors are not retried until the file changes."""
-
-    def __init__(self, reason: str, permanent: bool = True) -> None:
-        super().__init__(reason)
-        self.reason = scrub_secrets(reason)
-        self.permanent = permanent
-
-
-def classify(what: str, exc: BaseException) -> SlideError:
-    """Storage/network errors are transient (retried on the next run); anything else is permanent."""
-    if isinstance(exc, SlideError):
-        return exc
-    transient = isinstance(exc, OSError | ConnectionError | TimeoutError)
-    return SlideError(f"{what}: {type(exc).__name__}: {exc}", permanent=not transient)
 
 
 @dataclass(frozen=True)
@@ -40,37 +22,30 @@ class SlideInfo:
     mpp: float | None
     vendor: str | None
     level_downsamples: tuple[float, ...]
-
-
-def open_slide_uncached(uri: str) -> TiffSlide:
-    if is_local(uri):
-        return TiffSlide(uri.removeprefix("file://"))
-    return TiffSlide(uri, storage_options=storage_options(uri))
+    backend: str
 
 
 @functools.lru_cache(maxsize=4)
-def open_slide(uri: str, fingerprint: str) -> TiffSlide:
+def open_slide(uri: str, fingerprint: str, backend: Backend | None = None) -> SlideHandle:
     """One handle per worker process per slide version; the fingerprint is checked before reuse.
 
     A slide replaced or truncated after discovery fails loudly instead of mixing two versions.
     """
-    fs, path = filesystem(uri)
-    current = fingerprint_of(fs.info(path))
+    current = current_fingerprint(uri)
     if current != fingerprint:
         raise OSError(f"slide changed since discovery (fingerprint {fingerprint} → {current})")
-    return open_slide_uncached(uri)
+    return open_handle(uri, backend)
 
 
-def slide_info(slide: TiffSlide, mpp_override: float | None) -> SlideInfo:
-    props = slide.properties
-    mpp = props.get("tiffslide.mpp-x")
+def slide_info(slide: SlideHandle, mpp_override: float | None) -> SlideInfo:
     width, height = slide.dimensions
     return SlideInfo(
-        width=int(width),
-        height=int(height),
-        mpp=float(mpp_override) if mpp_override else (float(mpp) if mpp else None),
-        vendor=props.get("tiffslide.vendor"),
-        level_downsamples=tuple(float(d) for d in slide.level_downsamples),
+        width=width,
+        height=height,
+        mpp=float(mpp_override) if mpp_override else slide.mpp,
+        vendor=slide.vendor,
+        level_downsamples=slide.level_downsamples,
+        backend=slide.backend,
     )
 
 
@@ -90,36 +65,13 @@ def resize_tile(tile: np.ndarray, px: int) -> np.ndarray:
     return np.asarray(Image.fromarray(tile).resize((px, px), Image.Resampling.BILINEAR, reducing_gap=2.0))
 
 
-def read_tile(slide: TiffSlide, x: int, y: int, plan: ReadPlan) -> np.ndarray:
-    """One tile through `TiffSlide.read_region`: RGB uint8 (tile_px, tile_px, 3) for level-0 square (x, y)."""
-    region = np.asarray(
-        slide.read_region((int(x), int(y)), plan.level, (plan.read_px, plan.read_px), as_array=True)
-    )
-    if region.ndim == 2:
-        region = np.repeat(region[..., None], 3, axis=2)
-    return np.ascontiguousarray(_to_tile(on_white(region), plan))
+def read_tile(slide: SlideHandle, x: int, y: int, plan: ReadPlan) -> np.ndarray:
+    """One tile: RGB uint8 (tile_px, tile_px, 3) for level-0 square (x, y), read region by region."""
+    region = slide.read_region((int(x), int(y)), plan.level, (plan.read_px, plan.read_px))
+    return np.ascontiguousarray(_to_tile(region, plan))
 
 
-def read_tiles(
-    slide: TiffSlide, uri: str, xs: list[int], ys: list[int], plan: ReadPlan
-) -> Iterator[np.ndarray]:
-    """Tiles at level-0 corners (xs, ys), in order.
-
-    Tiled uint8 pages go through `RegionReader` (batched range reads, each TIFF tile decoded once);
-    anything else through `read_region`. Both give the same pixels (a test holds them equal).
-    Raises `SlideError` naming the level-0 position of a region that does not decode.
-    """
-    page = level_page(slide, plan.level)
-    if not supports(page):
-        yield from (read_tile(slide, x, y, plan) for x, y in zip(xs, ys, strict=True))
-        return
-    downsample = plan.level_downsample
-    rects = [
-        Rect(int(x / downsample), int(y / downsample), plan.read_px) for x, y in zip(xs, ys, strict=True)
-    ]
-    try:
-        for region in RegionReader(uri, page).read(rects):
-            yield np.ascontiguousarray(_to_tile(region, plan))
-    except UnreadableRegion as exc:
-        x0, y0 = round(exc.x * downsample), round(exc.y * downsample)
-        raise SlideError(f"unreadable tile region at level-0 ({x0}, {y0}): {exc}") from None
+def read_tiles(slide: SlideHandle, xs: list[int], ys: list[int], plan: ReadPlan) -> Iterator[np.ndarray]:
+    """Tiles at level-0 corners (xs, ys), in order, read in batches where the backend can."""
+    for region in slide.read_regions(xs, ys, plan.level, plan.read_px):
+        yield np.ascontiguousarray(_to_tile(region, plan))

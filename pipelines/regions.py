@@ -18,6 +18,7 @@ from tifffile import TiffPage
 from tiffslide import TiffSlide
 
 from slidestream.cluster.storage import filesystem
+from slidestream.pipelines.formats.handle import on_white
 
 _GLASS = 255  # value for TIFF tiles a sparse file leaves out
 _MAX_GAP = 256 * 1024  # merge byte ranges closer than this into one read
@@ -37,14 +38,6 @@ class Rect:
     x: int  # in pixels of the level being read
     y: int
     size: int
-
-
-def on_white(pixels: np.ndarray) -> np.ndarray:
-    """RGB pixels; an alpha channel is composited onto white glass."""
-    if pixels.shape[2] != 4:
-        return pixels
-    alpha = pixels[..., 3:4].astype(np.float32) / 255.0
-    return (pixels[..., :3] * alpha + 255.0 * (1 - alpha)).astype(np.uint8)
 
 
 def level_page(slide: TiffSlide, level: int) -> TiffPage:

@@ -1,4 +1,8 @@
-"""Slide discovery: a URI prefix or a slide-list CSV → `SlideRef`s with stable ids and fingerprints."""
+"""Slide discovery: a URI prefix or a slide-list CSV → `SlideRef`s with stable ids and fingerprints.
+
+A slide is one file, or several: a DICOM-WSI series is the folder of its instances, an MRXS slide is the
+`.mrxs` file and the folder of data files beside it.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,14 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+import fsspec
+
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import filesystem, full_uri
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+DICOM_SUFFIX = ".dcm"
+_DOUBLE_SUFFIXES = (".ome.tiff", ".ome.tif")
 
 
 class DiscoveryError(SlidestreamError, ValueError):
@@ -37,8 +45,11 @@ class Discovery:
 
 
 def slide_id_from_uri(uri: str) -> str:
+    """The file or folder name without its format suffix (`.svs`, `.ome.tiff`, …), made file-name safe."""
     stem = posixpath.basename(uri.rstrip("/"))
-    stem = stem.rsplit(".", 1)[0] if "." in stem else stem
+    lower = stem.lower()
+    double = next((suffix for suffix in _DOUBLE_SUFFIXES if lower.endswith(suffix)), None)
+    stem = stem[: -len(double)] if double else (stem.rsplit(".", 1)[0] if "." in stem else stem)
     slide_id = _UNSAFE.sub("_", stem).strip("._")
     if not slide_id:
         raise DiscoveryError(f"cannot derive a slide id from {uri!r}")
@@ -66,21 +77,77 @@ def _check_unique(slides: Iterable[SlideRef]) -> None:
         seen[slide.slide_id] = slide.uri
 
 
+def _companion_folder(path: str) -> str | None:
+    """The folder of data files an MRXS slide keeps beside it (`x.mrxs` → `x/`)."""
+    return path[: -len(".mrxs")] if path.lower().endswith(".mrxs") else None
+
+
+def _combined(files: dict[str, dict]) -> tuple[int, str]:
+    """(size, fingerprint) of a slide made of several files (a DICOM series, an MRXS slide and its data
+    files): any file added, removed or changed changes the fingerprint."""
+    size = sum(int(info["size"]) for info in files.values())
+    listing = "\n".join(f"{path}:{fingerprint_of(info)}" for path, info in sorted(files.items()))
+    return size, f"{size}-{hashlib.sha1(listing.encode()).hexdigest()[:16]}"
+
+
+def _files_of(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """The files one slide is made of: a folder's DICOM instances, an MRXS file and its data files, or
+    the file itself."""
+    if fs.isdir(path):
+        listed = fs.find(path, maxdepth=1, detail=True)
+        return {p: info for p, info in listed.items() if p.lower().endswith(DICOM_SUFFIX)}
+    files = {path: fs.info(path)}
+    companion = _companion_folder(path)
+    if companion and fs.isdir(companion):
+        files.update(fs.find(companion, detail=True))
+    return files
+
+
+def _size_and_fingerprint(files: dict[str, dict], path: str) -> tuple[int, str]:
+    if list(files) == [path]:
+        return int(files[path]["size"]), fingerprint_of(files[path])
+    return _combined(files)
+
+
+def current_fingerprint(uri: str) -> str:
+    """The fingerprint the slide at `uri` has now (what discovery recorded, unless it changed since)."""
+    fs, path = filesystem(uri)
+    files = _files_of(fs, path)
+    if not files:
+        raise FileNotFoundError(f"no slide files at {uri}")
+    return _size_and_fingerprint(files, path)[1]
+
+
 def _from_prefix(source: str, extensions: tuple[str, ...]) -> Discovery:
+    """Slide files under `source`. DICOM instances (`.dcm`) are grouped by folder: one folder, one slide.
+    An MRXS slide's data folder belongs to it."""
     fs, root = filesystem(source)
     if not fs.exists(root):
         raise DiscoveryError(f"slide source not found: {source}")
     entries = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
+    files = {path: info for path, info in entries.items() if info.get("type") != "directory"}
+    series: dict[str, dict[str, dict]] = {}
+    companions = [c for p in files if p.lower().endswith(extensions) and (c := _companion_folder(p))]
     found = Discovery()
-    for path in sorted(entries):
-        info = entries[path]
-        if info.get("type") == "directory":
-            continue
-        uri = full_uri(fs, path)
-        if not path.lower().endswith(extensions):
-            found.ignored.append(uri)
-            continue
-        found.slides.append(SlideRef(slide_id_from_uri(uri), uri, int(info["size"]), fingerprint_of(info)))
+    for path in sorted(files):
+        info = files[path]
+        if path.lower().endswith(DICOM_SUFFIX) and DICOM_SUFFIX in extensions:
+            series.setdefault(posixpath.dirname(path), {})[path] = info
+        elif any(path.startswith(folder + "/") for folder in companions):
+            continue  # an MRXS data file: part of its slide
+        elif not path.lower().endswith(extensions):
+            found.ignored.append(full_uri(fs, path))
+        else:
+            folder = _companion_folder(path)
+            parts = {p: i for p, i in files.items() if folder and p.startswith(folder + "/")}
+            size, fingerprint = _size_and_fingerprint({path: info, **parts}, path)
+            uri = full_uri(fs, path)
+            found.slides.append(SlideRef(slide_id_from_uri(uri), uri, size, fingerprint))
+    for folder, instances in sorted(series.items()):
+        size, fingerprint = _combined(instances)
+        uri = full_uri(fs, folder)
+        found.slides.append(SlideRef(slide_id_from_uri(uri), uri, size, fingerprint))
+    found.slides.sort(key=lambda slide: slide.uri)
     return found
 
 
@@ -118,8 +185,8 @@ def _from_slide_list(source: str) -> Discovery:
         if not slide_fs.exists(slide_path):
             found.missing.append((slide_id, uri))
             continue
-        info = slide_fs.info(slide_path)
-        found.slides.append(SlideRef(slide_id, uri, int(info["size"]), fingerprint_of(info), mpp))
+        size, fingerprint = _size_and_fingerprint(_files_of(slide_fs, slide_path), slide_path)
+        found.slides.append(SlideRef(slide_id, uri, size, fingerprint, mpp))
     return found
 
 

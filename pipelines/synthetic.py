@@ -35,7 +35,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import fsspec
 import numpy as np
@@ -44,6 +44,8 @@ from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 
 from slidestream.cluster.errors import SlidestreamError
+from slidestream.pipelines.slides import slide_id_from_uri
+from slidestream.pipelines.synthetic_dicom import SeriesIds, write_dicom_series
 
 SIZES: dict[str, tuple[int, int]] = {
     "tiny": (8192, 6144),
@@ -88,6 +90,10 @@ DEFAULT_STAINING = Staining()
 HARD_TUMOUR_COVER = (0.005, 0.08)  # hard cohorts: tumour fraction of tissue, log-uniform per slide
 HARD_SITES = 3
 DIFFICULTIES = ("easy", "hard")
+SlideFormat = Literal["svs", "tiff", "ome-tiff", "dicom"]
+SLIDE_FORMATS: tuple[str, ...] = get_args(SlideFormat)
+# a DICOM-WSI slide is a folder of instances
+_FILE_NAMES = {"svs": "{}.svs", "tiff": "{}.tiff", "ome-tiff": "{}.ome.tiff", "dicom": "{}"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,7 @@ class SlideSpec:
     width: int
     height: int
     mpp: float | None = 0.25  # None: no mpp metadata at all
-    fmt: Literal["svs", "tiff"] = "svs"
+    fmt: SlideFormat = "svs"
     positive: bool = False  # has tumour regions of distinct morphology
     n_pieces: int = 3  # tissue pieces; 0: blank glass
     pen_marks: bool = False
@@ -822,11 +828,24 @@ def _aperio_description(spec: SlideSpec, level_w: int | None = None, level_h: in
     return desc
 
 
+def _ome_metadata(spec: SlideSpec) -> dict[str, Any]:
+    if spec.mpp is None:
+        return {"axes": "YXS"}
+    size = {"PhysicalSizeX": spec.mpp, "PhysicalSizeY": spec.mpp}
+    return {"axes": "YXS", **size, "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+
+
 def write_slide(path: str | os.PathLike, spec: SlideSpec) -> SlideTruth:
-    """Write one pyramidal tiled-JPEG slide (Aperio SVS or generic TIFF) to a local file; return its truth."""
+    """Write one pyramidal tiled-JPEG slide to a local file (a folder of instances for DICOM-WSI); return
+    its truth. Formats: Aperio SVS, generic TIFF (mpp in resolution tags), OME-TIFF (mpp in the OME-XML
+    physical size), DICOM-WSI (mpp in the pixel spacing)."""
     model = _SlideModel(spec)
     levels = _level_sizes(spec.width, spec.height)
     t = spec.tile
+    if spec.fmt == "dicom":
+        ids = SeriesIds.derived(spec.seed)
+        write_dicom_series(path, levels, model.render_level_tiles, t, spec.mpp, spec.jpeg_quality, ids)
+        return model.truth
     common: dict[str, Any] = {
         "dtype": np.uint8,
         "photometric": "rgb",
@@ -836,7 +855,7 @@ def write_slide(path: str | os.PathLike, spec: SlideSpec) -> SlideTruth:
         "software": "slidestream.synthetic",
     }
     bigtiff = spec.width * spec.height * 3 > 2**31
-    with tifffile.TiffWriter(os.fspath(path), bigtiff=bigtiff) as tif:
+    with tifffile.TiffWriter(os.fspath(path), bigtiff=bigtiff, ome=spec.fmt == "ome-tiff") as tif:
         if spec.fmt == "svs":
             d0, w0, h0 = levels[0]
             tif.write(
@@ -884,21 +903,22 @@ def write_slide(path: str | os.PathLike, spec: SlideSpec) -> SlideTruth:
                 description=f"{_APERIO_HEADER}\r\nmacro {macro.shape[1]}x{macro.shape[0]}",
                 **common,
             )
-        elif spec.fmt == "tiff":
+        elif spec.fmt in ("tiff", "ome-tiff"):
             for i, (d, lw, lh) in enumerate(levels):
                 extra: dict = {}
-                if spec.mpp is not None:
+                if spec.mpp is not None and spec.fmt == "tiff":
                     px_per_cm = 1e4 / (spec.mpp * d)
                     extra = {"resolution": (px_per_cm, px_per_cm), "resolutionunit": "CENTIMETER"}
                 if i == 0:
                     extra["subifds"] = len(levels) - 1
+                    if spec.fmt == "ome-tiff":
+                        extra["metadata"] = _ome_metadata(spec)
                 tif.write(
                     model.render_level_tiles(d, lw, lh),
                     shape=(lh, lw, 3),
                     tile=(t, t),
                     subfiletype=0 if i == 0 else 1,
-                    **extra,
-                    **common,
+                    **{**common, **extra},
                 )
         else:
             raise ValueError(f"unknown slide format {spec.fmt!r}")
@@ -978,8 +998,8 @@ def cohort_specs(
     """
     if size not in SIZES:
         raise SynthError(f"unknown size {size!r}; choose from {sorted(SIZES)}")
-    if fmt not in ("svs", "tiff"):
-        raise SynthError(f"unknown slide format {fmt!r}")
+    if fmt not in SLIDE_FORMATS:
+        raise SynthError(f"unknown slide format {fmt!r}; choose from {', '.join(SLIDE_FORMATS)}")
     if difficulty not in DIFFICULTIES:
         raise SynthError(f"unknown difficulty {difficulty!r}; choose from {', '.join(DIFFICULTIES)}")
     lo, hi = tumour_cover
@@ -1054,7 +1074,7 @@ def write_dataset(
     def uri_of(name: str) -> str:
         return posixpath.join(root, name) if local else f"{out.rstrip('/')}/{name}"
 
-    names = [f"slide_{i:03d}.{fmt}" for i in range(n_slides)]
+    names = [_FILE_NAMES[fmt].format(f"slide_{i:03d}") for i in range(n_slides)]
     with tempfile.TemporaryDirectory(prefix="slidestream-synth-") as staging:
         # Slides are written locally (in place, or staged for upload), one process per core: each slide
         # is seconds of JPEG encoding. Seeds are per slide, so the files do not depend on the pool.
@@ -1062,9 +1082,9 @@ def write_dataset(
         truths = _write_slides_in_parallel(targets, specs)
         slide_ids, uris, entries = [], [], []
         for name, target, truth, slide in zip(names, targets, truths, cohort, strict=True):
-            slide_id = name.rsplit(".", 1)[0]
+            slide_id = slide_id_from_uri(name)
             if not local:
-                fs.put(target, posixpath.join(root, name))
+                fs.put(target, posixpath.join(root, name), recursive=fmt == "dicom")
             fs.pipe_file(
                 posixpath.join(root, "masks", f"{slide_id}.tumour.png"), _mask_png(truth.tumour_mask)
             )

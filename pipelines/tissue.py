@@ -12,6 +12,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import closing, disk, opening, remove_small_objects
 
 from slidestream.cluster.config import TissueConfig
+from slidestream.pipelines.formats.handle import SlideHandle
 
 # Hues of green and blue marker ink (HSV hue in [0, 1]); H&E stains sit in the pink-to-purple range.
 _PEN_HUE_RANGE = (0.15, 0.70)
@@ -37,7 +38,7 @@ class TissueMask:
         return total / area
 
 
-def low_resolution_rgb(slide, mpp0: float, mask_mpp: float) -> tuple[np.ndarray, float]:
+def low_resolution_rgb(slide: SlideHandle, mpp0: float, mask_mpp: float) -> tuple[np.ndarray, float]:
     """The slide rendered at about `mask_mpp` µm/px, read strip by strip from the best pyramid level.
 
     Returns the RGB array and its downsample relative to level 0.
@@ -49,15 +50,13 @@ def low_resolution_rgb(slide, mpp0: float, mask_mpp: float) -> tuple[np.ndarray,
     scale = downsamples[level] / target
     out_w = max(1, round(level_w * scale))
     if scale > 0.999:
-        region = np.asarray(slide.read_region((0, 0), level, (level_w, level_h), as_array=True))[..., :3]
+        region = slide.read_region((0, 0), level, (level_w, level_h))
         return region, downsamples[level]
     strips = []
     rows_done = 0
     for top in range(0, level_h, _STRIP_PX):
         rows = min(_STRIP_PX, level_h - top)
-        region = np.asarray(
-            slide.read_region((0, round(top * downsamples[level])), level, (level_w, rows), as_array=True)
-        )[..., :3]
+        region = slide.read_region((0, round(top * downsamples[level])), level, (level_w, rows))
         strip_h = round((top + rows) * scale) - rows_done
         if strip_h > 0:
             strips.append(np.asarray(Image.fromarray(region).resize((out_w, strip_h), Image.Resampling.BOX)))
@@ -98,6 +97,6 @@ def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
     return mask | small[holes]
 
 
-def tissue_mask(slide, mpp0: float, cfg: TissueConfig) -> TissueMask:
+def tissue_mask(slide: SlideHandle, mpp0: float, cfg: TissueConfig) -> TissueMask:
     rgb, downsample = low_resolution_rgb(slide, mpp0, cfg.mask_mpp)
     return TissueMask(detect_tissue(rgb, downsample * mpp0, cfg), downsample, rgb)

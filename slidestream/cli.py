@@ -12,7 +12,7 @@ from slidestream.cluster.config import Config, ConfigError, load_config
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import scrub_secrets
 from slidestream.console import console
-from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER
+from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER, SLIDE_FORMATS
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.models import MODELS
 
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--n-slides", type=int, required=True)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--size", choices=["tiny", "small", "large"], default="tiny")
-    synth.add_argument("--format", dest="fmt", choices=["svs", "tiff"], default="svs")
+    synth.add_argument("--format", dest="fmt", choices=SLIDE_FORMATS, default="svs")
     synth.add_argument("--positive-fraction", type=float, default=0.5)
     synth.add_argument("--no-pen-marks", action="store_true")
     synth.add_argument(

@@ -19,9 +19,10 @@ from slidestream.cluster.storage import join
 from slidestream.pipelines.embed import EmbedStage, run_embed, with_input_px
 from slidestream.pipelines.encoders import build_encoder
 from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.formats.choose import open_handle
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.ledger import Ledger
-from slidestream.pipelines.reader import open_slide_uncached, read_tiles, resize_tile
+from slidestream.pipelines.reader import read_tiles, resize_tile
 from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.tiling import read_plan
 from slidestream.testing.helpers import committed_samples, make_config
@@ -68,10 +69,10 @@ def test_run_writes_bags_equal_to_direct_encoding(ray_local, embedded, slide_roo
 
     # The same tiles, read and encoded directly in this process.
     uri = str(slide_root / "slide_001.svs")
-    slide = open_slide_uncached(uri)
+    slide = open_handle(uri)
     plan = read_plan(tiles_entries["slide_001"].mpp, slide.level_downsamples, config.tiling)
     xs, ys = bag.coords[:, 0].tolist(), bag.coords[:, 1].tolist()
-    pixels = np.stack([resize_tile(t, 64) for t in read_tiles(slide, uri, xs, ys, plan)])
+    pixels = np.stack([resize_tile(t, 64) for t in read_tiles(slide, xs, ys, plan)])
     encoder = build_encoder("resnet18_trunc", "random", seed=0)
     encoder.info = with_input_px(encoder.info, 64)
     direct = encoder.embed(pixels, batch_size=32)

@@ -8,7 +8,8 @@ from tiffslide import TiffSlide
 
 from slidestream.cluster.config import TilingConfig
 from slidestream.cluster.storage import filesystem
-from slidestream.pipelines.reader import open_slide_uncached, read_tile, read_tiles
+from slidestream.pipelines.formats.choose import open_handle
+from slidestream.pipelines.reader import read_tile, read_tiles
 from slidestream.pipelines.regions import Rect, RegionReader, level_page, supports
 from slidestream.pipelines.tiling import read_plan
 
@@ -36,10 +37,10 @@ def test_read_tiles_equals_per_tile_read_on_s3(s3_server, slide_root):
     fs, _ = filesystem("s3://regions")
     fs.put_file(str(slide_root / "slide_001.svs"), "regions/slide_001.svs")
     uri = "s3://regions/slide_001.svs"
-    slide = open_slide_uncached(uri)
+    slide = open_handle(uri)
     for tiling in (TilingConfig(mpp=0.5, tile_px=256), TilingConfig(mpp=1.0, tile_px=200)):
         plan = read_plan(0.25, slide.level_downsamples, tiling)
         xs, ys = [c[0] for c in CORNERS[:3]], [c[1] for c in CORNERS[:3]]
-        fast = list(read_tiles(slide, uri, xs, ys, plan))
+        fast = list(read_tiles(slide, xs, ys, plan))
         for x, y, tile in zip(xs, ys, fast, strict=True):
             np.testing.assert_array_equal(tile, read_tile(slide, x, y, plan))

@@ -4,9 +4,9 @@ and glass dropped."""
 from __future__ import annotations
 
 import numpy as np
-from tiffslide import TiffSlide
 
 from slidestream.cluster.config import TissueConfig
+from slidestream.pipelines.formats.choose import open_handle
 from slidestream.pipelines.synthetic import MASK_DOWNSAMPLE, SlideSpec, write_slide
 from slidestream.pipelines.tissue import tissue_mask
 
@@ -18,7 +18,7 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 def test_detected_tissue_matches_truth_with_pen_and_faint_tissue(tmp_path):
     spec = SlideSpec(8192, 6144, seed=11, pen_marks=True, faint_tissue=True, positive=True)
     truth = write_slide(tmp_path / "s.svs", spec)
-    slide = TiffSlide(str(tmp_path / "s.svs"))
+    slide = open_handle(str(tmp_path / "s.svs"))
     found = tissue_mask(slide, 0.25, TissueConfig())
     assert found.downsample == MASK_DOWNSAMPLE  # 8 µm/px on a 0.25 µm/px slide
     h = min(found.mask.shape[0], truth.tissue_mask.shape[0])
@@ -30,5 +30,5 @@ def test_detected_tissue_matches_truth_with_pen_and_faint_tissue(tmp_path):
 
 def test_blank_glass_has_no_tissue(tmp_path):
     write_slide(tmp_path / "blank.svs", SlideSpec(8192, 6144, seed=12, n_pieces=0))
-    found = tissue_mask(TiffSlide(str(tmp_path / "blank.svs")), 0.25, TissueConfig())
+    found = tissue_mask(open_handle(str(tmp_path / "blank.svs")), 0.25, TissueConfig())
     assert not found.mask.any()

@@ -14,7 +14,7 @@ from matplotlib._pylab_helpers import Gcf
 from PIL import Image
 from tiffslide import TiffSlide
 
-from slidestream.pipelines.reader import SlideError
+from slidestream.pipelines.formats.errors import SlideError
 from slidestream.pipelines.synthetic import SIZES, SlideSpec, write_slide
 from slidestream.trainers import viz
 from slidestream.trainers.viz import (

@@ -24,11 +24,12 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
-from tiffslide import TiffSlide
 
 from slidestream.cluster.storage import write_bytes_atomic
-from slidestream.pipelines.reader import SlideError, open_slide_uncached, slide_info
-from slidestream.pipelines.regions import on_white
+from slidestream.pipelines.formats.choose import open_handle
+from slidestream.pipelines.formats.errors import SlideError
+from slidestream.pipelines.formats.handle import SlideHandle
+from slidestream.pipelines.reader import slide_info
 
 __all__ = [
     "attention_heatmap",
@@ -51,7 +52,7 @@ _DPI = 100
 
 
 def _level0_row(row: int, downsample: float) -> int:
-    """A level-0 y that `TiffSlide.read_region` maps back to exactly `row` of a level (it truncates)."""
+    """A level-0 y that slide reader maps back to exactly `row` of a level (readers truncate)."""
     y = math.ceil(row * downsample)
     while y > 0 and int((y - 1) / downsample) >= row:
         y -= 1
@@ -60,16 +61,7 @@ def _level0_row(row: int, downsample: float) -> int:
     return y
 
 
-def _rgb(region: np.ndarray) -> np.ndarray:
-    """uint8 RGB from what `read_region` returns (grey, RGB or RGBA)."""
-    if region.ndim == 2:
-        region = region[..., None]
-    if region.shape[2] == 1:
-        region = np.repeat(region, 3, axis=2)
-    return on_white(np.asarray(region, dtype=np.uint8))
-
-
-def _thumbnail(slide: TiffSlide, max_px: int) -> tuple[Image.Image, float]:
+def _thumbnail(slide: SlideHandle, max_px: int) -> tuple[Image.Image, float]:
     w0, h0 = slide.dimensions
     level = slide.get_best_level_for_downsample(max(w0, h0) / max_px)
     lw, lh = slide.level_dimensions[level]
@@ -84,10 +76,8 @@ def _thumbnail(slide: TiffSlide, max_px: int) -> tuple[Image.Image, float]:
         r1 = min(th, r0 + rows_per_band)
         y0, y1 = r0 * f, r1 * f
         a, b = math.floor(y0), min(lh, math.ceil(y1 - 1e-6))
-        region = slide.read_region(
-            (0, _level0_row(a, level_ds)), level, (read_w, b - a), as_array=True, padding=False
-        )
-        band = Image.fromarray(_rgb(region))
+        region = slide.read_region((0, _level0_row(a, level_ds)), level, (read_w, b - a))
+        band = Image.fromarray(region)
         if f == 1.0:
             canvas.paste(band.crop((0, 0, tw, r1 - r0)), (0, r0))
             continue
@@ -103,7 +93,7 @@ def slide_thumbnail(slide_uri: str, max_px: int = 1024) -> tuple[Image.Image, fl
     """
     if max_px < 1:
         raise ValueError(f"max_px must be ≥ 1, got {max_px}")
-    with open_slide_uncached(slide_uri) as slide:
+    with open_handle(slide_uri) as slide:
         return _thumbnail(slide, max_px)
 
 
@@ -232,14 +222,14 @@ def slide_heatmap(
     """Thumbnail of `slide_uri` with a bag's tile scores on it (see `attention_heatmap`); returns the map.
 
     The bag's tiles are `tile_px` pixels at `mpp` µm/px, so each spans mpp·tile_px / slide-mpp level-0
-    pixels. The slide's mpp comes from its metadata (`tiffslide.mpp-x`) unless `slide_mpp` is given;
+    pixels. The slide's mpp comes from its metadata unless `slide_mpp` is given;
     a slide with neither is a `SlideError` naming it.
     """
-    with open_slide_uncached(slide_uri) as slide:
+    with open_handle(slide_uri) as slide:
         level0_mpp = slide_info(slide, slide_mpp).mpp
         if not level0_mpp or level0_mpp <= 0:
             raise SlideError(
-                f"slide {slide_uri} has no mpp metadata (tiffslide.mpp-x): cannot size its tiles in "
+                f"slide {slide_uri} has no mpp metadata: cannot size its tiles in "
                 "level-0 pixels; pass slide_mpp (or --mpp-override) for it"
             )
         thumbnail, downsample = _thumbnail(slide, max_px)

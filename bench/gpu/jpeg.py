@@ -34,7 +34,7 @@ def shard_jpegs(n: int) -> list[bytes]:
         encoded = [
             encode_image(tile, config.shards)
             for slide, handle, chunk, plan in planned_chunks(work, config)
-            for tile in read_tiles(handle, slide.uri, chunk["xs"], chunk["ys"], plan)
+            for tile in read_tiles(handle, chunk["xs"], chunk["ys"], plan)
         ]
     return [encoded[i % len(encoded)] for i in range(n)]
 

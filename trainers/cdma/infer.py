@@ -23,7 +23,9 @@ from torch import nn
 
 from slidestream.cluster.config import TilingConfig, TissueConfig
 from slidestream.cluster.storage import write_bytes_atomic
-from slidestream.pipelines.reader import SlideError, open_slide_uncached, read_tiles, slide_info
+from slidestream.pipelines.formats.choose import open_handle
+from slidestream.pipelines.formats.errors import SlideError
+from slidestream.pipelines.reader import read_tiles, slide_info
 from slidestream.pipelines.tiling import grid_positions, read_plan
 from slidestream.trainers.cdma.data import normalise
 
@@ -47,7 +49,7 @@ class SlidePrediction:
 def _windows(uri: str, tiling: TilingConfig, tissue: TissueConfig, overlap: float) -> tuple:
     from slidestream.pipelines.tissue import tissue_mask
 
-    handle = open_slide_uncached(uri)
+    handle = open_handle(uri)
     info = slide_info(handle, tiling.mpp_override)
     if info.mpp is None:
         raise SlideError(f"slide {uri}: no mpp (µm/px) in its metadata; set tiling.mpp_override")
@@ -91,7 +93,7 @@ def predict_slide(
     cell = max(1, round(plan.side0 / downsample))  # grid cells per window side
     done = 0
     with handle:
-        for batch in _batches(read_tiles(handle, uri, xs.tolist(), ys.tolist(), plan), batch_size):
+        for batch in _batches(read_tiles(handle, xs.tolist(), ys.tolist(), plan), batch_size):
             x = normalise(batch, device)
             with torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext():
                 logits = model(x)

@@ -16,8 +16,8 @@ import torch
 
 from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import FeatureBags
+from slidestream.pipelines.formats.errors import SlideError
 from slidestream.pipelines.ledger import Ledger
-from slidestream.pipelines.reader import SlideError
 from slidestream.pipelines.slides import discover_slides
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.fit import RUN_FILE

@@ -202,9 +202,13 @@ def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) ->
         print_json({"stage": stage, **payload})
         return 0
     print(f"{out} [{stage}]")
-    print(f"{'slide_id':<28} {'status':<7} {'tiles':>7}  error")
+    print(f"{'slide_id':<28} {'status':<7} {'reader':<9} {'tiles':>7}  error")
     for slide in payload["slides"]:
-        print(f"{slide['slide_id']:<28} {slide['status']:<7} {slide['n_tiles']:>7}  {slide['error'] or ''}")
+        reader = slide["backend"] or "-"
+        print(
+            f"{slide['slide_id']:<28} {slide['status']:<7} {reader:<9} {slide['n_tiles']:>7}  "
+            f"{slide['error'] or ''}"
+        )
     totals = payload["totals"]
     print(f"{totals['slides']} slides: {totals['ok']} ok, {totals['failed']} failed, {totals['tiles']} tiles")
     return 0

@@ -47,7 +47,13 @@ def status_payload(entries: list[LedgerEntry]) -> dict:
     counts = Counter(e.status for e in entries)
     return {
         "slides": [
-            {"slide_id": e.slide_id, "status": e.status, "n_tiles": e.n_tiles, "error": e.error}
+            {
+                "slide_id": e.slide_id,
+                "status": e.status,
+                "backend": e.backend,
+                "n_tiles": e.n_tiles,
+                "error": e.error,
+            }
             for e in entries
         ],
         "totals": {
@@ -380,7 +386,7 @@ def _figures(pictures: list[Picture]) -> str:
 def _stage_html(index: int, section: StageSection) -> str:
     totals = section.payload["totals"]
     qc = section.qc
-    head = "<th>slide</th><th>status</th><th>tiles</th><th>error</th>"
+    head = "<th>slide</th><th>status</th><th>reader</th><th>tiles</th><th>error</th>"
     head += "<th>QC</th>" if qc is not None else ""
     rows = []
     for slide in section.payload["slides"]:
@@ -388,7 +394,8 @@ def _stage_html(index: int, section: StageSection) -> str:
         picture = "" if qc is None else f"<td>{_img(qc[sid], 'qc') if sid in qc else '–'}</td>"
         rows.append(
             f'<tr data-slide="{esc(sid)}" data-status="{esc(status)}"><td>{esc(sid)}</td>'
-            f'<td class="status {esc(status)}">{esc(status)}</td><td class="num">{slide["n_tiles"]}</td>'
+            f'<td class="status {esc(status)}">{esc(status)}</td><td>{esc(slide["backend"] or "–")}</td>'
+            f'<td class="num">{slide["n_tiles"]}</td>'
             f'<td class="error">{esc(slide["error"] or "")}</td>{picture}</tr>'
         )
     shown = f", {len(qc)} QC thumbnails" if qc is not None else ""

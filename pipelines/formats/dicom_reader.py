@@ -18,7 +18,7 @@ from slidestream.pipelines.formats.handle import SlideHandle, as_rgb
 _GLASS = 255
 # Object storage is read in blocks of this size (wsidicom reads an instance's header and its frames'
 # offset table once, then one block per frame run): small enough that a tile costs about its own bytes.
-_BLOCK_BYTES = 256 * 1024
+_BLOCK_BYTES = 64 * 1024
 
 
 def file_options(uri: str) -> dict[str, Any]:

@@ -164,7 +164,8 @@ from slidestream.cluster.config import load_config
 from slidestream.pipelines.ingest import plan_slide
 from slidestream.pipelines.slides import discover_slides
 config = load_config(None, [])
-(slide,) = [s for s in discover_slides(sys.argv[1], config.ingest.slide_extensions).slides if s.slide_id == "fake"]
+slides = discover_slides(sys.argv[1], config.ingest.slide_extensions).slides
+(slide,) = [s for s in slides if s.slide_id == "fake"]
 item = {"slide_id": slide.slide_id, "uri": slide.uri, "fingerprint": slide.fingerprint, "mpp_override": 0.0}
 (row,) = plan_slide(item, config.tiling, config.tissue, config.shards)
 print(json.dumps({"error": row["error"], "backend": row["backend"], "permanent": row["permanent"]}))

@@ -9,7 +9,11 @@ Pipeline: `run_ingest` on a local Ray instance with the machine's cores.
 Prints tiles/s and MB/s (tile bytes written) for slides on local disk and on the S3 server, the ratio
 pipeline / baseline, and the peak memory of the whole process tree for 4 vs 16 slides.
 
-    python bench/ingest.py [--size small] [--slides 4] [--no-s3]
+With `--format ome-tiff|dicom|tiff`, it compares that format with SVS instead: the same slides written in
+both, the pipeline's tiles/s on local disk and from S3, and the bytes and GETs per tile a reader fetches
+from S3 (all of a cohort's tiles read in this process, where the fetches can be counted).
+
+    python bench/ingest.py [--size small] [--slides 4] [--no-s3] [--format dicom]
 """
 
 from __future__ import annotations
@@ -26,14 +30,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 import webdataset as wds
+from PIL import Image
 
 from slidestream.cluster.config import load_config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import filesystem, join
 from slidestream.pipelines.ingest import planned_chunks, run_ingest
-from slidestream.pipelines.reader import read_tile
+from slidestream.pipelines.reader import read_tile, read_tiles
 from slidestream.pipelines.shards import encode_image, tile_key
-from slidestream.pipelines.synthetic import write_dataset
+from slidestream.pipelines.synthetic import SLIDE_FORMATS, write_dataset
 from slidestream.pipelines.tiling import ReadPlan
 
 
@@ -67,8 +72,8 @@ class PeakMemory:
 
 
 def _naive_tile(handle, x: int, y: int, plan: ReadPlan):
-    """How a plain script reads a tile: read_region, drop alpha, PIL's default resize."""
-    region = handle.read_region((x, y), plan.level, (plan.read_px, plan.read_px)).convert("RGB")
+    """How a plain script reads a tile: read_region, then PIL's default resize."""
+    region = Image.fromarray(handle.read_region((x, y), plan.level, (plan.read_px, plan.read_px)))
     return np.asarray(region.resize((plan.tile_px, plan.tile_px)))
 
 
@@ -108,6 +113,57 @@ def pipeline(slides_uri: str, out_uri: str, config) -> tuple[int, int, float, in
     return report.tiles, report.shard_bytes, report.seconds, memory.peak
 
 
+def fetched_per_tile(slides_uri: str, config) -> tuple[int, float, float, float]:
+    """Every planned tile of the cohort read in this process: (tiles, seconds, bytes and GETs per tile)."""
+    from slidestream.testing.fetched import s3_fetches
+
+    tiles = 0
+    with s3_fetches() as fetched:
+        started = time.perf_counter()
+        for _, handle, chunk, plan in planned_chunks(slides_uri, config):
+            tiles += sum(1 for _ in read_tiles(handle, chunk["xs"], chunk["ys"], plan))
+        seconds = time.perf_counter() - started
+    return tiles, seconds, fetched.bytes / tiles, fetched.requests / tiles
+
+
+def compare_formats(fmt: str, args: argparse.Namespace, work: Path, config) -> None:
+    """The same slides in SVS and in `fmt`: pipeline tiles/s locally and from S3, S3 bytes per tile."""
+    import os
+
+    import ray
+
+    from slidestream.testing.s3server import start_s3_server, stop_s3_server
+
+    server = start_s3_server()
+    os.environ.update(server.env())
+    server.make_bucket("bench")
+    fs, _ = filesystem("s3://bench")
+    ray.shutdown()  # restart so workers get the S3 endpoint in their environment
+    ensure_ray(config.ray)
+    ncpu = psutil.cpu_count()
+    rows = []
+    for name in ("svs", fmt):
+        local = work / f"slides-{name}"
+        print(f"writing {args.slides} {args.size} {name} slides …", flush=True)
+        write_dataset(str(local), args.slides, seed=1, size=args.size, fmt=name)
+        fs.put(str(local), f"bench/slides-{name}", recursive=True)
+        for where, uri in (("local", str(local)), ("s3", f"s3://bench/slides-{name}")):
+            pipeline(uri, str(work / f"warm-{name}-{where}"), config)  # starts and imports the workers
+            tiles, _, seconds, _ = pipeline(uri, str(work / f"out-{name}-{where}"), config)
+            label = f"{where}, pipeline, {ncpu} cores"
+            rows.append(f"| {name:<8} | {label:<26} | {tiles:>6} | {seconds:>7.1f} | "
+                        f"{tiles / seconds:>7.1f} |                 |           |")  # fmt: skip
+        tiles, seconds, per_tile, gets = fetched_per_tile(f"s3://bench/slides-{name}", config)
+        rows.append(f"| {name:<8} | s3, one process            | {tiles:>6} | {seconds:>7.1f} | "
+                    f"{tiles / seconds:>7.1f} | {per_tile / 1e3:>15.1f} | {gets:>9.2f} |")  # fmt: skip
+    header = ["format", "where", "tiles", "seconds", "tiles/s", "KB fetched/tile", "GETs/tile"]
+    widths = [8, 26, 6, 7, 7, 15, 9]
+    print("\n| " + " | ".join(f"{h:<{w}}" for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    print("\n".join(rows))
+    stop_s3_server(server)
+
+
 def row(label: str, tiles: int, nbytes: int, seconds: float) -> str:
     rate, mbs = tiles / seconds, nbytes / 1e6 / seconds
     return f"| {label:<34} | {tiles:>7} | {seconds:>8.1f} | {rate:>8.1f} | {mbs:>7.2f} |"
@@ -126,11 +182,22 @@ def main() -> None:
         help="slide size for the 4 vs 16 slides memory comparison",
     )
     parser.add_argument("--no-s3", action="store_true")
+    parser.add_argument(
+        "--format",
+        dest="fmt",
+        default="svs",
+        choices=SLIDE_FORMATS,
+        help="compare this slide format with SVS (tiles/s, bytes fetched per tile from S3)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the 4 vs 16 slides memory comparison")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     config = load_config(None, ["ray.object_store_mb=1024"])
+    if args.fmt != "svs":
+        compare_formats(args.fmt, args, work, config)
+        shutil.rmtree(work, ignore_errors=True)
+        return
     print(f"writing {args.slides} {args.size} synthetic slides …", flush=True)
     write_dataset(str(work / "slides"), args.slides, seed=1, size=args.size, fmt="svs")
     ensure_ray(config.ray)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 
 from slidestream.cluster.config import TilingConfig
 from slidestream.cluster.storage import filesystem
@@ -77,6 +78,27 @@ def test_content_decides_the_backend(format_root: Path) -> None:
         with open_handle(str(next(format_root.glob(f"{name}*")))) as slide:
             assert slide.mpp == pytest.approx(0.25)  # Aperio MPP, OME PhysicalSizeX, DICOM PixelSpacing
             assert slide.level_dimensions == ((8192, 6144), (2048, 1536), (512, 384))
+
+
+def test_ventana_bif_mpp_comes_from_its_iscan_xmp(tmp_path: Path) -> None:
+    """A TIFF with the markers Ventana scanners write (ScanOutputManager software, an `iScan` XMP element)
+    and no resolution tags: its mpp is the XMP's ScanRes, as OpenSlide reads it."""
+    xmp = b'<?xml version="1.0"?><Metadata><iScan Magnification="40" ScanRes="0.2325"/></Metadata>'
+    path = tmp_path / "scan.bif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(
+            np.full((512, 768, 3), 200, np.uint8),
+            tile=(256, 256),
+            photometric="rgb",
+            compression="jpeg",
+            software="ScanOutputManager 1.1.0.15854",
+            description="level=0 mag=40 quality=90",
+            extratags=[(700, "B", len(xmp), xmp, True)],
+            metadata=None,
+        )
+    with pytest.warns(UserWarning, match="ventana"), open_handle(str(path)) as slide:
+        assert slide.backend == "tiffslide" and slide.vendor == "ventana"
+        assert slide.mpp == pytest.approx(0.2325)
 
 
 def test_every_format_ingests_to_the_svs_tiles_locally_and_from_s3(

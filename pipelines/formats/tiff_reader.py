@@ -1,15 +1,19 @@
 """TIFF slides through tiffslide: Aperio SVS, generic pyramidal TIFF, OME-TIFF, and the TIFF dialects
 tiffslide knows (Hamamatsu NDPI, Ventana BIF, Leica SCN).
 
-tiffslide leaves the mpp of an OME-TIFF empty; it is read here from the OME-XML `PhysicalSizeX`.
+tiffslide leaves the mpp of an OME-TIFF and of a Ventana BIF empty unless resolution tags give it; it is
+read here from their own fields: the OME-XML `Pixels/@PhysicalSizeX`, and the `ScanRes` (µm/px) of the
+BIF's `iScan` XMP element, where OpenSlide reads it too.
 """
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ElementTree
 from collections.abc import Iterator, Sequence
 
 import numpy as np
+import tifffile
 from tiffslide import TiffSlide
 
 from slidestream.cluster.storage import is_local, storage_options
@@ -32,6 +36,29 @@ def ome_mpp(ome_xml: str) -> float | None:
     return float(pixels.get("PhysicalSizeX", "")) * _UM_PER_UNIT[unit]
 
 
+_SCAN_RES = re.compile(rb"<iScan\b[^>]*?\bScanRes\s*=\s*\"([0-9.eE+-]+)\"")
+_XMP_TAG = 700
+
+
+def ventana_mpp(tif: tifffile.TiffFile) -> float | None:
+    """µm per pixel from a Ventana BIF's XMP (`<iScan ScanRes="…">`), on the first page that has it."""
+    for page in tif.pages:
+        tag = page.tags.get(_XMP_TAG)  # type: ignore[union-attr]
+        found = _SCAN_RES.search(bytes(tag.value)) if tag is not None else None
+        if found:
+            return float(found.group(1))
+    return None
+
+
+def dialect_mpp(tif: tifffile.TiffFile) -> float | None:
+    """The mpp a TIFF dialect keeps in its own metadata, where tiffslide does not look."""
+    if tif.is_ome and tif.ome_metadata:
+        return ome_mpp(tif.ome_metadata)
+    if tif.is_bif:
+        return ventana_mpp(tif)
+    return None
+
+
 class TiffHandle(SlideHandle):
     backend = "tiffslide"
 
@@ -49,15 +76,13 @@ class TiffHandle(SlideHandle):
     @property
     def mpp(self) -> float | None:
         mpp = self.slide.properties.get("tiffslide.mpp-x")
-        if mpp:
-            return float(mpp)
-        ome = self.slide.ts_tifffile.ome_metadata
-        return ome_mpp(ome) if ome else None
+        return float(mpp) if mpp else dialect_mpp(self.slide.ts_tifffile)
 
     @property
     def vendor(self) -> str | None:
+        tif = self.slide.ts_tifffile
         vendor = self.slide.properties.get("tiffslide.vendor")
-        return vendor or ("ome" if self.slide.ts_tifffile.is_ome else None)
+        return vendor or ("ome" if tif.is_ome else "ventana" if tif.is_bif else None)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         return as_rgb(np.asarray(self.slide.read_region(location, level, size, as_array=True)))

@@ -93,10 +93,11 @@ def _combined(files: dict[str, dict]) -> tuple[int, str]:
 def _files_of(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
     """The files one slide is made of: a folder's DICOM instances, an MRXS file and its data files, or
     the file itself."""
-    if fs.isdir(path):
+    info = fs.info(path)
+    if info["type"] == "directory":
         listed = fs.find(path, maxdepth=1, detail=True)
-        return {p: info for p, info in listed.items() if p.lower().endswith(DICOM_SUFFIX)}
-    files = {path: fs.info(path)}
+        return {p: i for p, i in listed.items() if p.lower().endswith(DICOM_SUFFIX)}
+    files = {path: info}
     companion = _companion_folder(path)
     if companion and fs.isdir(companion):
         files.update(fs.find(companion, detail=True))

@@ -56,6 +56,12 @@ def test_synth_ingest_strict_and_status(tmp_path: Path, ray_local, capsys):
     }
     broken = next(s for s in payload["slides"] if s["slide_id"] == "broken")
     assert broken["status"] == "failed" and broken["n_tiles"] == 0 and broken["error"]
+    # the reader each slide was opened with (TIFF content: tiffslide, also for the one that then failed)
+    assert {s["slide_id"]: s["backend"] for s in payload["slides"]} == dict.fromkeys(
+        ["broken", "slide_000", "slide_001"], "tiffslide"
+    )
+    table = _slidestream("status", "--out", str(out)).stdout
+    assert "reader" in table.splitlines()[1] and table.count("tiffslide") == 3, table
 
 
 def test_bad_config_and_missing_inputs_are_clear_errors(tmp_path: Path):

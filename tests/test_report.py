@@ -163,9 +163,10 @@ def _check_cohort_tables(doc: Node, out: Path) -> None:
         qc = _qc_pictures(out, stage) & set(entries)
         for sid, entry in entries.items():
             cells = [c for c in rows[sid].children if isinstance(c, Node) and c.tag == "td"]
-            assert [c.text() for c in cells[:4]] == [
+            assert [c.text() for c in cells[:5]] == [
                 sid,
                 entry.status,
+                entry.backend or "–",
                 str(entry.n_tiles),
                 scrub_secrets(entry.error or ""),
             ]
@@ -229,11 +230,11 @@ def test_markup_in_data_is_text_and_secrets_are_scrubbed(cohort: Cohort, monkeyp
     """The text file's error quotes its first bytes: markup, shown as text; then taken as the secret."""
     tiles = next(s for s, _ in Ledger(str(cohort.out)).state() if s.startswith("tiles/"))
     error = Ledger(str(cohort.out)).state()[(tiles, "notes")].error or ""
-    assert f"header=b'{MARKUP}'" in error, error  # the premise: user bytes reach the error message
+    assert f"starts with b\"{MARKUP}" in error, error  # the premise: user bytes reach the error message
     page = cohort.page.read_text()
     assert MARKUP not in page and "&lt;b&gt;&amp;" in page
     (row,) = parse(page).all("tr", data_slide="notes")
-    assert row.all("td")[3].text() == error
+    assert row.all("td")[4].text() == error
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", MARKUP)
     target = tmp_path / "elsewhere" / "page.html"
@@ -241,7 +242,7 @@ def test_markup_in_data_is_text_and_secrets_are_scrubbed(cohort: Cohort, monkeyp
     page = target.read_text()
     assert MARKUP not in page and "&lt;b&gt;&amp;" not in page
     (row,) = parse(page).all("tr", data_slide="notes")
-    assert row.all("td")[3].text() == error.replace(MARKUP, "<AWS_SECRET_ACCESS_KEY>")
+    assert row.all("td")[4].text() == error.replace(MARKUP, "<AWS_SECRET_ACCESS_KEY>")
 
 
 def test_report_of_an_s3_output_root_is_written_there(cohort: Cohort, s3_server, capsys):

@@ -19,7 +19,7 @@ def detect_backend(uri: str) -> Backend:
     """tiffslide for TIFF content, wsidicom for DICOM content or a folder (a DICOM series), OpenSlide
     for the formats only it reads (by suffix: their files have no common signature)."""
     fs, path = filesystem(uri)
-    if fs.isdir(path):
+    if fs.info(path)["type"] == "directory":
         return "wsidicom"
     head = fs.cat_file(path, start=0, end=_DICOM_PREAMBLE + 4)
     if head[:4] in _TIFF_MAGICS:

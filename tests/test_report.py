@@ -230,7 +230,7 @@ def test_markup_in_data_is_text_and_secrets_are_scrubbed(cohort: Cohort, monkeyp
     """The text file's error quotes its first bytes: markup, shown as text; then taken as the secret."""
     tiles = next(s for s, _ in Ledger(str(cohort.out)).state() if s.startswith("tiles/"))
     error = Ledger(str(cohort.out)).state()[(tiles, "notes")].error or ""
-    assert f"starts with b\"{MARKUP}" in error, error  # the premise: user bytes reach the error message
+    assert f'starts with b"{MARKUP}' in error, error  # the premise: user bytes reach the error message
     page = cohort.page.read_text()
     assert MARKUP not in page and "&lt;b&gt;&amp;" in page
     (row,) = parse(page).all("tr", data_slide="notes")

@@ -1,28 +1,38 @@
 """The ledger: the only way outputs become visible.
 
-`OUT/ledger/` holds immutable JSON objects named `<ns>-commit-<id>.json` (entries of finished slides)
-and `<ns>-snapshot-<id>.json` (everything up to it folded into one object, written at the end of a run,
-so readers do not list thousands of commits). Names sort by their nanosecond timestamp. An entry is keyed
-by (stage, slide_id); a later entry supersedes an earlier one. A crash can leave files that no entry
-references (shards of an unfinished slide): they are invisible to readers and collected by the next run.
+`OUT/ledger/` holds immutable objects named `<ns>-commit-<id>.json` (entries of finished slides) and
+`<ns>-snapshot-<id>.parquet` (everything up to it folded into one table, written at the end of a run and
+whenever the commits since the last snapshot grow past a tenth of it, so readers never list and read
+thousands of commits). Names sort by their nanosecond timestamp. An entry is keyed by (stage, slide_id);
+a later entry supersedes an earlier one. A crash can leave files that no entry references (shards of an
+unfinished slide): they are invisible to readers and collected by the next run.
 """
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
+from slidestream.pipelines.ledger_format import (
+    COMMIT_SUFFIX,
+    LEDGER_SUFFIXES,
+    SNAPSHOT_SUFFIX,
+    decode,
+    encode_commit,
+    encode_snapshot,
+)
 
-LEDGER_FORMAT = 1
 _READ_ATTEMPTS = 5
+# A writer folds its commits into a new snapshot once they outnumber this, or a tenth of the snapshot:
+# reading stays one snapshot plus a bounded tail, and rewriting the snapshot costs O(1) per commit.
+_COMPACT_MIN_COMMITS = 1000
 Status = Literal["ok", "failed", "skipped"]
 
 
-@dataclass
+@dataclass(slots=True)
 class LedgerEntry:
     stage: str  # e.g. "tiles/mpp0.50_px256"
     slide_id: str
@@ -60,17 +70,17 @@ class Ledger:
     def __init__(self, out_uri: str) -> None:
         self.uri = join(out_uri, "ledger")
         self._state: dict[tuple[str, str], LedgerEntry] | None = None
+        self._commits_since_snapshot = 0
 
     def _names(self) -> list[str]:
         fs, path = filesystem(self.uri)
         if not fs.exists(path):
             return []
-        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(".json"))
+        return sorted(p.rsplit("/", 1)[-1] for p in fs.ls(path, detail=False) if p.endswith(LEDGER_SUFFIXES))
 
     def _read(self, name: str) -> list[LedgerEntry]:
         fs, path = filesystem(join(self.uri, name))
-        payload = json.loads(fs.cat_file(path))
-        return [LedgerEntry(**entry) for entry in payload["entries"]]
+        return decode(name, fs.cat_file(path), LedgerEntry)
 
     def state(self) -> dict[tuple[str, str], LedgerEntry]:
         """The current entry per (stage, slide_id): the latest snapshot plus every later commit."""
@@ -93,9 +103,11 @@ class Ledger:
         snapshots = [n for n in names if _is_snapshot(n)]
         start = snapshots[-1] if snapshots else None
         current: dict[tuple[str, str], LedgerEntry] = {}
+        self._commits_since_snapshot = 0
         for name in names:
             if (start and name < start) or (_is_snapshot(name) and name != start):
                 continue
+            self._commits_since_snapshot += name != start
             for entry in self._read(name):
                 current[entry.key] = entry
         return current
@@ -103,29 +115,37 @@ class Ledger:
     def entries(self, stage: str) -> list[LedgerEntry]:
         return sorted((e for (s, _), e in self.state().items() if s == stage), key=lambda e: e.slide_id)
 
-    def _write(self, prefix: str, entries: list[LedgerEntry]) -> str:
-        name = f"{time.time_ns():020d}-{prefix}-{uuid.uuid4().hex[:8]}.json"
-        body = {"format": LEDGER_FORMAT, "entries": [asdict(e) for e in entries]}
-        write_bytes_atomic(join(self.uri, name), json.dumps(body, indent=1).encode())
+    def _write(self, prefix: str, suffix: str, data: bytes) -> str:
+        name = f"{time.time_ns():020d}-{prefix}-{uuid.uuid4().hex[:8]}{suffix}"
+        write_bytes_atomic(join(self.uri, name), data)
         return name
 
     def commit(self, entries: list[LedgerEntry]) -> None:
-        """Make `entries` visible, atomically (one object)."""
+        """Make `entries` visible, atomically (one object). A writer that has read the state folds the
+        commits into a new snapshot once they pass `_COMPACT_MIN_COMMITS` or a tenth of the snapshot."""
         if not entries:
             return
         now = time.time()
         for entry in entries:
             entry.committed_at = now
-        self._write("commit", entries)
-        if self._state is not None:
-            self._state.update({entry.key: entry for entry in entries})
+        self._write("commit", COMMIT_SUFFIX, encode_commit(entries))
+        if self._state is None:
+            return
+        self._state.update({entry.key: entry for entry in entries})
+        self._commits_since_snapshot += 1
+        if self._commits_since_snapshot >= max(_COMPACT_MIN_COMMITS, len(self._state) // 10):
+            self.compact()
 
     def compact(self) -> None:
         """Fold the current state into one snapshot and delete the objects it covers."""
         names = self._names()
         if len(names) <= 1:
             return
-        snapshot = self._write("snapshot", list(self.state().values()))
+        state = self.state()
+        if not state:
+            return
+        snapshot = self._write("snapshot", SNAPSHOT_SUFFIX, encode_snapshot(list(state.values())))
+        self._commits_since_snapshot = 0
         fs, root = filesystem(self.uri)
         stale = [f"{root}/{n}" for n in names if n < snapshot]
         if stale:

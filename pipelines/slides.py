@@ -104,6 +104,22 @@ def _files_of(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
     return files
 
 
+def _companion_files(files: dict[str, dict], extensions: tuple[str, ...]) -> dict[str, dict[str, dict]]:
+    """companion folder → the files under it, for every MRXS slide among `files`: one pass over the
+    listing, each file checked against its own parent folders (an archive lists 10^5 files and more)."""
+    folders = {c for p in files if p.lower().endswith(extensions) and (c := _companion_folder(p))}
+    found: dict[str, dict[str, dict]] = {}
+    if not folders:
+        return found
+    for path, info in files.items():
+        parent = posixpath.dirname(path)
+        while parent and parent not in folders and parent != posixpath.dirname(parent):
+            parent = posixpath.dirname(parent)
+        if parent in folders:
+            found.setdefault(parent, {})[path] = info
+    return found
+
+
 def _size_and_fingerprint(files: dict[str, dict], path: str) -> tuple[int, str]:
     if list(files) == [path]:
         return int(files[path]["size"]), fingerprint_of(files[path])
@@ -128,19 +144,19 @@ def _from_prefix(source: str, extensions: tuple[str, ...]) -> Discovery:
     entries = {root: fs.info(root)} if fs.isfile(root) else fs.find(root, detail=True)
     files = {path: info for path, info in entries.items() if info.get("type") != "directory"}
     series: dict[str, dict[str, dict]] = {}
-    companions = [c for p in files if p.lower().endswith(extensions) and (c := _companion_folder(p))]
+    companions = _companion_files(files, extensions)
+    in_companion = {p for parts in companions.values() for p in parts}
     found = Discovery()
     for path in sorted(files):
         info = files[path]
         if path.lower().endswith(DICOM_SUFFIX) and DICOM_SUFFIX in extensions:
             series.setdefault(posixpath.dirname(path), {})[path] = info
-        elif any(path.startswith(folder + "/") for folder in companions):
+        elif path in in_companion:
             continue  # an MRXS data file: part of its slide
         elif not path.lower().endswith(extensions):
             found.ignored.append(full_uri(fs, path))
         else:
-            folder = _companion_folder(path)
-            parts = {p: i for p, i in files.items() if folder and p.startswith(folder + "/")}
+            parts = companions.get(_companion_folder(path) or "", {})
             size, fingerprint = _size_and_fingerprint({path: info, **parts}, path)
             uri = full_uri(fs, path)
             found.slides.append(SlideRef(slide_id_from_uri(uri), uri, size, fingerprint))

@@ -12,6 +12,7 @@ from slidestream.cluster.config import Config, ConfigError, load_config
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.storage import scrub_secrets
 from slidestream.console import console
+from slidestream.output_commands import STATUS_FORMATS
 from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER, SLIDE_FORMATS
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.models import MODELS
@@ -158,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", parents=[common], help="per-slide state of an output root")
     status.add_argument("--out", required=True)
     status.add_argument("--json", dest="as_json", action="store_true", help="machine-readable output")
+    status.add_argument(
+        "--format",
+        dest="fmt",
+        choices=STATUS_FORMATS,
+        help="table (default), json (= --json), or every ledger column as csv / parquet",
+    )
+    status.add_argument("--output", help="file for --format csv or parquet (local or s3://; csv: stdout)")
     status.add_argument("--stage", help="ledger stage, e.g. tiles/mpp0.50_px256 (default: from the config)")
     _tiling_flags(status)
 
@@ -355,6 +363,10 @@ def _command(name: str) -> Callable[..., int]:
         from slidestream.submit import submit
 
         return submit
+    if name in ("status", "report"):
+        from slidestream import output_commands
+
+        return getattr(output_commands, f"cmd_{name}")
     from slidestream import commands
 
     return getattr(commands, f"cmd_{name.replace('-', '_')}")

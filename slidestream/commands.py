@@ -6,13 +6,13 @@ keyword-only and typed, the flags that are not settings (those are in the config
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import replace
 
 from slidestream.cluster.config import Config
 from slidestream.cluster.errors import UsageError
 from slidestream.cluster.storage import filesystem, join
+from slidestream.output_commands import cmd_status, print_json
 from slidestream.pipelines.embed import EmbedStage, run_embed
 from slidestream.pipelines.encoder_tiling import encoder_tiling
 from slidestream.pipelines.features import FeatureBags
@@ -22,18 +22,12 @@ from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.slides import discover_slides
 from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.synthetic import write_dataset
-from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.writer_lock import WriterLock
-from slidestream.report import status_payload, write_report
 from slidestream.trainers.methods import METHODS, Method, TrainRequest
 
 log = logging.getLogger("slidestream")
 
 EXIT_FAILED_SLIDES = 3  # --strict and some slides failed
-
-
-def print_json(payload: dict) -> None:
-    print(json.dumps(payload, indent=1, sort_keys=False))
 
 
 def cmd_synth(
@@ -192,37 +186,6 @@ def cmd_watch(
         f"{status.bursts} bursts, latency p50 {lat['p50']} s p95 {lat['p95']} s",
         flush=True,
     )
-    return 0
-
-
-def cmd_status(config: Config, *, out: str, as_json: bool, stage: str | None) -> int:
-    stage = stage or tiles_stage(config.tiling)
-    payload = status_payload(Ledger(out).entries(stage))
-    if as_json:
-        print_json({"stage": stage, **payload})
-        return 0
-    print(f"{out} [{stage}]")
-    print(f"{'slide_id':<28} {'status':<7} {'reader':<9} {'tiles':>7}  error")
-    for slide in payload["slides"]:
-        reader = slide["backend"] or "-"
-        print(
-            f"{slide['slide_id']:<28} {slide['status']:<7} {reader:<9} {slide['n_tiles']:>7}  "
-            f"{slide['error'] or ''}"
-        )
-    totals = payload["totals"]
-    print(f"{totals['slides']} slides: {totals['ok']} ok, {totals['failed']} failed, {totals['tiles']} tiles")
-    return 0
-
-
-def cmd_report(*, out: str, output: str | None) -> int:
-    """One static HTML page of OUT: the cohort per ledger stage (with QC thumbnails), runs and sweeps."""
-    target, report = write_report(out, output)
-    slides = sum(s.payload["totals"]["slides"] for s in report.stages if s.stage.startswith("tiles/"))
-    print(
-        f"report of {out}: {slides} slides in {len(report.stages)} ledger stages, {len(report.runs)} runs, "
-        f"{len(report.sweeps)} sweeps"
-    )
-    print(target)
     return 0
 
 
@@ -427,7 +390,7 @@ def cmd_demo(config: Config, *, out: str, n_slides: int) -> int:
     report = run_ingest(slides, out, config, embed=embed)
     print(report.summary())
     _check_labels(labels, report, out)
-    cmd_status(config, out=out, as_json=False, stage=report.stage)
+    cmd_status(config, out=out, as_json=False, stage=report.stage, fmt=None, output=None)
     features = join(out, embed.stage)
     bags = FeatureBags(features, labels)
     print(f"feature bags: {len(bags)} slides, {bags.dim}-d, in {features}")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 from slidestream import cli
@@ -62,6 +65,24 @@ def test_synth_ingest_strict_and_status(tmp_path: Path, ray_local, capsys):
     )
     table = _slidestream("status", "--out", str(out)).stdout
     assert "reader" in table.splitlines()[1] and table.count("tiffslide") == 3, table
+
+    # every ledger column, for tools users already have: CSV on stdout, Parquet to a file
+    as_csv = _slidestream("status", "--out", str(out), "--format", "csv").stdout
+    rows = list(csv.DictReader(io.StringIO(as_csv)))
+    assert sorted(r["slide_id"] for r in rows) == ["broken", "slide_000", "slide_001"]
+    ok = next(r for r in rows if r["slide_id"] == "slide_000")
+    assert ok["status"] == "ok" and ok["shards"].startswith("shard-") and json.loads(ok["versions"])
+    exported = tmp_path / "state.parquet"
+    to_file = ["--format", "parquet", "--output", str(exported)]
+    assert _slidestream("status", "--out", str(out), *to_file).returncode == 0
+    frame = pq.read_table(exported).to_pandas()
+    assert sorted(frame.slide_id) == ["broken", "slide_000", "slide_001"]
+    tiles = {s["slide_id"]: s["n_tiles"] for s in payload["slides"]}
+    assert frame.set_index("slide_id").n_tiles.to_dict() == tiles
+    no_file = _slidestream("status", "--out", str(out), "--format", "parquet")
+    assert no_file.returncode == 2 and "--output PATH" in no_file.stderr
+    both = _slidestream("status", "--out", str(out), "--json", "--format", "csv")
+    assert both.returncode == 2 and "contradict" in both.stderr
 
 
 def test_bad_config_and_missing_inputs_are_clear_errors(tmp_path: Path):

@@ -208,3 +208,22 @@ def test_openslide_format_without_the_extra_fails_naming_it(format_root: Path) -
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["backend"] == "openslide" and row["permanent"]
     assert "pip install 'slidestream[openslide]'" in row["error"], row
+
+
+def test_an_mrxs_slide_owns_its_data_folder_and_a_changed_data_file_changes_its_fingerprint(tmp_path: Path):
+    """Discovery only (OpenSlide reads the files): `case.mrxs` and `case/…` are one slide; a file with a
+    slide suffix elsewhere is its own slide; a sidecar outside the data folder is ignored."""
+    (tmp_path / "case" / "sub").mkdir(parents=True)
+    (tmp_path / "case.mrxs").write_text("[GENERAL]\n")
+    (tmp_path / "case" / "Slidedat.ini").write_text("[GENERAL]\n")
+    (tmp_path / "case" / "Data0000.dat").write_bytes(b"\0" * 100)
+    (tmp_path / "case" / "sub" / "Index.dat").write_bytes(b"\0" * 10)
+    (tmp_path / "other.svs").write_bytes(b"II*\0")
+    (tmp_path / "notes.txt").write_text("not a slide")
+    extensions = make_config().ingest.slide_extensions
+    found = discover_slides(str(tmp_path), extensions)
+    assert [(s.slide_id, s.size) for s in found.slides] == [("case", 10 + 10 + 100 + 10), ("other", 4)]
+    assert [Path(p).name for p in found.ignored] == ["notes.txt"]
+    (tmp_path / "case" / "Data0000.dat").write_bytes(b"\1" * 101)
+    changed = discover_slides(str(tmp_path), extensions).slides[0]
+    assert changed.fingerprint != found.slides[0].fingerprint and changed.size == 10 + 10 + 101 + 10

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import time
+from dataclasses import asdict
+
+import pyarrow.parquet as pq
 import pytest
 
+from slidestream.pipelines import ledger as ledger_module
 from slidestream.pipelines.ledger import Ledger, LedgerEntry
 
 
@@ -44,3 +50,48 @@ def test_ledger_on_local_disk(tmp_path):
 def test_ledger_on_object_storage(s3_server):
     s3_server.make_bucket("ledger-test")
     _exercise(Ledger("s3://ledger-test/run"))
+
+
+def test_a_new_reader_sees_the_parquet_snapshot_and_the_commits_after_it(tmp_path):
+    writer = Ledger(str(tmp_path))
+    writer.commit([_entry(f"s{i}", "v1") for i in range(5)])
+    writer.commit([_entry("s0", "v2")])
+    writer.compact()
+    writer.commit([_entry("s1", "v3", status="failed")])
+    names = sorted(p.name for p in (tmp_path / "ledger").iterdir())
+    assert [n.rsplit(".", 1)[1] for n in names] == ["parquet", "json"]
+    assert Ledger(str(tmp_path)).state() == writer.state()
+    table = pq.read_table(tmp_path / "ledger" / names[0])  # a table any Parquet reader can query
+    assert sorted(table.column("slide_id").to_pylist()) == [f"s{i}" for i in range(5)]
+    shards = dict(zip(table.column("slide_id").to_pylist(), table.column("shards").to_pylist(), strict=True))
+    assert shards["s3"] == ["shard-s3-v1.tar"] and shards["s0"] == ["shard-s0-v2.tar"]
+
+
+def test_a_ledger_with_a_json_snapshot_from_the_previous_format_is_read_and_compacted_to_parquet(tmp_path):
+    ledger_dir = tmp_path / "ledger"
+    ledger_dir.mkdir()
+    old = [asdict(_entry("a", "v1")), asdict(_entry("b", "v1"))]
+    (ledger_dir / f"{time.time_ns():020d}-snapshot-0a0a0a0a.json").write_text(
+        json.dumps({"format": 1, "entries": old})
+    )
+    ledger = Ledger(str(tmp_path))
+    ledger.commit([_entry("b", "v2")])
+    expected = {"a": "v1", "b": "v2"}
+    assert {e.slide_id: e.etag_or_mtime for e in Ledger(str(tmp_path)).entries("tiles/k")} == expected
+    ledger.compact()
+    assert [p.suffix for p in ledger_dir.iterdir()] == [".parquet"]
+    assert {e.slide_id: e.etag_or_mtime for e in Ledger(str(tmp_path)).entries("tiles/k")} == expected
+
+
+def test_a_writer_folds_its_commits_into_a_snapshot_as_they_pile_up(tmp_path, monkeypatch):
+    """A long run's driver keeps the ledger one snapshot plus a bounded tail of commits (here 4), so a
+    reader never lists and reads one object per slide of an archive."""
+    monkeypatch.setattr(ledger_module, "_COMPACT_MIN_COMMITS", 4)
+    writer = Ledger(str(tmp_path))
+    writer.state()  # the run's driver reads the state first
+    for i in range(10):
+        writer.commit([_entry(f"s{i}", "v1")])
+        objects = sorted(p.name for p in (tmp_path / "ledger").iterdir())
+        assert sum("-commit-" in n for n in objects) < 4 and sum("-snapshot-" in n for n in objects) <= 1
+    assert sorted(Ledger(str(tmp_path)).state()) == [("tiles/k", f"s{i}") for i in range(10)]
+    assert sum("-snapshot-" in p.name for p in (tmp_path / "ledger").iterdir()) == 1

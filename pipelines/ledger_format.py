@@ -1,0 +1,77 @@
+"""How ledger objects are stored: commits as small JSON documents, snapshots as one Parquet table.
+
+A commit holds the few entries of one slide, written once and read back only until the next snapshot,
+so JSON is cheap and easy to inspect. A snapshot holds every entry of an output folder (10^5 slides and
+more in an archive): as Parquet it is read in a fraction of the time of the same JSON, is a tenth of the
+size, and is a table that DuckDB, pandas or Spark query directly (`docs/ledger.md`). Snapshots written as
+JSON by earlier versions are still read.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from slidestream.pipelines.ledger import LedgerEntry
+
+LEDGER_FORMAT = 2  # 1: JSON snapshots; 2: Parquet snapshots
+COMMIT_SUFFIX = ".json"
+SNAPSHOT_SUFFIX = ".parquet"
+LEDGER_SUFFIXES = (".json", ".parquet")
+
+SNAPSHOT_SCHEMA = pa.schema(
+    [
+        ("stage", pa.string()),
+        ("slide_id", pa.string()),
+        ("uri", pa.string()),
+        ("size", pa.int64()),
+        ("etag_or_mtime", pa.string()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("permanent", pa.bool_()),
+        ("n_tiles", pa.int64()),
+        ("mpp", pa.float64()),
+        ("backend", pa.string()),
+        ("shards", pa.list_(pa.string())),
+        ("versions", pa.map_(pa.string(), pa.string())),
+        ("extra", pa.string()),  # JSON: its keys differ by stage
+        ("committed_at", pa.float64()),
+    ],
+    metadata={"slidestream_ledger_format": str(LEDGER_FORMAT)},
+)
+
+
+def encode_commit(entries: list[LedgerEntry]) -> bytes:
+    return json.dumps({"format": LEDGER_FORMAT, "entries": [asdict(e) for e in entries]}, indent=1).encode()
+
+
+def snapshot_table(entries: list[LedgerEntry]) -> pa.Table:
+    """The entries as one Arrow table: a column per `LedgerEntry` field (`SNAPSHOT_SCHEMA`)."""
+    names = SNAPSHOT_SCHEMA.names
+    columns: dict[str, list[Any]] = {name: [getattr(e, name) for e in entries] for name in names}
+    columns["versions"] = [list(v.items()) for v in columns["versions"]]
+    columns["extra"] = [json.dumps(x) for x in columns["extra"]]
+    return pa.table(columns, schema=SNAPSHOT_SCHEMA)
+
+
+def encode_snapshot(entries: list[LedgerEntry]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(snapshot_table(entries), sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def decode(name: str, data: bytes, entry_type: type[LedgerEntry]) -> list[LedgerEntry]:
+    """The entries of the ledger object `name` (a JSON commit or snapshot, or a Parquet snapshot)."""
+    if not name.endswith(SNAPSHOT_SUFFIX):
+        return [entry_type(**entry) for entry in json.loads(data)["entries"]]
+    table = pq.read_table(pa.BufferReader(data))
+    columns = {column: table.column(column).to_pylist() for column in table.column_names}
+    columns["versions"] = [dict(pairs) for pairs in columns["versions"]]
+    columns["extra"] = [json.loads(x) for x in columns["extra"]]
+    names = list(columns)
+    return [entry_type(**dict(zip(names, row, strict=True))) for row in zip(*columns.values(), strict=True)]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -126,11 +126,15 @@ class MHIMConfig(_Section):
     teacher_init: str = "auto"  # auto: train the baseline of the same fold/seed first; none; or a path
 
 
+Workers = Annotated[int, Field(ge=0)] | Literal["auto"]
+
+
 class WorkerResources(_Section):
     """The Ray Train workers of a method's training (`trainers.fit.fit_loop`), declared once for the
     sections that train (train, cdma, icmil, gigassl)."""
 
-    workers: int = Field(default=1, ge=0)  # Ray Train workers (0: in the driver, for debugging)
+    # Ray Train workers; 0: in the calling process; auto: 0 without GPUs, else 1 (trainers.fit)
+    workers: Workers = 1
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=1.0, ge=0)  # used only when the cluster has GPUs
     max_failures: int = Field(default=2, ge=0)  # worker restarts before the training fails
@@ -141,6 +145,7 @@ class TrainConfig(WorkerResources):
     workers and `max_failures` restarts."""
 
     recipe: Recipe = "default"  # paper: the MHIM-MIL paper's recipe (cluster.recipes, docs/methods.md)
+    workers: Workers = "auto"  # per fold; see WorkerResources
 
     model: Literal["abmil", "transmil", "dsmil", "clam_sb", "dtfd", "maxpool"] = "abmil"
     model_options: dict[str, Any] = Field(default_factory=dict)  # e.g. {gated: true}

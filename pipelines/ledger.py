@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Literal
 
 from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
 from slidestream.pipelines.ledger_format import (
     COMMIT_SUFFIX,
     LEDGER_SUFFIXES,
     SNAPSHOT_SUFFIX,
+    LedgerEntry,
+    Status,
     decode,
     encode_commit,
     encode_snapshot,
@@ -29,30 +29,7 @@ _READ_ATTEMPTS = 5
 # A writer folds its commits into a new snapshot once they outnumber this, or a tenth of the snapshot:
 # reading stays one snapshot plus a bounded tail, and rewriting the snapshot costs O(1) per commit.
 _COMPACT_MIN_COMMITS = 1000
-Status = Literal["ok", "failed", "skipped"]
-
-
-@dataclass(slots=True)
-class LedgerEntry:
-    stage: str  # e.g. "tiles/mpp0.50_px256"
-    slide_id: str
-    uri: str
-    size: int
-    etag_or_mtime: str  # the slide fingerprint the outputs were made from
-    status: Status
-    error: str | None = None
-    permanent: bool = True  # a failed slide with the same fingerprint is not retried when True
-    n_tiles: int = 0
-    mpp: float | None = None
-    backend: str | None = None  # the reader that opened the slide (tiffslide, wsidicom, openslide)
-    shards: list[str] = field(default_factory=list)  # paths relative to the stage directory
-    versions: dict[str, str] = field(default_factory=dict)
-    extra: dict[str, Any] = field(default_factory=dict)
-    committed_at: float = 0.0
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.stage, self.slide_id)
+__all__ = ["Ledger", "LedgerEntry", "Status"]
 
 
 def _is_snapshot(name: str) -> bool:

@@ -3,26 +3,48 @@
 A commit holds the few entries of one slide, written once and read back only until the next snapshot,
 so JSON is cheap and easy to inspect. A snapshot holds every entry of an output folder (10^5 slides and
 more in an archive): as Parquet it is read in a fraction of the time of the same JSON, is a tenth of the
-size, and is a table that DuckDB, pandas or Spark query directly (`docs/ledger.md`). Snapshots written as
+size, and is a table that DuckDB, pandas or Spark query directly (README, "The ledger"). Snapshots written as
 JSON by earlier versions are still read.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-if TYPE_CHECKING:
-    from slidestream.pipelines.ledger import LedgerEntry
 
 LEDGER_FORMAT = 2  # 1: JSON snapshots; 2: Parquet snapshots
 COMMIT_SUFFIX = ".json"
 SNAPSHOT_SUFFIX = ".parquet"
 LEDGER_SUFFIXES = (".json", ".parquet")
+Status = Literal["ok", "failed", "skipped"]
+
+
+@dataclass(slots=True)
+class LedgerEntry:
+    stage: str  # e.g. "tiles/mpp0.50_px256"
+    slide_id: str
+    uri: str
+    size: int
+    etag_or_mtime: str  # the slide fingerprint the outputs were made from
+    status: Status
+    error: str | None = None
+    permanent: bool = True  # a failed slide with the same fingerprint is not retried when True
+    n_tiles: int = 0
+    mpp: float | None = None
+    backend: str | None = None  # the reader that opened the slide (tiffslide, wsidicom, openslide)
+    shards: list[str] = field(default_factory=list)  # paths relative to the stage directory
+    versions: dict[str, str] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    committed_at: float = 0.0
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.stage, self.slide_id)
+
 
 SNAPSHOT_SCHEMA = pa.schema(
     [
@@ -69,7 +91,9 @@ def decode(name: str, data: bytes, entry_type: type[LedgerEntry]) -> list[Ledger
     """The entries of the ledger object `name` (a JSON commit or snapshot, or a Parquet snapshot)."""
     if not name.endswith(SNAPSHOT_SUFFIX):
         return [entry_type(**entry) for entry in json.loads(data)["entries"]]
-    table = pq.read_table(pa.BufferReader(data))
+    # No Arrow thread pools: a process that exits while their threads idle can abort in their teardown
+    # (apache/arrow#34314), and a snapshot decodes fast enough on one thread.
+    table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
     columns = {column: table.column(column).to_pylist() for column in table.column_names}
     columns["versions"] = [dict(pairs) for pairs in columns["versions"]]
     columns["extra"] = [json.loads(x) for x in columns["extra"]]

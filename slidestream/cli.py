@@ -41,6 +41,13 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+def _workers(value: str) -> str:
+    """`--workers N` or `--workers auto` (the config validates the number)."""
+    if value != "auto" and not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a number of workers or 'auto', got {value!r}")
+    return value
+
+
 def _tiling_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpp", type=float, help="target µm/px of the tiles (tiling.mpp)")
     parser.add_argument("--tile-px", type=int, help="tile edge in pixels (tiling.tile_px)")
@@ -201,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["default", "paper"],
         help="paper: the method's whole published recipe (docs/methods.md); your own settings still win",
     )
-    train.add_argument("--workers", type=int, help="Ray Train workers per fold (train.workers)")
+    train.add_argument(
+        "--workers",
+        type=_workers,
+        help="Ray Train workers per fold; 0: in-process; auto (default): 0 without GPUs",
+    )
     train.add_argument("--epochs", type=int, help="maximum epochs (train.epochs)")
     train.add_argument("--seeds", help="comma-separated seeds, e.g. 0,1,2 (train.seeds)")
     train.add_argument(
@@ -234,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--annotations", help="cdma: dir of <slide_id>.tumour.png masks or <slide_id>.geojson")
     tune.add_argument("--model", choices=list(MODELS))
     tune.add_argument(
-        "--workers", type=int, help="Ray Train workers per trial (0: the trial trains itself, per-epoch ASHA)"
+        "--workers",
+        type=_workers,
+        help="Ray Train workers per trial (0: the trial trains itself, per-epoch ASHA)",
     )
     tune.add_argument("--epochs", type=int, help="maximum epochs per trial (train/gigassl/cdma.epochs)")
     tune.add_argument("--recipe", choices=["default", "paper"], help="the recipe the trials start from")

@@ -62,12 +62,18 @@ def test_the_sections_that_train_share_one_declaration_of_their_workers():
     assert sections == {"train", "cdma", "icmil", "gigassl"}
     for name in sections:
         own = vars(type(getattr(config, name))).get("__annotations__", {})
-        assert not set(own) & set(WorkerResources.model_fields), f"{name} declares its workers again"
+        for key in set(own) & set(WorkerResources.model_fields):  # only another default (train: auto)
+            field = type(getattr(config, name)).model_fields[key]
+            assert field.annotation == WorkerResources.model_fields[key].annotation, (
+                f"{name}.{key} redeclared"
+            )
+    assert config.train.workers == "auto" and config.cdma.workers == 1
 
 
 @pytest.mark.parametrize("section", ["train", "cdma", "icmil", "gigassl"])
 def test_worker_settings_are_validated_and_named_in_every_section(section):
-    assert load_config(None, [f"{section}.workers=0"]).model_dump()[section]["workers"] == 0  # in the driver
+    assert load_config(None, [f"{section}.workers=0"]).model_dump()[section]["workers"] == 0  # in-process
+    assert load_config(None, [f"{section}.workers=auto"]).model_dump()[section]["workers"] == "auto"
     for key, bad in (("workers", -1), ("cpus_per_worker", 0), ("gpus_per_worker", -1), ("max_failures", -1)):
         with pytest.raises(ConfigError, match=rf"{section}\.{key}"):
             load_config(None, [f"{section}.{key}={bad}"])

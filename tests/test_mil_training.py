@@ -310,12 +310,17 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float, what: str) -> N
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(ray_local, small_bags, tmp_path):
+@pytest.mark.parametrize("workers", [1, 0], ids=["ray-train-worker", "in-process"])
+def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(
+    ray_local, small_bags, tmp_path, workers: int
+):
+    """Killed mid fold 1, then rerun: fold 0 is kept, fold 1 resumes from its last checkpoint, whether
+    it trained on a Ray Train worker (Ray Train keeps the checkpoints) or in the fold's own process
+    (`workers: 0`, what `auto` picks without GPUs: slidestream keeps the checkpoint)."""
     features, labels = small_bags
     epochs = 12
-    # One Ray Train worker: in-process training (workers=0) keeps no checkpoint in storage to resume from.
     settings_ = (
-        "train.workers=1",
+        f"train.workers={workers}",
         "train.cpus_per_worker=0.5",
         "train.parallel_folds=1",
         "train.folds=2",
@@ -338,8 +343,9 @@ def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(ray_l
     )
     try:
 
-        def fold1_checkpointed() -> bool:  # a checkpoint counts once Ray Train's snapshot lists it
-            return done0.exists() and (ray1 / "checkpoint_manager_snapshot.json").exists()
+        def fold1_checkpointed() -> bool:  # a Ray Train checkpoint counts once its snapshot lists it
+            listed = ray1 / ("checkpoint_manager_snapshot.json" if workers else "in_process/state.pt")
+            return done0.exists() and listed.exists()
 
         _wait_for(fold1_checkpointed, proc, 200, "fold 1 wrote a checkpoint")
     finally:
@@ -350,7 +356,7 @@ def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(ray_l
     assert not (run / "metrics.json").exists()
     finished_mtime = done0.stat().st_mtime_ns
     # Mark the epochs the checkpoints hold: a fold resumed from them carries the mark, a retrained one not.
-    for path in ray1.glob("checkpoint_*/state.pt"):
+    for path in ray1.glob("checkpoint_*/state.pt" if workers else "in_process/state.pt"):
         state = torch.load(path, weights_only=True)
         for row in state["history"]:
             row["from_checkpoint"] = True

@@ -10,6 +10,7 @@ from typing import Any
 from slidestream.cluster.config import Config, WorkerResources
 from slidestream.cluster.storage import exists, filesystem, is_local, join, read_bytes, write_bytes_atomic
 from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.session import in_process_checkpoints
 
 RUN_FILE = "run.json"
 # Settings that may change between a run and its resumption (resources, not results).
@@ -68,25 +69,48 @@ def train_storage(path: str) -> tuple[str, Any]:
     return inner, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
+def _gpu_workers(resources: WorkerResources) -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_worker > 0
+
+
+def trains_in_process(resources: WorkerResources) -> bool:
+    """`workers: 0`, or `auto` on a cluster without GPUs: the loop runs in the calling process (a fold's
+    Ray task), which saves starting a worker group per job: the same training, in a third of the time on
+    small cohorts. With GPUs, `auto` is one Ray Train worker holding a GPU."""
+    return resources.workers == 0 or (resources.workers == "auto" and not _gpu_workers(resources))
+
+
+def worker_count(resources: WorkerResources) -> int:
+    """The processes a job trains in: its Ray Train workers, or the one calling process."""
+    return resources.workers if isinstance(resources.workers, int) and resources.workers > 0 else 1
+
+
 def fit_loop(
     loop: Any, loop_config: dict[str, Any], name: str, resources: WorkerResources, storage: str
 ) -> None:
-    """Run `loop(loop_config)` on Ray Train workers as run `name` under `storage` (resuming from its last
-    checkpoint when there is one)."""
-    import ray
+    """Run `loop(loop_config)` as run `name` under `storage`, resuming from its last checkpoint when there
+    is one: on Ray Train workers, or in this process (`trains_in_process`; the checkpoint is kept under
+    `storage/name/in_process/`)."""
+    if trains_in_process(resources):
+        with in_process_checkpoints(join(storage, name, "in_process")):
+            loop(loop_config)
+        return
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) > 0 and resources.gpus_per_worker > 0
+    use_gpu = _gpu_workers(resources)
+    workers = worker_count(resources)
     per_worker = {"CPU": resources.cpus_per_worker, **({"GPU": resources.gpus_per_worker} if use_gpu else {})}
     storage_path, storage_fs = train_storage(storage)
     trainer = TorchTrainer(
         loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=resources.workers,
+            num_workers=workers,
             use_gpu=use_gpu,
-            resources_per_worker=per_worker if resources.workers else None,
+            resources_per_worker=per_worker,
         ),
         run_config=RunConfig(
             name=name,

@@ -1,8 +1,10 @@
 """What every Ray Train loop of slidestream does the same way: pick its device, autocast, report an
 epoch with its checkpoint, restore the last one, and save / load weights.
 
-A loop runs under Ray Train (a TorchTrainer's workers) or, for a sweep trial that trains itself, under
-Ray Tune: `reporter` ("train" or "tune") says which session serves it.
+A loop runs under Ray Train (a TorchTrainer's workers), in the calling process (`workers: 0`, inside
+`in_process_checkpoints`: its checkpoint is kept in storage by us, so it resumes as under Ray Train), or,
+for a sweep trial that trains itself, under Ray Tune: `reporter` ("train" or "tune") says which session
+serves it.
 """
 
 from __future__ import annotations
@@ -10,16 +12,30 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
-from slidestream.cluster.storage import read_bytes
+from slidestream.cluster.storage import exists, join, read_bytes, write_bytes_atomic
 
 RESULT_FILE = "result.json"  # a job's result, written last: its presence means the job is complete
 WEIGHTS_FILE = "weights.pt"
 _STATE_FILE = "state.pt"
+# Where a loop running in this process keeps its checkpoint (None: Ray Train's session keeps it).
+_IN_PROCESS_CHECKPOINT: ContextVar[str | None] = ContextVar("in_process_checkpoint", default=None)
+
+
+@contextmanager
+def in_process_checkpoints(uri: str) -> Iterator[None]:
+    """Loops called in this context keep their last checkpoint at `uri` (local or s3://)."""
+    token = _IN_PROCESS_CHECKPOINT.set(join(uri, _STATE_FILE))
+    try:
+        yield
+    finally:
+        _IN_PROCESS_CHECKPOINT.reset(token)
 
 
 def load_weights(uri: str) -> dict[str, torch.Tensor]:
@@ -64,6 +80,11 @@ def _session(reporter: str) -> Any:
 
 def report_epoch(reporter: str, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
     """Report an epoch; rank 0 attaches the checkpoint (a barrier: every rank calls it)."""
+    stored = _IN_PROCESS_CHECKPOINT.get()
+    if reporter == "train" and stored is not None:
+        if state is not None:
+            write_bytes_atomic(stored, checkpoint_bytes(state))
+        return
     session = _session(reporter)
     if state is None:
         session.report(metrics)
@@ -74,6 +95,9 @@ def report_epoch(reporter: str, metrics: dict[str, Any], state: dict[str, Any] |
 
 
 def restore_state(reporter: str) -> dict[str, Any] | None:
+    stored = _IN_PROCESS_CHECKPOINT.get()
+    if reporter == "train" and stored is not None:
+        return load_weights(stored) if exists(stored) else None
     checkpoint = _session(reporter).get_checkpoint()
     if checkpoint is None:
         return None

@@ -43,7 +43,7 @@ from slidestream.pipelines.features import Bag, FeatureBags
 from slidestream.trainers import session
 from slidestream.trainers.data import BagCache, TrainDataError
 from slidestream.trainers.dist import rank_and_world, shard_with_padding, sum_over_ranks
-from slidestream.trainers.fit import fit_once, write_or_check_plan
+from slidestream.trainers.fit import fit_once, worker_count, write_or_check_plan
 from slidestream.trainers.gigassl.ntxent import backward_global, global_ntxent
 from slidestream.trainers.gigassl.sparse_maps import (
     augment_coords,
@@ -416,7 +416,7 @@ class GigaSSLRun:
         self.run_dir = join(out, "runs", name)
         bags = FeatureBags(views, require_labels=False)
         self.slide_ids, self.in_dim = list(bags.slide_ids), bags.dim
-        global_batch(len(self.slide_ids), self.cfg.batch_size, max(1, self.cfg.workers))
+        global_batch(len(self.slide_ids), self.cfg.batch_size, worker_count(self.cfg))
         schedule_epochs(self.cfg.model_dump())
         layer4_weights(self.cfg.init_weights)
 
@@ -452,7 +452,7 @@ def run_gigassl(request: TrainRequest, config: Config) -> GigaSSLSummary:
     print(
         f"train gigassl: {cfg.epochs} epochs (of a {cfg.schedule_epochs or cfg.epochs}-epoch schedule), "
         f"batch {cfg.batch_size} slides × 2 views × T={cfg.n_tiles} "
-        f"over {max(1, cfg.workers)} worker(s), on {request.feature_dir} → {request.run_dir}"
+        f"over {worker_count(cfg)} worker(s), on {request.feature_dir} → {request.run_dir}"
     )
     return GigaSSLRun(request.name, request.out, request.feature_dir, config).execute()
 

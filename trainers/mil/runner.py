@@ -29,6 +29,7 @@ from slidestream.trainers.fit import (
     TrainingError,
     describe_error,
     fit_once,
+    worker_count,
     write_or_check_plan,
 )
 from slidestream.trainers.methods import TrainRequest
@@ -179,7 +180,7 @@ class Run:
         import ray
 
         cpus = ray.cluster_resources().get("CPU", 1.0)
-        per_fold = max(1, self.train.workers) * self.train.cpus_per_worker
+        per_fold = worker_count(self.train) * self.train.cpus_per_worker
         return max(1, int(cpus // per_fold))
 
     # -- results ------------------------------------------------------------------------------------------

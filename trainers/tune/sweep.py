@@ -34,7 +34,7 @@ from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.trainers.data import TrainDataError
-from slidestream.trainers.fit import train_storage
+from slidestream.trainers.fit import train_storage, trains_in_process
 from slidestream.trainers.tune.targets import make_target
 
 __all__ = ["SweepSummary", "early_stopping", "load_space", "run_sweep"]
@@ -133,7 +133,7 @@ class Sweep:
             trials_dir=join(self.sweep_dir, "trials"), **target.trial_arguments(self.sweep_dir),
         )  # fmt: skip
         resources = target.resources
-        cpus = resources.cpus_per_worker if resources.workers == 0 else LAUNCHER_CPU
+        cpus = resources.cpus_per_worker if trains_in_process(resources) else LAUNCHER_CPU
         trainable = tune.with_resources(trainable, {"cpu": cpus})
         root, storage = train_storage(self.tune_root)
         where = f"{root.rstrip('/')}/{self.name}"

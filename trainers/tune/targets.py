@@ -24,7 +24,7 @@ from slidestream.cluster.config import Config, WorkerResources, with_values
 from slidestream.cluster.storage import exists, join, read_bytes
 from slidestream.pipelines.features import FeatureBags
 from slidestream.trainers.data import LabelledBags, TrainDataError
-from slidestream.trainers.fit import fit_once
+from slidestream.trainers.fit import fit_once, trains_in_process, worker_count
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.mil.loop import train_fold
 from slidestream.trainers.mil.runner import fit_job, make_job, resolve_mhim
@@ -99,7 +99,7 @@ def _fit_in_trial(loop: Any, job_config: dict[str, Any], resources: WorkerResour
     run whose `counted(result)` epoch is reported once it finished."""
     import ray.tune
 
-    if resources.workers == 0:
+    if trains_in_process(resources):
         loop({**job_config, "reporter": "tune"})
         return
     fit_once(loop, job_config, job_config["name"], resources, join(trial_dir, "ray"), result_uri)
@@ -212,7 +212,7 @@ class GigaSSLTarget(SweepTarget):
             raise TrainDataError("gigassl.epochs=0 trains nothing: a sweep needs at least 1 epoch per trial")
         bags = FeatureBags(views, require_labels=False)
         self.views, self.slide_ids, self.in_dim = views, list(bags.slide_ids), bags.dim
-        global_batch(len(self.slide_ids), config.gigassl.batch_size, max(1, config.gigassl.workers))
+        global_batch(len(self.slide_ids), config.gigassl.batch_size, worker_count(config.gigassl))
         # the probe embeds the slides' un-augmented tiles when their bags exist (as the export does)
         tiles = tile_features_for(views) or views
         train = config.train

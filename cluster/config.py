@@ -78,6 +78,9 @@ class ShardConfig(_Section):
 class IngestConfig(_Section):
     read_cpus: float = Field(default=1.0, gt=0)
     plan_cpus: float = Field(default=0.5, gt=0)
+    # Slides per Ray Data dataset: the driver holds one window's blocks at a time (the encoder actors
+    # are started again per window, so not too small).
+    window_slides: int = Field(default=2000, ge=1)
     slide_extensions: list[str] = Field(
         default_factory=lambda: [
             *(".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff"),  # tiffslide

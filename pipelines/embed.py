@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -27,7 +27,7 @@ from slidestream.pipelines.priority import at_idle_priority
 from slidestream.pipelines.reader import resize_tile
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples, tile_position
 from slidestream.pipelines.slides import SlideRef, version_digest
-from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
+from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion, windows
 from slidestream.pipelines.tile_store import committed_tiles, shard_uris
 
 EMBED_VERSION = "embed-1"
@@ -331,44 +331,48 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
     report.skipped_unchanged = len(tiles) - len(todo)
     if todo:
         ensure_ray(config.ray)
-        if embed.views is None:
-            rows = [
-                {
-                    "slide_id": sid,
-                    "fingerprint": tiles[sid].etag_or_mtime,
-                    "shard": uri,
-                    "chunk": i,
-                    "n_chunks": len(shards[sid]),
-                    "node_id": "",
-                }
-                for sid in todo
-                for i, uri in enumerate(shards[sid])
-            ]
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-                embed.feeding(read_shard_tiles),
-                fn_kwargs={"px": embed.feed_px()},
-                num_cpus=config.ingest.read_cpus,
-                ray_remote_args_fn=no_fusion,
-            )
-        else:
-            rows = [
-                {
-                    "slide_id": sid,
-                    "fingerprint": tiles[sid].etag_or_mtime,
-                    "shard_uris": shards[sid],
-                    "n_tiles": tiles[sid].n_tiles,
-                    "node_id": "",
-                }
-                for sid in todo
-            ]
-            dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
-                embed.feeding(make_views),
-                fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
-                num_cpus=config.ingest.read_cpus,
-                ray_remote_args_fn=no_fusion,
-            )
-        dataset = embed.attach(dataset)
-        dataset.context.target_max_block_size = 1
+
+        def dataset_of(window: Sequence[str]) -> ray.data.Dataset:
+            if embed.views is None:
+                rows = [
+                    {
+                        "slide_id": sid,
+                        "fingerprint": tiles[sid].etag_or_mtime,
+                        "shard": uri,
+                        "chunk": i,
+                        "n_chunks": len(shards[sid]),
+                        "node_id": "",
+                    }
+                    for sid in window
+                    for i, uri in enumerate(shards[sid])
+                ]
+                dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+                    embed.feeding(read_shard_tiles),
+                    fn_kwargs={"px": embed.feed_px()},
+                    num_cpus=config.ingest.read_cpus,
+                    ray_remote_args_fn=no_fusion,
+                )
+            else:
+                rows = [
+                    {
+                        "slide_id": sid,
+                        "fingerprint": tiles[sid].etag_or_mtime,
+                        "shard_uris": shards[sid],
+                        "n_tiles": tiles[sid].n_tiles,
+                        "node_id": "",
+                    }
+                    for sid in window
+                ]
+                dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
+                    embed.feeding(make_views),
+                    fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
+                    num_cpus=config.ingest.read_cpus,
+                    ray_remote_args_fn=no_fusion,
+                )
+            dataset = embed.attach(dataset)
+            dataset.context.target_max_block_size = 1
+            return dataset
+
         progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}
 
         def entries_of(slide: SlideProgress) -> list[LedgerEntry]:
@@ -377,7 +381,8 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 tiles_entry = replace(tiles_entry, status="failed", error=errors[0])
             return [embed.complete(slide.slide, slide.results, tiles_entry)]
 
-        commit_slides(dataset, progress, ledger, report, entries_of, progress_callback)
+        datasets = (dataset_of(window) for window in windows(todo, config.ingest.window_slides))
+        commit_slides(datasets, progress, ledger, report, entries_of, progress_callback)
         embed.prepare(out, ledger)
     ledger.compact()
     report.seconds = time.monotonic() - started

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,7 +30,7 @@ from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.reader import open_slide, read_tiles, resize_tile, slide_info
 from slidestream.pipelines.shards import Tile, encode_image, shard_stem, write_shards
 from slidestream.pipelines.slides import Discovery, SlideRef, discover_slides
-from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion
+from slidestream.pipelines.stream import IngestReport, SlideProgress, commit_slides, no_fusion, windows
 from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.pipelines.tiling import ReadPlan, grid_positions, read_plan
 
@@ -400,43 +400,45 @@ def _stream(
     embed: EmbedStage | None,
     progress_callback: Any,
 ) -> None:
-    by_id = {s.slide_id: SlideProgress(s) for s in todo}
-    items = [
-        {
-            "slide_id": s.slide_id,
-            "uri": s.uri,
-            "fingerprint": s.fingerprint,
-            "mpp_override": s.mpp_override or 0.0,
-        }
-        for s in todo
-    ]
     read_kwargs = {"tiling": config.tiling, "shards": config.shards, "stage_uri": stage_uri}
     feeding = (lambda fn: fn) if embed is None else embed.feeding
     if embed is not None:
         read_kwargs["keep_px"] = embed.feed_px()
-    dataset = (
-        ray.data.from_items(items, override_num_blocks=len(items))
-        .flat_map(
-            feeding(plan_slide),
-            fn_kwargs={
-                "tiling": config.tiling,
-                "tissue": config.tissue,
-                "shards": config.shards,
-                "qc_uri": qc_uri,
-            },
-            num_cpus=config.ingest.plan_cpus,
+
+    def dataset_of(window: Sequence[SlideRef]) -> ray.data.Dataset:
+        items = [
+            {
+                "slide_id": s.slide_id,
+                "uri": s.uri,
+                "fingerprint": s.fingerprint,
+                "mpp_override": s.mpp_override or 0.0,
+            }
+            for s in window
+        ]
+        dataset = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .flat_map(
+                feeding(plan_slide),
+                fn_kwargs={
+                    "tiling": config.tiling,
+                    "tissue": config.tissue,
+                    "shards": config.shards,
+                    "qc_uri": qc_uri,
+                },
+                num_cpus=config.ingest.plan_cpus,
+            )
+            .map(
+                feeding(read_chunk),
+                fn_kwargs=read_kwargs,
+                num_cpus=config.ingest.read_cpus,
+                ray_remote_args_fn=None if embed is None else no_fusion,
+            )
         )
-        .map(
-            feeding(read_chunk),
-            fn_kwargs=read_kwargs,
-            num_cpus=config.ingest.read_cpus,
-            ray_remote_args_fn=None if embed is None else no_fusion,
-        )
-    )
-    if embed is not None:
-        dataset = embed.attach(dataset)
-    # One chunk per block: otherwise all chunks of a slide travel in one block and are read by one task.
-    dataset.context.target_max_block_size = 1
+        if embed is not None:
+            dataset = embed.attach(dataset)
+        # One chunk per block: otherwise all chunks of a slide travel in one block and are read by one task.
+        dataset.context.target_max_block_size = 1
+        return dataset
 
     def entries_of(progress: SlideProgress) -> list[LedgerEntry]:
         entry = _entry(stage, progress.slide, progress)
@@ -445,6 +447,8 @@ def _stream(
             return [entry]
         return [entry, embed.complete(progress.slide, progress.results, entry)]  # visible together
 
-    commit_slides(dataset, by_id, ledger, report, entries_of, progress_callback)
+    by_id = {s.slide_id: SlideProgress(s) for s in todo}
+    datasets = (dataset_of(window) for window in windows(todo, config.ingest.window_slides))
+    commit_slides(datasets, by_id, ledger, report, entries_of, progress_callback)
     for progress in by_id.values():  # cannot happen unless Ray dropped rows: never commit a partial slide
         report.failed[progress.slide.slide_id] = "incomplete: not all chunks came back"

@@ -4,16 +4,19 @@ consumed on the driver, and each slide is committed to the ledger as soon as all
     plan → read → consume (encoder actors) → commit_slides: one ledger commit per slide
 
 A slide's outputs become visible only through that commit (exactly-once at slide granularity); the
-report and the caller's callback learn about each slide right after its commit.
+report and the caller's callback learn about each slide right after its commit. The slides of a run go
+through in windows (`ingest.window_slides`), one dataset each, built when the one before is drained: the
+driver holds one window's blocks at a time, so a run over 10^5 slides needs no more memory than one
+over a window's worth.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -21,6 +24,7 @@ from slidestream.pipelines.ledger import Ledger, LedgerEntry
 from slidestream.pipelines.slides import SlideRef
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -70,19 +74,28 @@ class IngestReport:
         return "\n".join(lines)
 
 
-def completed_slides(dataset: ray.data.Dataset, pending: dict[str, SlideProgress]) -> Iterator[SlideProgress]:
+def windows(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    """`items` in consecutive runs of at most `size`."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def completed_slides(
+    datasets: Iterable[ray.data.Dataset], pending: dict[str, SlideProgress]
+) -> Iterator[SlideProgress]:
     """Consume chunk results; yield each slide as soon as all its chunks are in (and forget it)."""
-    for row in dataset.iter_rows():
-        progress = pending[row["slide_id"]]
-        progress.n_chunks = row["n_chunks"]
-        progress.results.append(row)
-        if progress.complete:
-            del pending[row["slide_id"]]
-            yield progress
+    for dataset in datasets:
+        for row in dataset.iter_rows():
+            progress = pending[row["slide_id"]]
+            progress.n_chunks = row["n_chunks"]
+            progress.results.append(row)
+            if progress.complete:
+                del pending[row["slide_id"]]
+                yield progress
 
 
 def commit_slides(
-    dataset: ray.data.Dataset,
+    datasets: Iterable[ray.data.Dataset],
     pending: dict[str, SlideProgress],
     ledger: Ledger,
     report: IngestReport,
@@ -90,9 +103,10 @@ def commit_slides(
     progress_callback: Callable[[LedgerEntry], Any] | None = None,
 ) -> None:
     """Commit each completed slide: `entries_of` gives its ledger entries (the first is the one
-    reported), committed together in one ledger commit so that they become visible together."""
+    reported), committed together in one ledger commit so that they become visible together.
+    `datasets` (lazily built, one per window of slides) together cover every slide of `pending`."""
     total, started = len(pending), time.monotonic()
-    for done, progress in enumerate(completed_slides(dataset, pending), start=1):
+    for done, progress in enumerate(completed_slides(datasets, pending), start=1):
         entries = entries_of(progress)
         ledger.commit(entries)
         report.record(entries[0], progress.results)

@@ -27,7 +27,8 @@ from slidestream.pipelines.stream import IngestReport
 from slidestream.pipelines.tiling import read_plan
 from slidestream.testing.helpers import committed_samples, make_config
 
-SETTINGS = ("tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32")
+# Windows of 3 slides: the 4 slides of a run go through as two Ray Data datasets.
+SETTINGS = ("tiling.tile_px=128", "embed.input_px=64", "embed.dtype=float32", "ingest.window_slides=3")
 
 
 def _stage(config) -> EmbedStage:

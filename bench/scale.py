@@ -4,7 +4,8 @@ No pixels where pixels do not matter: the archive is empty objects under realist
 (`site-07/2019/TCGA-…-DX1.svs`, one sidecar `.xml` per 20 slides), sparse files of realistic sizes on local
 disk and 1-byte objects on the S3 test server. The ledger holds one `tiles/…` and one `features/…` entry
 per slide, with shard lists like a real run's. Every row is measured in a fresh process (spawned), so the
-memory column is that process' peak resident memory above what it held after its imports.
+memory column is that process' peak resident memory above what it held after its imports (for `status`,
+which runs as a user runs it, the command's whole peak, interpreter and imports included).
 
 Rows:
 - discovery of the archive, local and S3; the ledger diff (what `run`/`watch` would do) on top;
@@ -13,9 +14,11 @@ Rows:
 - `slidestream status` and `status --json` as a user runs them (a new interpreter, printing every slide);
 - one `watch` poll over the S3 prefix after 20 new slides arrive (the poll that finds them ready);
 - with `--ray N,…`: `slidestream run`'s ingest over N tiny synthetic slides (hard links of one slide, each
-  yielding a few tiles): the driver's peak memory and the wall time per slide.
+  yielding a few tiles): the driver's peak memory and the wall time per slide, once per `--windows` setting
+  (`ingest.window_slides`; 0 runs the whole archive as one Ray Data dataset, as before windows).
 
-    python bench/scale.py [--sizes 1000,10000,100000] [--no-s3] [--ray 1000,10000] [--plot scale.png]
+    python bench/scale.py [--sizes 1000,10000,100000] [--no-s3] [--ray 1000,10000] [--windows 2000,0]
+                          [--plot scale.png]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import concurrent.futures as cf
 import contextlib
 import multiprocessing
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,8 +52,8 @@ NEW_SLIDES = 20
 SETTINGS = ("ray.num_cpus=2", "ray.object_store_mb=512", "embed.input_px=32")
 
 
-def config():
-    return load_config(None, list(SETTINGS))
+def config(*extra: str):
+    return load_config(None, [*SETTINGS, *extra])
 
 
 def embed_stage() -> EmbedStage:
@@ -201,7 +205,9 @@ def row_status(out: str, as_json: bool) -> dict[str, Any]:
     cli = str(Path(sys.executable).with_name("slidestream"))  # the console script beside this interpreter
     command = [cli, "status", "--out", out, *(["--json"] if as_json else [])]
     seconds, done = timed(lambda: subprocess.run(command, capture_output=True, check=True))
-    return {"seconds": seconds, "lines": done.stdout.count(b"\n")}
+    # the command's own peak (the only child): its whole resident memory, imports included
+    child_peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"seconds": seconds, "lines": done.stdout.count(b"\n"), "command_peak_mb": child_peak_mb}
 
 
 def row_watch_poll(source: str, out: str, first_new: int) -> dict[str, Any]:
@@ -217,11 +223,11 @@ def row_watch_poll(source: str, out: str, first_new: int) -> dict[str, Any]:
     return {"first": first, "seconds": second, "ready": len(ready), "waiting_first": waiting}
 
 
-def row_ray_ingest(source: str, out: str) -> dict[str, Any]:
+def row_ray_ingest(source: str, out: str, window: int) -> dict[str, Any]:
     from slidestream.cluster.runtime import ensure_ray
     from slidestream.pipelines.ingest import run_ingest
 
-    cfg = config()
+    cfg = config(f"ingest.window_slides={window}")
     ensure_ray(cfg.ray)
     seconds, report = timed(lambda: run_ingest(source, out, cfg))
     assert not report.failed, f"{len(report.failed)} slides failed: {next(iter(report.failed.items()))}"
@@ -265,7 +271,9 @@ def measure_size(n: int, work: Path, s3: bool) -> dict[str, Any]:
     return rows
 
 
-def measure_ray(n: int, work: Path) -> dict[str, Any]:
+def measure_ray(n: int, work: Path, windows: list[int]) -> list[dict[str, Any]]:
+    """One ingest run per window size (`ingest.window_slides`; 0 = the whole archive as one dataset, as before
+    windows), each into a fresh output over the same slides."""
     from slidestream.pipelines.synthetic import SlideSpec, write_slide
 
     source = work / f"ray-{n}"
@@ -273,9 +281,14 @@ def measure_ray(n: int, work: Path) -> dict[str, Any]:
     write_slide(source / "template.svs", SlideSpec(2048, 1536, seed=3, n_pieces=1))
     for i in range(1, n):
         os.link(source / "template.svs", source / f"s{i:06d}.svs")
-    result = in_fresh_process(row_ray_ingest, str(source), str(work / f"ray-out-{n}"))
+    results = []
+    for window in windows:
+        out = work / f"ray-out-{n}-{window}"
+        row = in_fresh_process(row_ray_ingest, str(source), str(out), window or n)
+        results.append({"n": n, "window": window or n, "one_dataset": not window, **row})
+        shutil.rmtree(out)
     shutil.rmtree(source)
-    return result
+    return results
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -284,7 +297,9 @@ def table(results: list[dict[str, Any]]) -> str:
         if value is None:
             return "—"
         return (
-            f"{value:.2f}" if isinstance(value, float) else f"{value[key]:.3f} s / {value['peak_mb']:.0f} MB"
+            f"{value:.2f}"
+            if isinstance(value, float)
+            else f"{value[key]:.3f} s / {value.get('command_peak_mb', value['peak_mb']):.0f} MB"
         )
 
     names = [
@@ -330,8 +345,10 @@ def plot(results: list[dict[str, Any]], ray: list[dict[str, Any]], path: str) ->
         if all(name in r for r in results):
             axis.plot(ns, [r[name]["seconds"] for r in results], marker="o", label=name)
     axis.plot(ns, [r["commit"]["commit_median"] for r in results], marker="o", label="commit (median)")
-    if ray:
-        axis.plot([r["n"] for r in ray], [r["seconds"] for r in ray], marker="s", label="ingest run (Ray)")
+    for one_dataset, label in ((False, "ingest run (Ray, windows)"), (True, "ingest run (Ray, one dataset)")):
+        runs = [r for r in ray if r["one_dataset"] == one_dataset]
+        if runs:
+            axis.plot([r["n"] for r in runs], [r["seconds"] for r in runs], marker="s", label=label)
     axis.set(
         xscale="log", yscale="log", xlabel="slides", ylabel="seconds", title="slidestream at archive scale"
     )
@@ -347,6 +364,11 @@ def main() -> None:
     )
     parser.add_argument("--sizes", default="1000,10000,100000")
     parser.add_argument("--ray", default="", help="slide counts for the ingest run, e.g. 1000,10000")
+    parser.add_argument(
+        "--windows",
+        default="2000,0",
+        help="ingest.window_slides for each ingest run (0 = one dataset for the whole archive)",
+    )
     parser.add_argument("--no-s3", action="store_true")
     parser.add_argument("--plot", help="write a log-log plot of the seconds here")
     args = parser.parse_args()
@@ -368,15 +390,16 @@ def main() -> None:
         ray_rows = []
         for n in (int(x) for x in args.ray.split(",") if x):
             print(f"ingest run over {n:,} tiny slides …", flush=True)
-            ray_rows.append({"n": n, **measure_ray(n, work)})
+            ray_rows += measure_ray(n, work, [int(w) for w in args.windows.split(",")])
         print(table(results))
         if ray_rows:
-            print("\n| ingest run | slides | tiles | seconds | ms per slide | driver peak MB |")
-            print("|---|---|---|---|---|---|")
+            columns = ("slides per dataset", "slides", "tiles", "seconds", "ms per slide", "driver peak MB")
+            print("\n| ingest run | " + " | ".join(columns) + " |")
+            print("|---|---|---|---|---|---|---|")
             for r in ray_rows:
                 print(
-                    f"| {r['n']:,} tiny slides | {r['slides']} | {r['tiles']} | {r['seconds']:.1f} | "
-                    f"{r['seconds'] / r['n'] * 1000:.1f} | {r['peak_mb']:.0f} |"
+                    f"| {r['n']:,} tiny slides | {r['window']:,} | {r['slides']} | {r['tiles']} "
+                    f"| {r['seconds']:.1f} | {r['seconds'] / r['n'] * 1000:.1f} | {r['peak_mb']:.0f} |"
                 )
         if args.plot:
             plot(results, ray_rows, args.plot)

@@ -46,6 +46,7 @@ from PIL import Image
 from slidestream.cluster.errors import SlidestreamError
 from slidestream.pipelines.slides import slide_id_from_uri
 from slidestream.pipelines.synthetic_dicom import SeriesIds, write_dicom_series
+from slidestream.pipelines.synthetic_ndpi import write_ndpi
 
 SIZES: dict[str, tuple[int, int]] = {
     "tiny": (8192, 6144),
@@ -90,10 +91,16 @@ DEFAULT_STAINING = Staining()
 HARD_TUMOUR_COVER = (0.005, 0.08)  # hard cohorts: tumour fraction of tissue, log-uniform per slide
 HARD_SITES = 3
 DIFFICULTIES = ("easy", "hard")
-SlideFormat = Literal["svs", "tiff", "ome-tiff", "dicom"]
+SlideFormat = Literal["svs", "tiff", "ome-tiff", "ndpi", "dicom"]
 SLIDE_FORMATS: tuple[str, ...] = get_args(SlideFormat)
 # a DICOM-WSI slide is a folder of instances
-_FILE_NAMES = {"svs": "{}.svs", "tiff": "{}.tiff", "ome-tiff": "{}.ome.tiff", "dicom": "{}"}
+_FILE_NAMES = {
+    "svs": "{}.svs",
+    "tiff": "{}.tiff",
+    "ome-tiff": "{}.ome.tiff",
+    "ndpi": "{}.ndpi",
+    "dicom": "{}",
+}
 
 
 @dataclass(frozen=True)
@@ -838,13 +845,17 @@ def _ome_metadata(spec: SlideSpec) -> dict[str, Any]:
 def write_slide(path: str | os.PathLike, spec: SlideSpec) -> SlideTruth:
     """Write one pyramidal tiled-JPEG slide to a local file (a folder of instances for DICOM-WSI); return
     its truth. Formats: Aperio SVS, generic TIFF (mpp in resolution tags), OME-TIFF (mpp in the OME-XML
-    physical size), DICOM-WSI (mpp in the pixel spacing)."""
+    physical size), Hamamatsu NDPI (mpp in resolution tags), DICOM-WSI (mpp in the pixel spacing)."""
     model = _SlideModel(spec)
     levels = _level_sizes(spec.width, spec.height)
     t = spec.tile
     if spec.fmt == "dicom":
         ids = SeriesIds.derived(spec.seed)
         write_dicom_series(path, levels, model.render_level_tiles, t, spec.mpp, spec.jpeg_quality, ids)
+        return model.truth
+    if spec.fmt == "ndpi":
+        macro = _macro_image(model)
+        write_ndpi(path, levels, model.render_level_tiles, t, spec.mpp, spec.jpeg_quality, macro)
         return model.truth
     common: dict[str, Any] = {
         "dtype": np.uint8,

@@ -29,18 +29,25 @@ from slidestream.testing.helpers import committed_samples, make_config
 
 SPEC = SlideSpec(8192, 6144, seed=21, n_pieces=3)
 # slide id → (how it is written, the backend that must read it)
-SLIDES = {"ref": "svs", "ome": "ome-tiff", "dcm": "dicom"}
-BACKENDS = {"ref": "tiffslide", "ome": "tiffslide", "dcm": "wsidicom", "misnamed": "wsidicom"}
+SLIDES = {"ref": "svs", "ome": "ome-tiff", "ndpi": "ndpi", "dcm": "dicom"}
+BACKENDS = {
+    "ref": "tiffslide",
+    "ome": "tiffslide",
+    "ndpi": "tiffslide",
+    "dcm": "wsidicom",
+    "misnamed": "wsidicom",
+}
 JPEG_TOLERANCE = 2.0  # mean absolute difference per channel value after the shards' own JPEG round trip
 
 
 @pytest.fixture(scope="module")
 def format_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One slide written as SVS, OME-TIFF and a DICOM-WSI series, plus the DICOM base-level instance on
-    its own under a TIFF name (`misnamed.tiff`) and a text file calling itself MRXS."""
+    """One slide written as SVS, OME-TIFF, Hamamatsu NDPI and a DICOM-WSI series, plus the DICOM base-level
+    instance on its own under a TIFF name (`misnamed.tiff`) and a text file calling itself MRXS."""
     root = tmp_path_factory.mktemp("formats")
     write_slide(root / "ref.svs", SPEC)
     write_slide(root / "ome.ome.tiff", SlideSpec(**{**SPEC.__dict__, "fmt": "ome-tiff"}))
+    write_slide(root / "ndpi.ndpi", SlideSpec(**{**SPEC.__dict__, "fmt": "ndpi"}))
     write_slide(root / "dcm", SlideSpec(**{**SPEC.__dict__, "fmt": "dicom"}))
     shutil.copy(root / "dcm" / "level_0.dcm", root / "misnamed.tiff")
     (root / "fake.mrxs").write_text("[GENERAL]\nnot really a MIRAX slide\n")
@@ -101,23 +108,41 @@ def test_ventana_bif_mpp_comes_from_its_iscan_xmp(tmp_path: Path) -> None:
         assert slide.mpp == pytest.approx(0.2325)
 
 
+def test_hamamatsu_ndpi_levels_mpp_and_batched_reads_under_any_name(tmp_path: Path) -> None:
+    """The NDPI dialect: 64-bit IFD links, one restart-marked JPEG strip per level (read in McuStarts
+    pieces), mpp in centimetre resolution tags, a macro photo that is not a level. A copy under a TIFF name
+    reads the same, and the batched reader gives `read_region`'s pixels."""
+    spec = SlideSpec(2048, 1536, seed=5, n_pieces=1, mpp=0.2265, fmt="ndpi")
+    write_slide(tmp_path / "scan.ndpi", spec)
+    shutil.copy(tmp_path / "scan.ndpi", tmp_path / "scan.tif")
+    xs, ys = [0, 640, 1024, 1792], [0, 256, 768, 1280]
+    for name in ("scan.ndpi", "scan.tif"):
+        with pytest.warns(UserWarning, match="hamamatsu"), open_handle(str(tmp_path / name)) as slide:
+            assert slide.backend == "tiffslide" and slide.vendor == "hamamatsu", name
+            assert slide.mpp == pytest.approx(0.2265), name
+            assert slide.level_dimensions == ((2048, 1536), (512, 384)), name
+            batched = list(slide.read_regions(xs, ys, 0, 256))
+            for x, y, region in zip(xs, ys, batched, strict=True):
+                np.testing.assert_array_equal(region, slide.read_region((x, y), 0, (256, 256)))
+
+
 def test_every_format_ingests_to_the_svs_tiles_locally_and_from_s3(
     ray_local, s3_server, format_root: Path, tmp_path: Path
 ) -> None:
     found = discover_slides(str(format_root), make_config().ingest.slide_extensions)
-    assert sorted(s.slide_id for s in found.slides) == ["dcm", "fake", "misnamed", "ome", "ref"]
+    assert sorted(s.slide_id for s in found.slides) == ["dcm", "fake", "misnamed", "ndpi", "ome", "ref"]
     assert not found.ignored, "the DICOM instances are one slide, not ignored files"
 
     local_out = str(tmp_path / "out")
     report = run_ingest(str(format_root), local_out, make_config())
-    assert sorted(report.ok) == ["dcm", "misnamed", "ome", "ref"], report.summary()
+    assert sorted(report.ok) == ["dcm", "misnamed", "ndpi", "ome", "ref"], report.summary()
     assert "fake" in report.failed and "openslide" in report.failed["fake"].lower()
     entries = {e.slide_id: e for e in Ledger(local_out).entries(report.stage)}
     assert {sid: entries[sid].backend for sid in BACKENDS} == BACKENDS
     assert all(entries[sid].mpp == pytest.approx(0.25) for sid in BACKENDS)
     local = _tiles(local_out)
     assert len(local["ref"]) > 20
-    for sid in ("ome", "dcm", "misnamed"):
+    for sid in ("ome", "ndpi", "dcm", "misnamed"):
         _assert_same_slide(sid, local[sid], local["ref"])
 
     s3_server.make_bucket("formats-in")

@@ -331,48 +331,6 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
     report.skipped_unchanged = len(tiles) - len(todo)
     if todo:
         ensure_ray(config.ray)
-
-        def dataset_of(window: Sequence[str]) -> ray.data.Dataset:
-            if embed.views is None:
-                rows = [
-                    {
-                        "slide_id": sid,
-                        "fingerprint": tiles[sid].etag_or_mtime,
-                        "shard": uri,
-                        "chunk": i,
-                        "n_chunks": len(shards[sid]),
-                        "node_id": "",
-                    }
-                    for sid in window
-                    for i, uri in enumerate(shards[sid])
-                ]
-                dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
-                    embed.feeding(read_shard_tiles),
-                    fn_kwargs={"px": embed.feed_px()},
-                    num_cpus=config.ingest.read_cpus,
-                    ray_remote_args_fn=no_fusion,
-                )
-            else:
-                rows = [
-                    {
-                        "slide_id": sid,
-                        "fingerprint": tiles[sid].etag_or_mtime,
-                        "shard_uris": shards[sid],
-                        "n_tiles": tiles[sid].n_tiles,
-                        "node_id": "",
-                    }
-                    for sid in window
-                ]
-                dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
-                    embed.feeding(make_views),
-                    fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
-                    num_cpus=config.ingest.read_cpus,
-                    ray_remote_args_fn=no_fusion,
-                )
-            dataset = embed.attach(dataset)
-            dataset.context.target_max_block_size = 1
-            return dataset
-
         progress = {sid: SlideProgress(_slide_ref(tiles[sid])) for sid in todo}
 
         def entries_of(slide: SlideProgress) -> list[LedgerEntry]:
@@ -381,12 +339,65 @@ def run_embed(out: str, config: Config, embed: EmbedStage, progress_callback: An
                 tiles_entry = replace(tiles_entry, status="failed", error=errors[0])
             return [embed.complete(slide.slide, slide.results, tiles_entry)]
 
-        datasets = (dataset_of(window) for window in windows(todo, config.ingest.window_slides))
+        datasets = (
+            _window_dataset(embed, window, tiles, shards, config)
+            for window in windows(todo, config.ingest.window_slides)
+        )
         commit_slides(datasets, progress, ledger, report, entries_of, progress_callback)
         embed.prepare(out, ledger)
     ledger.compact()
     report.seconds = time.monotonic() - started
     return report
+
+
+def _window_dataset(
+    embed: EmbedStage,
+    window: Sequence[str],
+    tiles: dict[str, LedgerEntry],
+    shards: dict[str, list[str]],
+    config: Config,
+) -> ray.data.Dataset:
+    """One window of slides to embed, as a dataset: a row per shard (tile embedding) or per slide (Giga-SSL
+    views, which draw from all its shards)."""
+    if embed.views is None:
+        rows = [
+            {
+                "slide_id": sid,
+                "fingerprint": tiles[sid].etag_or_mtime,
+                "shard": uri,
+                "chunk": i,
+                "n_chunks": len(shards[sid]),
+                "node_id": "",
+            }
+            for sid in window
+            for i, uri in enumerate(shards[sid])
+        ]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).map(
+            embed.feeding(read_shard_tiles),
+            fn_kwargs={"px": embed.feed_px()},
+            num_cpus=config.ingest.read_cpus,
+            ray_remote_args_fn=no_fusion,
+        )
+    else:
+        rows = [
+            {
+                "slide_id": sid,
+                "fingerprint": tiles[sid].etag_or_mtime,
+                "shard_uris": shards[sid],
+                "n_tiles": tiles[sid].n_tiles,
+                "node_id": "",
+            }
+            for sid in window
+        ]
+        dataset = ray.data.from_items(rows, override_num_blocks=len(rows)).flat_map(
+            embed.feeding(make_views),
+            fn_kwargs={"views": embed.views, "input_px": embed.input_px, "seed": embed.cfg.seed},
+            num_cpus=config.ingest.read_cpus,
+            ray_remote_args_fn=no_fusion,
+        )
+    dataset = embed.attach(dataset)
+    dataset.context.target_max_block_size = 1
+    return dataset
 
 
 def _slide_ref(entry: LedgerEntry) -> SlideRef:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from slidestream.cluster.gc_pause import gc_paused
 from slidestream.cluster.storage import filesystem, join, write_bytes_atomic
 from slidestream.pipelines.ledger_format import (
     COMMIT_SUFFIX,
@@ -48,6 +49,8 @@ class Ledger:
         self.uri = join(out_uri, "ledger")
         self._state: dict[tuple[str, str], LedgerEntry] | None = None
         self._commits_since_snapshot = 0
+        self._snapshot: str | None = None  # the snapshot the state was read from
+        self._applied: set[str] = set()  # the commits folded into the state since that snapshot
 
     def _names(self) -> list[str]:
         fs, path = filesystem(self.uri)
@@ -65,6 +68,32 @@ class Ledger:
             self._state = self._read_state()
         return dict(self._state)
 
+    def refreshed_state(self) -> dict[tuple[str, str], LedgerEntry]:
+        """The state as storage holds it now, for a long-lived reader (`watch` polls): a listing, then only
+        the commits written since this instance last read. It reads everything again when a new snapshot
+        was written, or when a new commit sorts before one already applied (entries apply in name order)."""
+        if self._state is None:
+            return self.state()
+        names = self._names()
+        snapshots = [n for n in names if _is_snapshot(n)]
+        latest = snapshots[-1] if snapshots else None
+        new = [n for n in names if not _is_snapshot(n) and n not in self._applied and n > (latest or "")]
+        if latest != self._snapshot or (new and self._applied and new[0] < max(self._applied)):
+            self._state = self._read_state()
+            return dict(self._state)
+        try:
+            for name in new:
+                self._apply(name, self._read(name))
+        except FileNotFoundError:  # compacted away between the listing and the read
+            self._state = self._read_state()
+        return dict(self._state)
+
+    def _apply(self, name: str, entries: list[LedgerEntry]) -> None:
+        assert self._state is not None
+        self._state.update((entry.key, entry) for entry in entries)
+        self._applied.add(name)
+        self._commits_since_snapshot += 1
+
     def _read_state(self) -> dict[tuple[str, str], LedgerEntry]:
         """A reader racing a writer's `compact` may list a commit that is deleted before it is read: the
         snapshot that replaced it was written first, so listing again finds it."""
@@ -80,13 +109,16 @@ class Ledger:
         snapshots = [n for n in names if _is_snapshot(n)]
         start = snapshots[-1] if snapshots else None
         current: dict[tuple[str, str], LedgerEntry] = {}
-        self._commits_since_snapshot = 0
+        self._commits_since_snapshot, self._snapshot, self._applied = 0, start, set()
         for name in names:
             if (start and name < start) or (_is_snapshot(name) and name != start):
                 continue
-            self._commits_since_snapshot += name != start
-            for entry in self._read(name):
-                current[entry.key] = entry
+            entries = self._read(name)
+            with gc_paused():
+                current.update((entry.key, entry) for entry in entries)
+            if name != start:
+                self._applied.add(name)
+                self._commits_since_snapshot += 1
         return current
 
     def entries(self, stage: str) -> list[LedgerEntry]:
@@ -105,11 +137,10 @@ class Ledger:
         now = time.time()
         for entry in entries:
             entry.committed_at = now
-        self._write("commit", COMMIT_SUFFIX, encode_commit(entries))
+        name = self._write("commit", COMMIT_SUFFIX, encode_commit(entries))
         if self._state is None:
             return
-        self._state.update({entry.key: entry for entry in entries})
-        self._commits_since_snapshot += 1
+        self._apply(name, entries)
         if self._commits_since_snapshot >= max(_COMPACT_MIN_COMMITS, len(self._state) // 10):
             self.compact()
 
@@ -122,7 +153,7 @@ class Ledger:
         if not state:
             return
         snapshot = self._write("snapshot", SNAPSHOT_SUFFIX, encode_snapshot(list(state.values())))
-        self._commits_since_snapshot = 0
+        self._commits_since_snapshot, self._snapshot, self._applied = 0, snapshot, set()
         fs, root = filesystem(self.uri)
         stale = [f"{root}/{n}" for n in names if n < snapshot]
         if stale:

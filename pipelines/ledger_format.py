@@ -9,12 +9,15 @@ JSON by earlier versions are still read.
 
 from __future__ import annotations
 
+import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from slidestream.cluster.gc_pause import gc_paused
 
 LEDGER_FORMAT = 2  # 1: JSON snapshots; 2: Parquet snapshots
 COMMIT_SUFFIX = ".json"
@@ -66,6 +69,7 @@ SNAPSHOT_SCHEMA = pa.schema(
     ],
     metadata={"slidestream_ledger_format": str(LEDGER_FORMAT)},
 )
+_NESTED = ("shards", "versions", "extra")
 
 
 def encode_commit(entries: list[LedgerEntry]) -> bytes:
@@ -87,15 +91,34 @@ def encode_snapshot(entries: list[LedgerEntry]) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def _lists(column: pa.ChunkedArray) -> list[list[Any]]:
+    """A list column as Python lists, sliced from one flat list (much faster than `to_pylist`)."""
+    array = column.combine_chunks()
+    values = array.values.to_pylist()
+    offsets = array.offsets.to_pylist()
+    return [values[start:end] for start, end in itertools.pairwise(offsets)]
+
+
+def _maps(column: pa.ChunkedArray) -> list[dict[Any, Any]]:
+    """A map column as Python dicts."""
+    array = column.combine_chunks()
+    keys, items, offsets = array.keys.to_pylist(), array.items.to_pylist(), array.offsets.to_pylist()
+    return [dict(zip(keys[a:b], items[a:b], strict=True)) for a, b in itertools.pairwise(offsets)]
+
+
 def decode(name: str, data: bytes, entry_type: type[LedgerEntry]) -> list[LedgerEntry]:
     """The entries of the ledger object `name` (a JSON commit or snapshot, or a Parquet snapshot)."""
-    if not name.endswith(SNAPSHOT_SUFFIX):
-        return [entry_type(**entry) for entry in json.loads(data)["entries"]]
-    # No Arrow thread pools: a process that exits while their threads idle can abort in their teardown
-    # (apache/arrow#34314), and a snapshot decodes fast enough on one thread.
-    table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
-    columns = {column: table.column(column).to_pylist() for column in table.column_names}
-    columns["versions"] = [dict(pairs) for pairs in columns["versions"]]
-    columns["extra"] = [json.loads(x) for x in columns["extra"]]
-    names = list(columns)
-    return [entry_type(**dict(zip(names, row, strict=True))) for row in zip(*columns.values(), strict=True)]
+    with gc_paused():
+        if not name.endswith(SNAPSHOT_SUFFIX):
+            return [entry_type(**entry) for entry in json.loads(data)["entries"]]
+        # No Arrow thread pools: a process that exits while their threads idle can abort in their teardown
+        # (apache/arrow#34314), and a snapshot decodes fast enough on one thread.
+        table = pq.read_table(pa.BufferReader(data), use_threads=False, pre_buffer=False)
+        columns: dict[str, list[Any]] = {
+            name: table.column(name).to_pylist() for name in SNAPSHOT_SCHEMA.names if name not in _NESTED
+        }
+        columns["shards"] = _lists(table.column("shards"))
+        columns["versions"] = _maps(table.column("versions"))
+        columns["extra"] = [json.loads(x) for x in table.column("extra").to_pylist()]
+        ordered = [columns[f.name] for f in fields(entry_type)]
+        return [entry_type(*row) for row in zip(*ordered, strict=True)]

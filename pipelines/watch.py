@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from slidestream.cluster.config import Config
+from slidestream.cluster.gc_pause import gc_paused
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, scrub_secrets, write_bytes_atomic
 from slidestream.pipelines.ingest import run_ingest, slides_to_do
@@ -157,6 +158,7 @@ class Watcher:
         self.on_committed = on_committed
         self.echo = echo or _status_printer()
         self.stages = [tiles_stage(config.tiling), embed.stage]
+        self.ledger = Ledger(out)  # kept between polls: each poll reads only what was committed since
         self._stop = threading.Event()
         self._seen: dict[str, tuple[str, float]] = {}  # slide_id → (fingerprint, first seen at)
         self._retry: dict[str, tuple[int, float]] = {}  # transient failures: slide_id → (tries, not before)
@@ -216,8 +218,12 @@ class Watcher:
     # ---------------------------------------------------------------------------------------------- poll
 
     def poll(self) -> list[SlideRef]:
+        with gc_paused():  # listing, ledger and diff: 10^5-object structures without cycles
+            return self._poll()
+
+    def _poll(self) -> list[SlideRef]:
         found = discover_slides(self.slides, self.config.ingest.slide_extensions)
-        state = Ledger(self.out).state()
+        state = self.ledger.refreshed_state()
         now, ready, waiting = time.time(), [], 0
         todo = {s.slide_id for s in slides_to_do(found.slides, state, self.stages)}
         for slide in found.slides:

@@ -9,7 +9,7 @@ Pipeline: `run_ingest` on a local Ray instance with the machine's cores.
 Prints tiles/s and MB/s (tile bytes written) for slides on local disk and on the S3 server, the ratio
 pipeline / baseline, and the peak memory of the whole process tree for 4 vs 16 slides.
 
-With `--format ome-tiff|dicom|tiff`, it compares that format with SVS instead: the same slides written in
+With `--format ome-tiff|ndpi|dicom|tiff`, it compares that format with SVS instead: the same slides written in
 both, the pipeline's tiles/s on local disk and from S3, and the bytes and GETs per tile a reader fetches
 from S3 (all of a cohort's tiles read in this process, where the fetches can be counted).
 

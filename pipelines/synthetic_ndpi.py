@@ -24,7 +24,7 @@ from PIL import Image
 _ASCII, _SHORT, _LONG, _RATIONAL, _FLOAT = 2, 3, 4, 5, 11
 _FORMAT = {_ASCII: "s", _SHORT: "H", _LONG: "I", _RATIONAL: "I", _FLOAT: "f"}
 _YCBCR, _JPEG, _CENTIMETRE = 6, 7, 3
-_MCU = 8  # 4:4:4 sampling: an 8×8 MCU
+_MCU = 16  # 4:2:0 sampling, as in most scanners' JPEG: a 16×16 MCU
 _OBJECTIVE = 40.0
 _MACRO_LENS = -1.0
 
@@ -38,7 +38,7 @@ def _restart_jpeg(image: np.ndarray, quality: int, max_interval_px: int) -> tupl
     blocks = max(d for d in range(1, max_interval_px // _MCU + 1) if mcus_per_row % d == 0)
     buffer = io.BytesIO()
     Image.fromarray(image).save(
-        buffer, format="JPEG", quality=quality, subsampling=0, restart_marker_blocks=blocks
+        buffer, format="JPEG", quality=quality, subsampling=2, restart_marker_blocks=blocks
     )
     data = buffer.getvalue()
     sos = data.index(b"\xff\xda")

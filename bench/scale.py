@@ -50,6 +50,7 @@ from slidestream.pipelines.slides import SlideRef, discover_slides
 from slidestream.pipelines.tile_store import tiles_stage
 
 NEW_SLIDES = 20
+LINKS_PER_FILE = 50_000
 SETTINGS = ("ray.num_cpus=2", "ray.object_store_mb=512", "embed.input_px=32")
 
 
@@ -279,9 +280,12 @@ def measure_ray(n: int, work: Path, windows: list[int]) -> list[dict[str, Any]]:
 
     source = work / f"ray-{n}"
     source.mkdir()
-    write_slide(source / "template.svs", SlideSpec(2048, 1536, seed=3, n_pieces=1))
-    for i in range(1, n):
-        os.link(source / "template.svs", source / f"s{i:06d}.svs")
+    for i in range(n):
+        template = source / f"s{i - i % LINKS_PER_FILE:06d}.svs"  # a file takes at most 65,000 links (ext4)
+        if i % LINKS_PER_FILE == 0:
+            write_slide(template, SlideSpec(2048, 1536, seed=3, n_pieces=1))
+        else:
+            os.link(template, source / f"s{i:06d}.svs")
     results = []
     for window in windows:
         out = work / f"ray-out-{n}-{window}"

@@ -100,7 +100,7 @@ class _NdpiFile:
         self.link_at = ifd_at + 2 + 12 * len(entries)
 
 
-def _common_tags(image: np.ndarray, strip: bytes, lens: float) -> list[Tag]:
+def _common_tags(image: np.ndarray, lens: float) -> list[Tag]:
     height, width = image.shape[:2]
     return [
         (256, _LONG, [width]),
@@ -135,7 +135,7 @@ def write_ndpi(
         for downsample, width, height in levels:
             image = _level_image(level_tiles(downsample, width, height), width, height, tile)
             strip, starts = _restart_jpeg(image, quality, tile)
-            tags = _common_tags(image, strip, _OBJECTIVE / downsample)
+            tags = _common_tags(image, _OBJECTIVE / downsample)
             tags.append((65426, _LONG, starts))
             if mpp is not None:
                 px_per_cm = round(1e4 / (mpp * downsample) * 1000)
@@ -147,4 +147,4 @@ def write_ndpi(
                 ]
             ndpi.page(strip, tags)
         strip, _ = _restart_jpeg(macro, quality, tile)
-        ndpi.page(strip, _common_tags(macro, strip, _MACRO_LENS))
+        ndpi.page(strip, _common_tags(macro, _MACRO_LENS))

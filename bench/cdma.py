@@ -22,7 +22,8 @@ Runs are named by fraction and seed, so a rerun with the same settings resumes i
                          [--weights random|PATH] [--encoder-bn auto|frozen|train] [--steps 8]
                          [--batch 16] [--infer-batch 16]
                          [--learning --epochs 30 [--difficulty hard --tumour-cover 0.05 0.2]
-                          [--labelled-fracs 0.1 0.05] [--seeds 0 1 2] [--lr 1e-3]]
+                          [--labelled-fracs 0.1 0.05] [--labelled-slides stratified|foreground]
+                         [--seeds 0 1 2] [--lr 1e-3]]
 """
 
 from __future__ import annotations
@@ -123,11 +124,13 @@ def _learning_run(args: argparse.Namespace, slides: str, out: str, frac: float, 
         f"cdma.unsup_start_epoch={min(15, args.epochs // 2)}", f"cdma.milestones=[{int(args.epochs * 0.75)}]",
         f"cdma.labelled_frac={frac}", f"cdma.workers={args.workers}", f"cdma.lr={args.lr}",
         f"cdma.test_frac={args.test_frac}", f"cdma.split_seed={seed}", f"cdma.seed={seed}",
+        f"cdma.labelled_slides={args.labelled_slides}",
         "cdma.supervised_baseline=true",
     )  # fmt: skip
     weights = "random" if args.weights == "random" else Path(args.weights).stem
     schedule = f"{args.epochs}x{args.steps}-lr{args.lr:g}"
-    name = f"learn-{schedule}-{weights}-bn{encoder_bn(config.cdma)}-f{frac:g}-s{seed}"
+    picked = "" if args.labelled_slides == "stratified" else f"-{args.labelled_slides}"
+    name = f"learn-{schedule}-{weights}-bn{encoder_bn(config.cdma)}-f{frac:g}{picked}-s{seed}"
     t = time.perf_counter()
     metrics = CDMARun(name, out, config).execute()
     print(f"{name}: {time.perf_counter() - t:.0f} s; split {json.dumps(metrics['split'])}", flush=True)
@@ -206,6 +209,10 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=1e-3, help="cdma.lr of the --learning runs")
     parser.add_argument("--labelled-fracs", type=float, nargs="+", default=[0.1], help="--learning")
+    parser.add_argument(
+        "--labelled-slides", default="stratified", choices=["stratified", "foreground"],
+        help="cdma.labelled_slides of the --learning runs",
+    )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="--learning: split and training")
     parser.add_argument("--test-frac", type=float, default=0.2, help="cdma.test_frac of the --learning runs")
     parser.add_argument("--workers", type=int, default=1, help="workers of the --learning runs")

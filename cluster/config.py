@@ -17,6 +17,7 @@ from slidestream.cluster.errors import SlidestreamError
 from slidestream.cluster.recipes import Recipe, recipe_values
 
 DEFAULT_CONFIG_NAME = "ray_config.yaml"
+LabelledSlides = Literal["stratified", "foreground"]  # cdma.labelled_slides
 
 
 class ConfigError(SlidestreamError, ValueError):
@@ -189,6 +190,9 @@ class CDMAConfig(WorkerResources):
     mask_suffix: str = ".tumour.png"
     mask_downsample: float = Field(default=32.0, gt=0)  # level-0 px per mask-image pixel
     labelled_frac: float = Field(default=0.1, gt=0, le=1)  # labelled slides, of the training pool
+    # which annotated slides are labelled: stratified by foreground like the other roles, or foreground
+    # slides first (background-only ones then train unlabelled; see cdma.data.split_slides)
+    labelled_slides: LabelledSlides = "stratified"
     test_frac: float = Field(default=0.2, gt=0, lt=1)  # held-out annotated slides for the metrics
     val_slides: int = Field(default=1, ge=0)  # annotated slides for model selection (0: last epoch)
     split_seed: int = 0

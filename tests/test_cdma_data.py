@@ -127,6 +127,22 @@ def test_split_is_stratified_and_keeps_roles_apart() -> None:
         split_slides({"a": True, "b": False}, [], 0.1, 0.5, 1, 0)
 
 
+def test_foreground_first_labels_only_foreground_slides_while_there_are_any() -> None:
+    foreground = {f"s{i:02d}": i % 2 == 0 for i in range(24)}
+    stratified = split_slides(foreground, [], 0.1, test_frac=0.2, val_slides=1, seed=0)
+    first = split_slides(foreground, [], 0.1, 0.2, 1, 0, labelled_slides="foreground")
+    assert sorted(foreground[s] for s in stratified.labelled) == [False, True]  # 2 of a pool of 18
+    assert len(first.labelled) == 2 and all(foreground[s] for s in first.labelled)
+    assert first.test == stratified.test  # the held-out slides do not depend on the choice
+    assert any(foreground[s] for s in first.val)
+    assert not set(first.labelled) & set(first.unlabelled + first.val + first.test)
+    assert sorted(first.labelled + first.unlabelled + first.val + first.test) == sorted(foreground)
+    # more labelled slides than foreground ones: background-only slides fill the rest
+    few = {"a": True, "b": True, "c": True, "d": False, "e": False, "f": False, "g": False, "h": False}
+    filled = split_slides(few, [], 0.9, 0.125, 1, 0, labelled_slides="foreground")
+    assert len(filled.labelled) == 5 and sum(few[s] for s in filled.labelled) == 2  # the third: a test slide
+
+
 def test_an_epoch_is_one_labelled_pass_of_the_global_batch() -> None:
     # the official sampler: len(labelled) // 8 steps; with 2 workers a global step takes 2 × 8 labelled
     assert steps_per_epoch(100, 8, 1, None) == 12

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from slidestream.cluster.config import TilingConfig
+from slidestream.cluster.config import LabelledSlides, TilingConfig
 from slidestream.pipelines.annotations import Region, SlideAnnotation
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.shards import decode_sample, iter_shard_samples
@@ -57,18 +57,25 @@ def split_slides(
     test_frac: float,
     val_slides: int,
     seed: int,
+    labelled_slides: LabelledSlides = "stratified",
 ) -> SegSplit:
     """Stratified by whether a slide's annotation has any foreground, so each annotated role gets
-    foreground slides when there are any. `foreground`: annotated slide → has foreground."""
+    foreground slides when there are any. `foreground`: annotated slide → has foreground.
+
+    `labelled_slides="foreground"` labels foreground slides first (background-only ones only when those run
+    out); the background-only slides not taken then train unlabelled. With one or two labelled slides, a
+    background-only one cost held-out Dice in 3 of 4 measured splits (bench/RESULTS.md)."""
     rng = random.Random(seed)
     pos = sorted(s for s, fg in foreground.items() if fg)
     neg = sorted(s for s, fg in foreground.items() if not fg)
     rng.shuffle(pos)
     rng.shuffle(neg)
 
-    def take(n: int) -> list[str]:
+    def take(n: int, foreground_first: bool = False) -> list[str]:
         total = len(pos) + len(neg)
         k_pos = min(len(pos), max(1 if pos else 0, round(n * len(pos) / max(total, 1))), n)
+        if foreground_first:
+            k_pos = min(len(pos), n)
         k_neg = min(len(neg), n - k_pos)
         chosen = pos[:k_pos] + neg[:k_neg]
         del pos[:k_pos], neg[:k_neg]
@@ -84,7 +91,8 @@ def split_slides(
     test = take(n_test)
     annotated_pool = len(pos) + len(neg) - val_slides  # labelled slides come before validation ones
     pool = annotated_pool + len(unannotated)
-    labelled = take(min(annotated_pool, max(1, round(labelled_frac * pool))))
+    n_labelled = min(annotated_pool, max(1, round(labelled_frac * pool)))
+    labelled = take(n_labelled, foreground_first=labelled_slides == "foreground")
     val = take(val_slides)
     return SegSplit(labelled, sorted(pos + neg + list(unannotated)), val, test)
 

@@ -302,7 +302,7 @@ class CDMARun:
         unannotated = sorted(set(self.entries) - set(self.annotations))
         self.split = split_slides(
             foreground, unannotated, self.cfg.labelled_frac, self.cfg.test_frac, self.cfg.val_slides,
-            self.cfg.split_seed,
+            self.cfg.split_seed, self.cfg.labelled_slides,
         )  # fmt: skip
 
     def plan(self) -> dict[str, Any]:

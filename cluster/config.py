@@ -193,6 +193,7 @@ class CDMAConfig(WorkerResources):
     # which annotated slides are labelled: stratified by foreground like the other roles, or foreground
     # slides first (background-only ones then train unlabelled; see cdma.data.split_slides)
     labelled_slides: LabelledSlides = "stratified"
+    sites: str | None = None  # labels file with a site column: labelled slides are spread over the sites
     test_frac: float = Field(default=0.2, gt=0, lt=1)  # held-out annotated slides for the metrics
     val_slides: int = Field(default=1, ge=0)  # annotated slides for model selection (0: last epoch)
     split_seed: int = 0

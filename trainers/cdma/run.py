@@ -29,6 +29,7 @@ from slidestream.cluster.init_weights import starting_weights
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.annotations import Region, SlideAnnotation, find_annotation
+from slidestream.pipelines.labels import LabelsError, read_labels
 from slidestream.pipelines.ledger import Ledger
 from slidestream.pipelines.tile_store import tiles_stage
 from slidestream.trainers.cdma.data import (
@@ -64,6 +65,7 @@ __all__ = [
     "format_cdma_table",
     "make_optimizer",
     "run_cdma",
+    "slide_sites",
     "train_cdma",
 ]
 
@@ -140,6 +142,18 @@ def annotations_for(cfg: CDMAConfig, slide_ids: list[str]) -> dict[str, SlideAnn
     if missing := [s for s, a in found.items() if a is None]:
         raise TrainDataError(f"cdma: no annotation for slide(s) {missing[:5]} under {root}")
     return found  # type: ignore[return-value]
+
+
+def slide_sites(cfg: CDMAConfig) -> dict[str, str] | None:
+    """slide → site from `cdma.sites` (a labels file with a `site` column), or None when not set."""
+    if not cfg.sites:
+        return None
+    table = read_labels(cfg.sites)
+    if "site" not in table.column_names:
+        columns = ", ".join(table.column_names)
+        raise LabelsError(f"cdma.sites: labels file {cfg.sites} has no site column (it has {columns})")
+    sites = table.column("site").to_pylist()
+    return {s: str(site) for s, site in zip(table.column("slide_id").to_pylist(), sites, strict=True) if site}
 
 
 def _annotation_root(cfg: CDMAConfig) -> str:
@@ -302,7 +316,7 @@ class CDMARun:
         unannotated = sorted(set(self.entries) - set(self.annotations))
         self.split = split_slides(
             foreground, unannotated, self.cfg.labelled_frac, self.cfg.test_frac, self.cfg.val_slides,
-            self.cfg.split_seed, self.cfg.labelled_slides,
+            self.cfg.split_seed, self.cfg.labelled_slides, slide_sites(self.cfg),
         )  # fmt: skip
 
     def plan(self) -> dict[str, Any]:

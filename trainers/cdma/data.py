@@ -78,9 +78,8 @@ def split_slides(
 
     def take(n: int, foreground_first: bool = False) -> list[str]:
         total = len(pos) + len(neg)
-        k_pos = min(len(pos), max(1 if pos else 0, round(n * len(pos) / max(total, 1))), n)
-        if foreground_first:
-            k_pos = min(len(pos), n)
+        stratified = max(1 if pos else 0, round(n * len(pos) / max(total, 1)))
+        k_pos = min(len(pos), n if foreground_first else stratified, n)
         k_neg = min(len(neg), n - k_pos)
         chosen = pos[:k_pos] + neg[:k_neg]
         del pos[:k_pos], neg[:k_neg]

@@ -35,7 +35,7 @@ import numpy as np
 from slidestream.cluster.config import load_config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.pipelines.features import BagMeta, bag_table, write_bag
-from slidestream.trainers.gigassl.probe import run_probe
+from slidestream.trainers.gigassl.probe import SCALES, run_probe
 from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings
 
 GRID_PX = 512
@@ -86,7 +86,7 @@ def measure(variant: str, root: Path, labels: str, args: argparse.Namespace) -> 
         target = str(root / "out" / f"{name}-{mode}.parquet")
         export_embeddings(summary.run_dir, str(root / "features"), target, export_bn=mode)
         report = run_probe(target, labels, str(root / "features"), sizes=(), repeats=args.repeats,
-                           output=str(root / name / mode))  # fmt: skip
+                           output=str(root / name / mode), scale=args.probe_scale)  # fmt: skip
         aucs[mode] = report.results["gigassl"]["full"]["auc_mean"]
         aucs["baseline"] = report.results["mean-pooled features"]["full"]["auc_mean"]
     aucs["loss"] = summary.history[-1]["train_loss"]
@@ -127,7 +127,7 @@ def few_labels(args: argparse.Namespace) -> None:
                 losses.append((summary.history[0]["train_loss"], summary.history[-1]["train_loss"]))
             report = run_probe(summary.embeddings, cohort.labels, features if epochs else None, sizes=sizes,
                                repeats=args.repeats, test_frac=args.test_frac, seed=seed,
-                               output=summary.run_dir)  # fmt: skip
+                               output=summary.run_dir, scale=args.probe_scale)  # fmt: skip
             named = {name: report.results["gigassl"]}
             if epochs:
                 named["mean-pooled tile features"] = report.results["mean-pooled features"]
@@ -172,6 +172,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument(
+        "--probe-scale",
+        choices=SCALES,
+        default=SCALES[0],
+        help="probe on standardised (default) or raw embeddings (none; before 2026-12-07)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", nargs="+", default=["cell_px=224", "cell_px=null"],
                         help="space-separated gigassl.* settings per run")  # fmt: skip

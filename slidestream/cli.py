@@ -14,6 +14,7 @@ from slidestream.cluster.storage import scrub_secrets
 from slidestream.console import console
 from slidestream.output_commands import STATUS_FORMATS
 from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER, SLIDE_FORMATS
+from slidestream.trainers.gigassl.probe import SCALES
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.models import MODELS
 
@@ -262,6 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--repeats", type=int, default=20, help="repeated stratified splits (default 20)")
     probe.add_argument("--test-frac", type=float, default=0.3, help="test part of each split (default 0.3)")
     probe.add_argument("--output", help="directory for probe.json and embedding_map.png (default: beside)")
+    probe.add_argument(
+        "--scale",
+        choices=SCALES,
+        default=SCALES[0],
+        help="standardise each embedding dimension on the training part (default), or none: the official "
+        "probe on the raw embeddings",
+    )
 
     predict = commands.add_parser("predict", parents=[common], help="apply a trained run to feature bags")
     predict.add_argument("--run", required=True, help="the run directory, OUT/runs/NAME")

@@ -216,6 +216,7 @@ def cmd_probe(
     repeats: int,
     test_frac: float,
     output: str | None,
+    scale: str,
 ) -> int:
     from slidestream.trainers.gigassl.probe import format_probe, run_probe
 
@@ -223,11 +224,14 @@ def cmd_probe(
         small = tuple(int(v) for v in sizes.split(",") if v.strip())
     except ValueError:
         raise UsageError(f"--sizes expects comma-separated integers, got {sizes!r}") from None
-    report = run_probe(embeddings, labels, baseline_features, small, repeats, test_frac, output=output)
+    report = run_probe(
+        embeddings, labels, baseline_features, small, repeats, test_frac, output=output, scale=scale
+    )
     splits = "patient-level stratified" if report.by_patient else "stratified"
+    scaled = "standardised" if scale == "standard" else "raw"
     print(
-        f"linear probe (logistic regression C=10, balanced, on the raw embeddings; ROC-AUC over {repeats} "
-        f"{splits} splits) of {report.n_slides} slides, classes {report.classes}"
+        f"linear probe (logistic regression C=10, balanced, on the {scaled} embeddings; ROC-AUC over "
+        f"{repeats} {splits} splits) of {report.n_slides} slides, classes {report.classes}"
     )
     print(format_probe(report))
     print(f"  results: {report.report}")

@@ -72,7 +72,7 @@ def hard_cohort(
     Tumour covers HARD_COVER (10-30 %) of a positive slide's tissue instead of the default 0.5-8 %: a tiny
     slide has ~100 tissue tiles at 2 µm/px, so the default puts 0-8 tumour tiles among them, too few for
     any slide-level embedding averaged over the tiles to carry the label on 24 slides: at the default the
-    mean-pooled pretrained features probed at 0.341 ± 0.183 (24 slides, seed 11; 0.934 ± 0.100 with
+    mean-pooled pretrained features probed at 0.341 ± 0.183 (raw probe, 24 slides, seed 11; 0.934 ± 0.100 with
     HARD_COVER; bench/RESULTS.md). The default cover is measured in bench/gigassl_fidelity.py --few-labels."""
     return embedded_cohort(tmp_path_factory.mktemp("hard"), HARD_SLIDES, pretrained_weights, HARD_SEED,
                            views=(8, 32), tumour_cover=HARD_COVER)  # fmt: skip

@@ -177,9 +177,10 @@ def test_probe_reports_auc_per_training_size_and_draws_the_map(tmp_path):
 
 # -- learning test: data made by our pipeline, a real 2-worker run ----------------------------------------
 
-# T = 5 tiles per view, batch 8 slides over 2 workers (4 each), 20 epochs of 3 steps
+# T = 5 tiles per view, batch 8 slides over 2 workers (4 each), 20 epochs of 3 steps; both networks are
+# exported with BatchNorm statistics recomputed over the exported slides
 LEARN = ("gigassl.epochs=20", "gigassl.batch_size=8", "gigassl.warmup_epochs=2", "gigassl.lr=0.001",
-         "gigassl.init_weights=random")  # fmt: skip
+         "gigassl.init_weights=random", "gigassl.export_bn=recalibrate")  # fmt: skip
 
 
 def _probe(embeddings: Path, data: EmbeddedCohort, baseline: bool) -> dict:
@@ -192,16 +193,18 @@ def _probe(embeddings: Path, data: EmbeddedCohort, baseline: bool) -> dict:
 
 def test_two_worker_run_on_pretrained_views_is_probed_beside_its_untrained_network(hard_cohort, capsys):
     """Giga-SSL on views of the pretrained tile encoder (hard cohort): a real 2-worker Ray Train run, its
-    exported slide embeddings probed beside the mean-pooled tile features and beside the same network at
-    its initialisation (`gigassl.epochs=0`, exported the same way); the run resumes from its checkpoint.
+    exported slide embeddings probed (standardised, the probe's default) beside the mean-pooled tile
+    features and beside the same network at its initialisation (`gigassl.epochs=0`, exported the same
+    way); the run resumes from its checkpoint.
 
-    Issue 23 asks for a probe AUC ≥ 0.85 that beats the untrained network. Measured on this cohort
-    (2026-12-05, bench/RESULTS.md): trained 0.444 ± 0.254 (lr 1e-3; 0.503 at lr 1e-4), untrained 0.597 ±
-    0.213, mean-pooled features 0.934 ± 0.100. Neither claim holds: the views of a hard slide find their
-    own slide across augmentations barely above chance even with the pretrained encoder
-    (bench/gigassl_signal.py: 0.06 against 0.04), so NT-Xent has little slide identity to learn from.
-    What the test asserts: the tile features carry the label (baseline ≥ 0.85), the pipeline trains,
-    exports both networks and probes them, and the run resumes."""
+    Issue 23 asks for a probe AUC ≥ 0.85 that beats the untrained network. The first half holds: the
+    trained embeddings carry the label (in-process on this cohort, seed 0: 0.931; seeds 1-4: 0.872, 0.916,
+    0.919, 0.796; bench/RESULTS.md). The second does not: the untrained network probes at 0.912 (seeds 1-4:
+    0.938, 0.919, 0.959, 0.900), so training adds nothing here: the views of a hard slide find their own
+    slide across augmentations barely above chance (bench/gigassl_signal.py: 0.06 against 0.04), which
+    leaves NT-Xent little slide identity to learn from. The raw probe of the official script gave the
+    embeddings 0.46-0.64: at C = 10 it over-regularises unit-norm embeddings, whose slides differ by
+    little."""
     data = hard_cohort
     common = ["--out", data.out, *itertools.chain.from_iterable(("--set", s) for s in (*PIPELINE, *LEARN))]
     views = ["--features", data.views["pretrained"]]
@@ -235,7 +238,8 @@ def test_two_worker_run_on_pretrained_views_is_probed_beside_its_untrained_netwo
         print(f"\nGiga-SSL learning test (losses {losses[0]:.3f} → {losses[-1]:.3f}; untrained network "
               f"{auc_before:.3f} ± {before['full']['auc_std']:.3f}):\n{table}")  # fmt: skip
     assert baseline >= 0.85, (auc, auc_before, baseline)  # the pretrained features carry the label
-    assert np.isfinite(auc) and np.isfinite(auc_before), (auc, auc_before, baseline)
+    assert auc >= 0.85, (auc, auc_before, baseline)  # and so do the trained slide embeddings
+    assert np.isfinite(auc_before), (auc, auc_before, baseline)
     assert (run / "embedding_map.png").stat().st_size > 5000
 
     # resume: the last epoch checkpoint is the starting point, so no epoch is trained again

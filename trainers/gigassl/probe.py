@@ -1,9 +1,13 @@
 """Linear probing of slide embeddings (Giga-SSL's evaluation): logistic regression (C = 10, balanced
-class weights, max_iter 1000) on the raw embeddings, as the official evaluation does (no scaler),
-ROC-AUC over repeated stratified train/test splits that keep each patient on one side when the labels
-give a `patient_id`, with the full training part and with small training sets (e.g. 20, 50 slides); the
-same protocol on mean-pooled tile features is the baseline. Writes `probe.json` and an embedding map
-(PCA, coloured by label)."""
+class weights, max_iter 1000), by default on embeddings standardised with the training part's mean and
+std per dimension (`scale="standard"`); `scale="none"` probes the raw embeddings as the official
+evaluation does. Raw, the fixed C regularises a representation by its scale: L2-normalised embeddings
+whose slides differ by little around a shared direction are over-regularised, so the raw probe ranks
+representations by their spread as much as by what they carry (bench/RESULTS.md, issue 23). ROC-AUC over
+repeated stratified train/test splits that keep each patient on one side when the labels give a
+`patient_id`, with the full training part and with small training sets (e.g. 20, 50 slides); the same
+protocol on mean-pooled tile features is the baseline. Writes `probe.json` and an embedding map (PCA,
+coloured by label)."""
 
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit, train_test_split
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from slidestream.cluster.errors import UsageError
 from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import FeatureBags
 from slidestream.pipelines.labels import read_labels
@@ -26,6 +33,7 @@ from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.metrics import classification_metrics
 
 __all__ = [
+    "SCALES",
     "ProbeReport",
     "format_probe",
     "mean_pooled",
@@ -37,6 +45,7 @@ __all__ = [
 ]
 
 C, MAX_ITER = 10.0, 1000
+SCALES = ("standard", "none")  # per-dimension standardisation of the embeddings, or the official raw probe
 
 
 def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
@@ -57,15 +66,20 @@ def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:
     return [str(s) for s in table.column("slide_id").to_pylist()], matrix
 
 
-def _classifier() -> LogisticRegression:
-    return LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER)
+def _classifier(scale: str) -> LogisticRegression | Pipeline:
+    if scale not in SCALES:
+        raise UsageError(f"probe scale {scale!r}: choose one of {', '.join(SCALES)}")
+    regression = LogisticRegression(C=C, class_weight="balanced", max_iter=MAX_ITER)
+    return make_pipeline(StandardScaler(), regression) if scale == "standard" else regression
 
 
 def probe_auc(
-    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str]
-) -> float:
-    """ROC-AUC on the test part of the probe fitted on the training part (class indices in y)."""
-    model = _classifier().fit(x_train, y_train)
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, y_test: np.ndarray, classes: list[str],
+    scale: str = "standard",
+) -> float:  # fmt: skip
+    """ROC-AUC on the test part of the probe fitted on the training part (class indices in y); a scaler is
+    fitted on the training part only."""
+    model = _classifier(scale).fit(x_train, y_train)
     return classification_metrics(y_test, model.predict_proba(x_test), classes)["auc"]
 
 
@@ -89,7 +103,7 @@ def probe_splits(
 
 def probe(
     x: np.ndarray, y: np.ndarray, classes: list[str], sizes: list[int], repeats: int, test_frac: float,
-    seed: int, groups: np.ndarray | None = None,
+    seed: int, groups: np.ndarray | None = None, scale: str = "standard",
 ) -> dict[str, dict[str, Any]]:  # fmt: skip
     """ROC-AUC (mean, std over `repeats` stratified splits, patient-level with `groups`) per training-set
     size: "full" (the whole training part) and each size smaller than it (a stratified subsample of the
@@ -103,7 +117,7 @@ def probe(
                 plans[str(size)], _ = train_test_split(train, train_size=size, stratify=y[train],
                                                        random_state=seed * 1000 + r)  # fmt: skip
         for name, part in plans.items():
-            aucs.setdefault(name, []).append(probe_auc(x[part], y[part], x[test], y[test], classes))
+            aucs.setdefault(name, []).append(probe_auc(x[part], y[part], x[test], y[test], classes, scale))
             n_train[name] = len(part)
     return {
         name: {"n_train": n_train[name], "auc_mean": float(np.nanmean(v)), "auc_std": float(np.nanstd(v)),
@@ -146,11 +160,13 @@ class ProbeReport:
     by_patient: bool  # splits kept each patient on one side (the labels gave patient_id)
     report: str  # probe.json
     picture: str  # embedding map PNG
+    scale: str  # one of SCALES
 
 
 def run_probe(
     embeddings: str, labels: str, baseline: str | None = None, sizes: tuple[int, ...] = (20, 50),
     repeats: int = 20, test_frac: float = 0.3, seed: int = 0, output: str | None = None,
+    scale: str = "standard",
 ) -> ProbeReport:  # fmt: skip
     """Probe the embeddings (and mean-pooled `baseline` features); results next to the embeddings file
     unless `output` (a directory) is given."""
@@ -168,17 +184,17 @@ def run_probe(
     points = {"gigassl": matrix[rows]}
     if baseline:
         points["mean-pooled features"] = mean_pooled(baseline, kept)
-    results = {name: probe(x, y, classes, list(sizes), repeats, test_frac, seed, patients)
+    results = {name: probe(x, y, classes, list(sizes), repeats, test_frac, seed, patients, scale)
                for name, x in points.items()}  # fmt: skip
     where = output or embeddings.rsplit("/", 1)[0]
     report = join(where, "probe.json")
     payload = {"embeddings": embeddings, "labels": labels, "baseline": baseline, "classes": classes,
-               "n_slides": len(kept), "repeats": repeats, "test_frac": test_frac, "C": C,
+               "n_slides": len(kept), "repeats": repeats, "test_frac": test_frac, "C": C, "scale": scale,
                "by_patient": patients is not None, "results": results}  # fmt: skip
     write_bytes_atomic(report, json.dumps(payload, indent=1).encode())
     picture = join(where, "embedding_map.png")
     embedding_map(points, names, picture)
-    return ProbeReport(results, classes, len(kept), patients is not None, report, picture)
+    return ProbeReport(results, classes, len(kept), patients is not None, report, picture, scale)
 
 
 def format_probe(report: ProbeReport) -> str:

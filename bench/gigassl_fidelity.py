@@ -35,7 +35,8 @@ import numpy as np
 from slidestream.cluster.config import load_config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.pipelines.features import BagMeta, bag_table, write_bag
-from slidestream.trainers.gigassl.probe import SCALES, run_probe
+from slidestream.trainers.gigassl.probe import run_probe
+from slidestream.trainers.gigassl.probe_scale import SCALES
 from slidestream.trainers.gigassl.train import GigaSSLRun, export_embeddings
 
 GRID_PX = 512

@@ -14,7 +14,7 @@ from slidestream.cluster.storage import scrub_secrets
 from slidestream.console import console
 from slidestream.output_commands import STATUS_FORMATS
 from slidestream.pipelines.synthetic import DIFFICULTIES, HARD_SITES, HARD_TUMOUR_COVER, SLIDE_FORMATS
-from slidestream.trainers.gigassl.probe import SCALES
+from slidestream.trainers.gigassl.probe_scale import SCALES
 from slidestream.trainers.methods import METHODS, TUNABLE
 from slidestream.trainers.models import MODELS
 

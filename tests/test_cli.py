@@ -139,3 +139,13 @@ def test_recipe_flag_switches_the_kinds_own_section(kind: str, section: str):
     assert getattr(config, section).recipe == "paper"
     others = {"train", "icmil", "cdma", "gigassl"} - {section}
     assert all(getattr(config, other).recipe == "default" for other in others)
+
+
+def test_the_command_line_starts_without_the_heavy_libraries():
+    """Building the parser must not import torch, scikit-learn, Ray or timm (seconds on every command,
+    `slidestream status` included): they are imported when a command runs."""
+    heavy = ("torch", "sklearn", "ray", "timm", "spconv")
+    code = (f"import sys; from slidestream.cli import build_parser; build_parser(); "
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

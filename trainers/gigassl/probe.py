@@ -30,6 +30,7 @@ from slidestream.cluster.storage import join, read_bytes, write_bytes_atomic
 from slidestream.pipelines.features import FeatureBags
 from slidestream.pipelines.labels import read_labels
 from slidestream.trainers.data import TrainDataError
+from slidestream.trainers.gigassl.probe_scale import SCALES
 from slidestream.trainers.metrics import classification_metrics
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 C, MAX_ITER = 10.0, 1000
-SCALES = ("standard", "none")  # per-dimension standardisation of the embeddings, or the official raw probe
 
 
 def read_embeddings(uri: str) -> tuple[list[str], np.ndarray]:

@@ -34,11 +34,11 @@ import json
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 
-from slidestream.cluster.config import load_config
+from slidestream.cluster.config import LabelledSlides, load_config
 from slidestream.cluster.storage import join
 from slidestream.pipelines.ingest import run_ingest
 from slidestream.pipelines.synthetic import write_dataset
@@ -210,7 +210,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="cdma.lr of the --learning runs")
     parser.add_argument("--labelled-fracs", type=float, nargs="+", default=[0.1], help="--learning")
     parser.add_argument(
-        "--labelled-slides", default="stratified", choices=["stratified", "foreground"],
+        "--labelled-slides", default="stratified", choices=get_args(LabelledSlides),
         help="cdma.labelled_slides of the --learning runs",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="--learning: split and training")

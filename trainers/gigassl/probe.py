@@ -160,7 +160,6 @@ class ProbeReport:
     by_patient: bool  # splits kept each patient on one side (the labels gave patient_id)
     report: str  # probe.json
     picture: str  # embedding map PNG
-    scale: str  # one of SCALES
 
 
 def run_probe(
@@ -194,7 +193,7 @@ def run_probe(
     write_bytes_atomic(report, json.dumps(payload, indent=1).encode())
     picture = join(where, "embedding_map.png")
     embedding_map(points, names, picture)
-    return ProbeReport(results, classes, len(kept), patients is not None, report, picture, scale)
+    return ProbeReport(results, classes, len(kept), patients is not None, report, picture)
 
 
 def format_probe(report: ProbeReport) -> str:

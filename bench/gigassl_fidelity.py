@@ -29,10 +29,11 @@ from __future__ import annotations
 import argparse
 import tempfile
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 
-from slidestream.cluster.config import load_config
+from slidestream.cluster.config import ExportBN, load_config
 from slidestream.cluster.runtime import ensure_ray
 from slidestream.pipelines.features import BagMeta, bag_table, write_bag
 from slidestream.trainers.gigassl.probe import run_probe
@@ -120,6 +121,7 @@ def few_labels(args: argparse.Namespace) -> None:
                 "gigassl.workers=0", f"gigassl.epochs={epochs}", f"gigassl.batch_size={args.batch}",
                 "gigassl.warmup_epochs=2", "gigassl.init_weights=random", f"gigassl.lr={args.lr}",
                 f"gigassl.seed={seed}", f"gigassl.export_chunks={args.export_chunks}",
+                f"gigassl.export_bn={args.export_bn}",
             ]  # fmt: skip
             started = time.perf_counter()
             summary = GigaSSLRun(f"few-e{epochs}-s{seed}", cohort.out, views, load_config(None, settings),
@@ -140,8 +142,9 @@ def few_labels(args: argparse.Namespace) -> None:
                   flush=True)  # fmt: skip
     columns = [str(s) for s in sizes] + ["full"]
     print(f"\nProbe AUC, {args.few_labels} hard slides (cohort seed {args.cohort_seed}), views {args.views}, "
-          f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}; {args.repeats} patient-level splits "
-          f"(test {args.test_frac}) per seed; mean ± std over seeds {args.seeds}; loss first → last epoch "
+          f"{args.epochs} epochs, batch {args.batch}, lr {args.lr}, export_bn {args.export_bn}; "
+          f"{args.repeats} patient-level splits (test {args.test_frac}) per seed; "
+          f"mean ± std over seeds {args.seeds}; loss first → last epoch "
           + ", ".join(f"{a:.2f} → {b:.2f}" for a, b in losses))  # fmt: skip
     print("| representation | " + " | ".join(f"{c} training slides" if c != "full" else "full training part"
                                             for c in columns) + " |")  # fmt: skip
@@ -189,6 +192,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="20,50", help="--few-labels: training slides of the probe")
     parser.add_argument("--lr", type=float, default=1e-3, help="--few-labels: gigassl.lr")
     parser.add_argument("--export-chunks", type=int, default=32)
+    parser.add_argument("--export-bn", choices=get_args(ExportBN), default="running",
+                        help="--few-labels: gigassl.export_bn of both networks")  # fmt: skip
     parser.add_argument("--test-frac", type=float, default=0.25, help="--few-labels: probe test share")
     parser.add_argument("--work", help="--few-labels: work directory (kept; default a new temporary one)")
     args = parser.parse_args()

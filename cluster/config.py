@@ -18,6 +18,7 @@ from slidestream.cluster.recipes import Recipe, recipe_values
 
 DEFAULT_CONFIG_NAME = "ray_config.yaml"
 LabelledSlides = Literal["stratified", "foreground"]  # cdma.labelled_slides
+ExportBN = Literal["recalibrate", "running"]  # gigassl.export_bn
 
 
 class ConfigError(SlidestreamError, ValueError):
@@ -267,7 +268,7 @@ class GigaSSLConfig(WorkerResources):
     proj_dim: int = Field(default=256, ge=1)  # projection size (the loss's space)
     export_chunks: int = Field(default=32, ge=1)  # chunks of T tiles averaged per slide at export
     # BatchNorm at export: training's running statistics (official), or recomputed over the exported slides
-    export_bn: Literal["recalibrate", "running"] = "running"
+    export_bn: ExportBN = "running"
     seed: int = 0
     cache_mb: int = Field(default=2048, ge=0)  # view bags kept in memory per worker
 

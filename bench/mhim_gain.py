@@ -10,7 +10,10 @@ the same test part. Printed: test AUC and accuracy, mean ± std over (seed, fold
 baseline difference paired by part.
 
     python bench/mhim_gain.py [--work DIR] [--slides 60] [--seeds 0 1 2 3 4] [--folds 3]
-                              [--models abmil transmil] [--epochs 50]
+                              [--models abmil transmil] [--epochs 50] [--parallel-folds 1]
+
+Each part trains on one thread; `--parallel-folds N` runs N parts at once as Ray tasks (a resource
+setting: the results do not change, and a rerun resumes the parts that finished).
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=["abmil", "transmil"])
     parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--parallel-folds", type=int, default=1, help="parts trained at once")
     args = parser.parse_args()
     logging.getLogger("ray").setLevel(logging.ERROR)
     os.environ.setdefault("SLIDESTREAM_PROGRESS", "0")
@@ -65,7 +69,7 @@ def main() -> None:
     table = []
     for model in args.models:
         config = make_config(
-            "train.workers=0", "train.parallel_folds=1", f"train.folds={args.folds}",
+            "train.workers=0", f"train.parallel_folds={args.parallel_folds}", f"train.folds={args.folds}",
             f"train.seeds=[{seeds}]", f"train.epochs={args.epochs}", f"train.model={model}",
         )  # fmt: skip
         started = time.perf_counter()

@@ -34,7 +34,6 @@ from slidestream.trainers.gigassl.probe_scale import SCALES
 from slidestream.trainers.metrics import classification_metrics
 
 __all__ = [
-    "SCALES",
     "ProbeReport",
     "format_probe",
     "mean_pooled",

@@ -13,7 +13,8 @@ baseline difference paired by part.
                               [--models abmil transmil] [--epochs 50] [--parallel-folds 1]
 
 Each part trains on one thread; `--parallel-folds N` runs N parts at once as Ray tasks (a resource
-setting: the results do not change, and a rerun resumes the parts that finished).
+setting: the results do not change, and a rerun resumes the parts that finished). A rerun may add
+seeds (`--seeds 0 1 2` then `--seeds 0 1 2 3 4`): only the new seeds' parts train.
 """
 
 from __future__ import annotations

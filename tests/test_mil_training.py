@@ -384,6 +384,37 @@ def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(
     assert (run / "metrics.json").stat().st_mtime_ns == metrics_mtime
 
 
+@pytest.mark.timeout(300)
+def test_rerun_with_more_seeds_keeps_the_finished_splits_and_trains_the_new_ones(
+    ray_local, small_bags, tmp_path
+):
+    features, labels = small_bags
+    settings_ = ("train.workers=0", "train.folds=2", "train.epochs=3", "train.min_epochs=3")
+    run_training("mil", "seeds", str(tmp_path), features, labels, make_config(*settings_, "train.seeds=[0]"))
+    jobs = tmp_path / "runs" / "seeds" / "jobs"
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/result.json")}
+    assert sorted(finished) == ["mil-s0-f0", "mil-s0-f1"]
+
+    summary = run_training(
+        "mil", "seeds", str(tmp_path), features, labels, make_config(*settings_, "train.seeds=[0,1]")
+    )
+    assert {name: (jobs / name / "result.json").stat().st_mtime_ns for name in finished} == finished
+    assert [(r["seed"], r["fold"]) for r in summary.metrics["folds"]] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    saved = json.loads((tmp_path / "runs" / "seeds" / "run.json").read_text())
+    assert saved["train"]["seeds"] == [0, 1] and len(saved["splits"]) == 4
+
+    # Dropping a seed, or adding one along with another change, is still refused.
+    with pytest.raises(TrainDataError, match=r"different splits, train\.seeds"):
+        run_training(
+            "mil", "seeds", str(tmp_path), features, labels, make_config(*settings_, "train.seeds=[1]")
+        )
+    with pytest.raises(TrainDataError, match=r"different splits, train\.epochs \(3 → 4\), train\.seeds"):
+        run_training(
+            "mil", "seeds", str(tmp_path), features, labels,
+            make_config(*settings_, "train.seeds=[0,1,2]", "train.epochs=4"),
+        )  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_worker_is_restarted_and_the_run_finishes(ray_local, clear_bags, tmp_path):

@@ -21,20 +21,44 @@ class TrainingError(RuntimeError):
     """A run that could not finish (some folds failed); the message names the folds and why."""
 
 
-def write_or_check_plan(run_dir: str, name: str, plan: dict[str, Any], config: Config) -> bool:
+def write_or_check_plan(
+    run_dir: str, name: str, plan: dict[str, Any], config: Config, may_add_seeds: bool = False
+) -> bool:
     """A new run saves its plan (`run.json`) and `config.yaml`; a rerun must have the same plan, else it
-    is refused naming the settings that differ. True for a rerun (a resume)."""
+    is refused naming the settings that differ. True for a rerun (a resume). With `may_add_seeds` (a run
+    of independent per-seed splits) a rerun may also list more seeds: the plan is saved again and the
+    finished splits are kept."""
     uri = join(run_dir, RUN_FILE)
     if not exists(uri):
-        write_bytes_atomic(uri, json.dumps(plan, indent=1).encode())
-        write_bytes_atomic(join(run_dir, "config.yaml"), config.to_yaml().encode())
+        _write_plan(run_dir, plan, config)
         return False
-    if changed := changed_settings(json.loads(read_bytes(uri)), plan):
+    saved = json.loads(read_bytes(uri))
+    if may_add_seeds and adds_seeds_only(saved, plan):
+        _write_plan(run_dir, plan, config)
+        return True
+    if changed := changed_settings(saved, plan):
         raise TrainDataError(
             f"run {name!r} already exists in {run_dir} with different "
             f"{', '.join(changed)}; rerun with the same settings to resume, or choose a new --name"
         )
     return True
+
+
+def _write_plan(run_dir: str, plan: dict[str, Any], config: Config) -> None:
+    write_bytes_atomic(join(run_dir, RUN_FILE), json.dumps(plan, indent=1).encode())
+    write_bytes_atomic(join(run_dir, "config.yaml"), config.to_yaml().encode())
+
+
+def adds_seeds_only(saved: dict[str, Any], plan: dict[str, Any]) -> bool:
+    """True when `plan` is `saved` with seeds added: every saved seed and split is still there, unchanged,
+    and nothing else differs."""
+    old_seeds, new_seeds = saved["train"]["seeds"], plan["train"]["seeds"]
+    if not set(old_seeds) < set(new_seeds):
+        return False
+    same_seeds = {**saved, "train": {**saved["train"], "seeds": new_seeds}}
+    if changed_settings(same_seeds, plan) != ["splits"]:
+        return False
+    return all(split in plan["splits"] for split in saved["splits"])
 
 
 def changed_settings(saved: dict[str, Any], plan: dict[str, Any], prefix: str = "") -> list[str]:

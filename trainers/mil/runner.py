@@ -131,7 +131,7 @@ class Run:
         }
 
     def _write_or_check_plan(self) -> None:
-        if write_or_check_plan(self.run_dir, self.name, self.plan(), self.config):
+        if write_or_check_plan(self.run_dir, self.name, self.plan(), self.config, may_add_seeds=True):
             log.info("run %s exists: resuming (finished folds are kept)", self.name)
 
     def _teacher_weights(self, split: FoldSplit) -> tuple[str | None, list[str]]:

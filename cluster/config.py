@@ -159,6 +159,8 @@ class TrainConfig(WorkerResources):
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # per epoch: cosine to 0 over `epochs`, or constant
     weight_decay: float = Field(default=1e-5, ge=0)
     grad_clip: float | None = Field(default=None, gt=0)  # gradient-norm clip per step (null: none)
+    # each training step sees its bag's instances in a new random order (off in the papers' code)
+    shuffle_instances: bool = False
     # early_stop: the best epoch by `monitor` (stopping after `patience`); fixed_epochs: train `epochs`, keep
     # the last (the papers' protocol; the validation part then only sets the decision threshold)
     selection: Literal["early_stop", "fixed_epochs"] = "early_stop"

@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slidestream.testing.bags import write_bags
+from slidestream.testing.bags import write_bags, write_order_bags
 from slidestream.testing.helpers import make_config, session_driver_env
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.mil.loop import MHIMStep
@@ -47,8 +47,8 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _history_epochs(result: Path) -> list[int]:
-    return [row["epoch"] for row in json.loads(result.read_text())["history"]]
+def _history(result: Path, key: str = "epoch") -> list:
+    return [row[key] for row in json.loads(result.read_text())["history"]]
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +231,24 @@ def test_mhim_without_masking_or_consistency_trains_exactly_like_the_baseline(
     assert fold_of[0] != fold_of[1], "another seed reshuffles the folds"
 
 
+def test_shuffled_instances_hide_the_bag_order_from_training(ray_local, tmp_path):
+    """TransMIL reads the instances' order (PPEG and the attention's residual convolution run over the
+    stored sequence). On bags whose label lies only in that order it fits the label at once; with
+    `train.shuffle_instances` every step sees a new order, so the training loss stays at chance or above."""
+    labels = write_order_bags(str(tmp_path / "bags"))
+    features, out = str(tmp_path / "bags" / "features"), str(tmp_path)
+    common = (*FAST, "train.model=transmil", "train.epochs=2", "train.min_epochs=1")
+    stored = run_training("mil", "stored", out, features, labels, make_config(*common))
+    shuffled = make_config(*common, "train.shuffle_instances=true")
+    run_training("mil", "shuffled", out, features, labels, shuffled)
+    assert [part["auc"] for part in stored.metrics["folds"]] == [1.0, 1.0]
+    for fold in (0, 1):
+        stored_loss = _history(tmp_path / f"runs/stored/jobs/mil-s0-f{fold}/result.json", "train_loss")
+        shuffled_loss = _history(tmp_path / f"runs/shuffled/jobs/mil-s0-f{fold}/result.json", "train_loss")
+        assert stored_loss[-1] < 0.1, stored_loss
+        assert min(shuffled_loss) > 0.6, shuffled_loss  # chance is ln 2 = 0.69
+
+
 def _our_train_workers() -> list[psutil.Process]:
     """Ray Train worker processes of this session's Ray instance (descendants of this test process; other
     Ray instances may be running on the machine)."""
@@ -364,7 +382,7 @@ def test_killed_run_resumes_finished_folds_kept_unfinished_from_checkpoint(
 
     summary = run_training("mil", "resumable", str(tmp_path), features, labels, make_config(*settings_))
     assert done0.stat().st_mtime_ns == finished_mtime, "a finished fold was trained again"
-    assert _history_epochs(done0) == list(range(epochs))
+    assert _history(done0) == list(range(epochs))
     history = json.loads((run / "jobs" / "mil-s0-f1" / "result.json").read_text())["history"]
     assert [row["epoch"] for row in history] == list(range(epochs)), "every epoch exactly once, in order"
     restored = [row["epoch"] for row in history if row.get("from_checkpoint")]
@@ -459,7 +477,7 @@ def test_killed_worker_is_restarted_and_the_run_finishes(ray_local, clear_bags, 
     assert killed, "a worker must have been killed during training"
     assert len(seen) >= 3, f"a replacement worker was started (saw worker pids {sorted(seen)})"
     result = tmp_path / "runs" / "faulty" / "jobs" / "mil-s0-f0" / "result.json"
-    assert _history_epochs(result) == list(range(epochs)), "every epoch exactly once after the restart"
+    assert _history(result) == list(range(epochs)), "every epoch exactly once after the restart"
     assert [r["fold"] for r in summary.metrics["folds"]] == [0]
     assert summary.metrics["folds"][0]["epochs_run"] == epochs
     assert (tmp_path / "runs" / "faulty" / "metrics.json").exists()

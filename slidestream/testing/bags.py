@@ -24,9 +24,7 @@ def write_bags(
     rng = np.random.default_rng(seed)
     directions = rng.normal(size=(len(classes), dim))
     directions /= np.linalg.norm(directions, axis=1, keepdims=True)
-    meta = BagMeta(encoder="synthetic", dim=dim, mpp=0.5, tile_px=256, code_version="test")
-    features_dir = os.path.join(root, "features")
-    rows = ["slide_id,label" + (",patient_id" if patients else "")]
+    bags, labels = [], []
     for i in range(n_slides):
         label = i % len(classes)
         n = int(rng.integers(n_instances[0], n_instances[1] + 1))
@@ -34,6 +32,39 @@ def write_bags(
         if label > 0:
             k = max(1, round(witness_frac * n))
             features[rng.choice(n, size=k, replace=False)] += 3.0 * directions[label]
+        bags.append(features)
+        labels.append(classes[label])
+    return _write_bag_dir(root, bags, labels, patients)
+
+
+def write_order_bags(
+    root: str, n_slides: int = 32, dim: int = 8, n_instances: int = 16, seed: int = 0
+) -> str:
+    """Bags whose label lies ONLY in the instances' order: every bag holds a ramp of instances along one
+    direction (plus noise), stored ascending in "tumor" bags and descending in "normal" ones, so the set
+    of instances says nothing of the class. Returns the labels CSV path."""
+    rng = np.random.default_rng(seed)
+    direction = rng.normal(size=dim)
+    direction /= np.linalg.norm(direction)
+    ramp = np.linspace(-2.0, 2.0, n_instances)
+    bags, labels = [], []
+    for i in range(n_slides):
+        tumor = i % 2 == 1
+        position = ramp if tumor else ramp[::-1]
+        noise = rng.normal(scale=0.5, size=(n_instances, dim))
+        bags.append((noise + position[:, None] * direction).astype(np.float32))
+        labels.append("tumor" if tumor else "normal")
+    return _write_bag_dir(root, bags, labels)
+
+
+def _write_bag_dir(root: str, bags: list[np.ndarray], labels: list[str], patients: bool = False) -> str:
+    """`root/features/slide-NNN.parquet` (instances on a row-major grid, in the given order) and
+    `root/labels.csv` (two slides per patient with `patients`); returns the labels CSV path."""
+    meta = BagMeta(encoder="synthetic", dim=bags[0].shape[1], mpp=0.5, tile_px=256, code_version="test")
+    features_dir = os.path.join(root, "features")
+    rows = ["slide_id,label" + (",patient_id" if patients else "")]
+    for i, (features, label) in enumerate(zip(bags, labels, strict=True)):
+        n = len(features)
         side = int(np.ceil(np.sqrt(n)))
         x = (np.arange(n) % side) * 256
         y = (np.arange(n) // side) * 256
@@ -42,8 +73,8 @@ def write_bags(
             os.path.join(features_dir, f"{slide_id}.parquet"),
             bag_table(x, y, features, meta, dtype="float32"),
         )
-        rows.append(f"{slide_id},{classes[label]}" + (f",patient-{i // 2:03d}" if patients else ""))
-    labels = os.path.join(root, "labels.csv")
-    with open(labels, "w") as handle:
+        rows.append(f"{slide_id},{label}" + (f",patient-{i // 2:03d}" if patients else ""))
+    labels_path = os.path.join(root, "labels.csv")
+    with open(labels_path, "w") as handle:
         handle.write("\n".join(rows) + "\n")
-    return labels
+    return labels_path

@@ -295,12 +295,14 @@ def train_fold(config: dict[str, Any]) -> None:
         log.info("%s: resumed after epoch %d", job.name, saved["epoch"] + 1)
 
     gen = torch.Generator().manual_seed(job.seed * 1000 + rank)
+    order_gen = torch.Generator()
     torch.manual_seed(job.seed * 1000 + rank + 1)
     stopped = start > 0 and stopper.should_stop(start - 1)
     for epoch in range(start, cfg["epochs"]):
         if stopped:
             break
         gen.manual_seed(job.seed * 1000 + rank + 7919 * epoch)  # a resumed epoch draws the same masks
+        order_gen.manual_seed(job.seed * 1000 + rank + 7919 * epoch + 2)  # its own stream: masks unchanged
         torch.manual_seed(job.seed * 1000 + rank + 7919 * epoch + 1)
         started = time.perf_counter()
         model.train()
@@ -308,6 +310,8 @@ def train_fold(config: dict[str, Any]) -> None:
         for i, slide_id in enumerate(shard_with_padding(job.train_ids, job.seed, epoch, rank, world)):
             step = epoch * steps_per_epoch + i
             x = cache.features(slide_id, device)
+            if cfg.get("shuffle_instances"):  # absent from the jobs of runs saved before the setting
+                x = x[torch.randperm(x.shape[0], generator=order_gen).to(device)]
             y = torch.tensor([job.targets[slide_id]], device=device)
             with bf16_autocast(device):
                 loss = mhim.loss(model, x, y, step, gen) if mhim else model.loss(model(x), y)

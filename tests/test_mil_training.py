@@ -433,6 +433,28 @@ def test_rerun_with_more_seeds_keeps_the_finished_splits_and_trains_the_new_ones
         )  # fmt: skip
 
 
+def test_run_saved_before_a_new_setting_resumes_at_its_default_and_refuses_another_value(
+    ray_local, small_bags, tmp_path
+):
+    features, labels = small_bags
+    settings_ = ("train.workers=0", "train.folds=2", "train.epochs=1", "train.min_epochs=1")
+    run_training("mil", "older", str(tmp_path), features, labels, make_config(*settings_))
+    plan = tmp_path / "runs" / "older" / "run.json"
+    saved = json.loads(plan.read_text())
+    del saved["train"]["shuffle_instances"]  # as a version without the setting wrote it
+    plan.write_text(json.dumps(saved))
+    jobs = tmp_path / "runs" / "older" / "jobs"
+    finished = {p.parent.name: p.stat().st_mtime_ns for p in jobs.glob("*/result.json")}
+
+    run_training("mil", "older", str(tmp_path), features, labels, make_config(*settings_))
+    assert {name: (jobs / name / "result.json").stat().st_mtime_ns for name in finished} == finished
+    with pytest.raises(TrainDataError, match=r"different train\.shuffle_instances \(False → True\)"):
+        run_training(
+            "mil", "older", str(tmp_path), features, labels,
+            make_config(*settings_, "train.shuffle_instances=true"),
+        )  # fmt: skip
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_killed_worker_is_restarted_and_the_run_finishes(ray_local, clear_bags, tmp_path):

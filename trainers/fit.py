@@ -32,7 +32,7 @@ def write_or_check_plan(
     if not exists(uri):
         _write_plan(run_dir, plan, config)
         return False
-    saved = json.loads(read_bytes(uri))
+    saved = with_new_settings(json.loads(read_bytes(uri)), plan, Config().model_dump(mode="json"))
     if may_add_seeds and adds_seeds_only(saved, plan):
         _write_plan(run_dir, plan, config)
         return True
@@ -47,6 +47,24 @@ def write_or_check_plan(
 def _write_plan(run_dir: str, plan: dict[str, Any], config: Config) -> None:
     write_bytes_atomic(join(run_dir, RUN_FILE), json.dumps(plan, indent=1).encode())
     write_bytes_atomic(join(run_dir, "config.yaml"), config.to_yaml().encode())
+
+
+def with_new_settings(
+    saved: dict[str, Any], plan: dict[str, Any], defaults: dict[str, Any]
+) -> dict[str, Any]:
+    """`saved` with the settings that `plan` has and `saved` lacks (config settings added since the run was
+    saved) filled in at their defaults: a new setting's default keeps the old behaviour, so an upgrade
+    alone never refuses a resume. `defaults` is the config's default dump (plan sections are named by it)."""
+    filled = dict(saved)
+    for key, new in plan.items():
+        if key not in defaults:
+            continue
+        default, old = defaults[key], saved.get(key)
+        if key not in saved:
+            filled[key] = default
+        elif isinstance(old, dict) and isinstance(new, dict) and isinstance(default, dict):
+            filled[key] = with_new_settings(old, new, default)
+    return filled
 
 
 def adds_seeds_only(saved: dict[str, Any], plan: dict[str, Any]) -> bool:

@@ -310,7 +310,7 @@ def train_fold(config: dict[str, Any]) -> None:
         for i, slide_id in enumerate(shard_with_padding(job.train_ids, job.seed, epoch, rank, world)):
             step = epoch * steps_per_epoch + i
             x = cache.features(slide_id, device)
-            if cfg.get("shuffle_instances"):  # absent from the jobs of runs saved before the setting
+            if cfg["shuffle_instances"]:
                 x = x[torch.randperm(x.shape[0], generator=order_gen).to(device)]
             y = torch.tensor([job.targets[slide_id]], device=device)
             with bf16_autocast(device):

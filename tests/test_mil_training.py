@@ -466,7 +466,7 @@ def test_killed_worker_is_restarted_and_the_run_finishes(ray_local, clear_bags, 
         "slide_id,label,split\n"
         + "".join(f"{sid},{label},{part}\n" for (sid, label), part in zip(rows, parts, strict=True))
     )
-    epochs = 8
+    epochs = 24  # long enough that the killer sees both workers and a checkpoint on a loaded 2-core machine
     config = make_config(
         "train.workers=2",
         "train.cpus_per_worker=0.5",
@@ -479,10 +479,11 @@ def test_killed_worker_is_restarted_and_the_run_finishes(ray_local, clear_bags, 
     killed: list[int] = []
     seen: set[int] = set()
     stop = threading.Event()
+    earlier_tests = {p.pid for p in _our_train_workers()}  # may still be exiting; not this run's
 
     def kill_one_worker() -> None:
         while not stop.is_set():
-            workers = _our_train_workers()
+            workers = [p for p in _our_train_workers() if p.pid not in earlier_tests]
             seen.update(p.pid for p in workers)
             if not killed and len(workers) == 2 and (ray_dir / "checkpoint_manager_snapshot.json").exists():
                 workers[-1].send_signal(signal.SIGKILL)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from slidestream.pipelines.features import BagMeta, FeatureBags, bag_table, write_bag
-from slidestream.testing.bags import write_bags
+from slidestream.testing.bags import with_split, write_bags
 from slidestream.testing.helpers import make_config
 from slidestream.trainers.data import BagCache, LabelledBags
 from slidestream.trainers.mil.loop import FoldJob, evaluate
@@ -102,10 +102,7 @@ def test_epoch_and_threshold_selection_never_look_at_the_test_part(ray_local, ba
     features, labels = bags
     rows = [line.split(",")[:2] for line in Path(labels).read_text().split()[1:]]
     parts = ["train"] * 14 + ["val"] * 4 + ["test"] * 6  # one fixed split (labels alternate by slide)
-    split_labels = tmp_path / "split.csv"
-    split_labels.write_text(
-        "slide_id,label,split\n" + "".join(f"{s},{y},{p}\n" for (s, y), p in zip(rows, parts, strict=True))
-    )
+    split_labels = with_split(labels, str(tmp_path / "split.csv"), parts)
     other = tmp_path / "other"  # the same bags, but every test bag replaced by loud noise
     other.mkdir()
     for (slide_id, _), part in zip(rows, parts, strict=True):
@@ -116,7 +113,7 @@ def test_epoch_and_threshold_selection_never_look_at_the_test_part(ray_local, ba
             target.write_bytes((Path(features) / f"{slide_id}.parquet").read_bytes())
     config = make_config(*FAST, "train.epochs=6", "train.min_epochs=2", "train.patience=2")
     for name, source in (("clean", features), ("noisy", str(other))):
-        run_training("mil", name, str(tmp_path), source, str(split_labels), config)
+        run_training("mil", name, str(tmp_path), source, split_labels, config)
     clean, noisy = (_result(tmp_path / "runs" / n, "mil-s0-f0") for n in ("clean", "noisy"))
     drop = ("epoch_s",)
     assert [{k: v for k, v in r.items() if k not in drop} for r in clean["history"]] == [

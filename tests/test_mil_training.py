@@ -24,7 +24,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from slidestream.testing.bags import write_bags, write_order_bags
+from slidestream.testing.bags import with_split, write_bags, write_order_bags
 from slidestream.testing.helpers import make_config, session_driver_env
 from slidestream.trainers.data import TrainDataError
 from slidestream.trainers.mil.loop import MHIMStep
@@ -231,20 +231,14 @@ def test_mhim_without_masking_or_consistency_trains_exactly_like_the_baseline(
     assert fold_of[0] != fold_of[1], "another seed reshuffles the folds"
 
 
-def _fixed_split(labels: str, target: Path) -> str:
-    """The 32 bags' labels with a `split` column (20 train, 6 val, 6 test): one training job per run."""
-    rows = Path(labels).read_text().split()
-    parts = ["train"] * 20 + ["val"] * 6 + ["test"] * 6
-    body = "".join(f"{row},{part}\n" for row, part in zip(rows[1:], parts, strict=True))
-    target.write_text(f"{rows[0]},split\n{body}")
-    return str(target)
+FIXED_SPLIT = ["train"] * 20 + ["val"] * 6 + ["test"] * 6  # for 32 bags: one training job per run
 
 
 def test_shuffled_instances_hide_the_bag_order_from_training(ray_local, tmp_path):
     """TransMIL reads the instances' order (PPEG and the attention's residual convolution run over the
     stored sequence). On bags whose label lies only in that order it fits the label at once; with
     `train.shuffle_instances` every step sees a new order, so the training loss stays at chance or above."""
-    labels = _fixed_split(write_order_bags(str(tmp_path / "bags")), tmp_path / "split.csv")
+    labels = with_split(write_order_bags(str(tmp_path / "bags")), str(tmp_path / "split.csv"), FIXED_SPLIT)
     features, out = str(tmp_path / "bags" / "features"), str(tmp_path)
     common = (*FAST, "train.model=transmil", "train.epochs=2", "train.min_epochs=1")
     stored = run_training("mil", "stored", out, features, labels, make_config(*common))
@@ -467,7 +461,7 @@ def test_run_saved_before_a_new_setting_resumes_at_its_default_and_refuses_anoth
 @pytest.mark.timeout(300)
 def test_killed_worker_is_restarted_and_the_run_finishes(ray_local, clear_bags, tmp_path):
     features, labels = clear_bags
-    split_labels = _fixed_split(labels, tmp_path / "split.csv")
+    split_labels = with_split(labels, str(tmp_path / "split.csv"), FIXED_SPLIT)
     epochs = 24  # long enough that the killer sees both workers and a checkpoint on a loaded 2-core machine
     config = make_config(
         "train.workers=2",

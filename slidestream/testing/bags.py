@@ -57,6 +57,17 @@ def write_order_bags(
     return _write_bag_dir(root, bags, labels)
 
 
+def with_split(labels: str, target: str, parts: list[str]) -> str:
+    """A copy of a bag directory's labels (slide_id, label) with a fixed `split` column, `parts` in slide
+    order (train / val / test): one training job per run instead of cross-validation folds."""
+    with open(labels) as handle:
+        rows = [",".join(line.split(",")[:2]) for line in handle.read().split()[1:]]
+    body = "".join(f"{row},{part}\n" for row, part in zip(rows, parts, strict=True))
+    with open(target, "w") as handle:
+        handle.write(f"slide_id,label,split\n{body}")
+    return target
+
+
 def _write_bag_dir(root: str, bags: list[np.ndarray], labels: list[str], patients: bool = False) -> str:
     """`root/features/slide-NNN.parquet` (instances on a row-major grid, in the given order) and
     `root/labels.csv` (two slides per patient with `patients`); returns the labels CSV path."""

@@ -148,6 +148,26 @@ def test_encoder_batchnorm_follows_the_weights(tmp_path) -> None:
     assert not torch.equal(norms(random)[0].running_mean, torch.zeros_like(norms(random)[0].running_mean))
 
 
+@pytest.mark.parametrize("kind", ["frozen", "train"])
+def test_unlabelled_tiles_change_the_labelled_outputs_only_through_trained_batchnorm(kind: str) -> None:
+    """Why the training loop leaves the unlabelled half out before the unsupervised terms start when the
+    encoder's BatchNorm is frozen: every other layer works per image, so the labelled images' training
+    outputs are the same with or without unlabelled images in the batch (dropout held still to compare)."""
+    torch.manual_seed(0)
+    model = build_mtnet(2, "light", encoder_bn=kind).train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    labelled, unlabelled = torch.randn(3, 3, 64, 64), torch.randn(5, 3, 64, 64) * 2 + 1
+    with torch.no_grad():
+        alone = model(labelled)
+        batched = model(torch.cat([labelled, unlabelled]))
+    same = all(torch.allclose(a, b[:3], atol=1e-5) for a, b in zip(alone, batched, strict=True))
+    assert same == (kind == "frozen")
+    assert CDMALoss(start_epoch=5).uses_unlabelled(5) and not CDMALoss(start_epoch=5).uses_unlabelled(4)
+    assert not CDMALoss(start_epoch=5, semi_supervised=False).uses_unlabelled(9)
+
+
 def test_inference_returns_decoder_one() -> None:
     torch.manual_seed(0)
     model = build_mtnet(3, "light").eval()

@@ -92,12 +92,16 @@ class CDMALoss:
     temperature: float = 10.0
     semi_supervised: bool = True  # False: the supervised-only comparison (no unsupervised terms at all)
 
+    def uses_unlabelled(self, epoch: int) -> bool:
+        """Whether the unsupervised terms, the only ones that read the unlabelled images, count at `epoch`."""
+        return self.semi_supervised and epoch >= self.start_epoch
+
     def __call__(
         self, logits: Sequence[Tensor], target: Tensor, n_labelled: int, epoch: int
     ) -> tuple[Tensor, dict[str, float]]:
         sup = supervised_loss([z[:n_labelled] for z in logits], target[:n_labelled])
         parts = {"sup": float(sup.detach())}
-        if not self.semi_supervised or epoch < self.start_epoch:
+        if not self.uses_unlabelled(epoch):
             return sup, parts
         kd = cross_decoder_distillation(logits, self.temperature)
         ent = mean_entropy(logits)

@@ -47,9 +47,9 @@ SETTINGS = (
 )
 EASY = ("cdma.weights=random", "cdma.epochs=10", "cdma.unsup_start_epoch=6", "cdma.steps_per_epoch=8")
 # the pretrained encoder keeps its BatchNorm statistics (`auto` → frozen) at a fifth of the official rate
-# (at 1e-3 the decoders often fall into predicting no tumour); tumour slides labelled first, one site each
-# in the test's own process (`cdma.workers=0`): the same Dice, epoch for epoch, as one Ray Train worker with
-# both CPUs, in 112 s of training instead of 147 s; the easy cohort's test trains on Ray Train
+# (at 1e-3 the decoders often fall into predicting no tumour); tumour slides labelled first, one site each.
+# It trains in the test's own process (`cdma.workers=0`): the same Dice, epoch for epoch, as one Ray Train
+# worker with both CPUs, in 112 s of training instead of 147 s (the easy cohort's test trains on Ray Train)
 HARD = ("cdma.epochs=10", "cdma.unsup_start_epoch=5", "cdma.milestones=[7]", "cdma.steps_per_epoch=40",
         "cdma.lr=2e-4", "cdma.labelled_slides=foreground", "cdma.workers=0")  # fmt: skip
 # the light MTNet's encoder, pretrained like the session's `resnet10t_64` (tests/conftest.py)

@@ -211,8 +211,7 @@ def train_cdma(config: dict[str, Any]) -> None:
     )
     val = load_tiles(job.out, tiling, job.val, annotations, cfg.min_tissue_frac) if job.val else None
     torch.manual_seed(cfg.seed)
-    bn_kind = encoder_bn(cfg)
-    model = build_mtnet(n_classes, cfg.network, encoder_weights(cfg), bn_kind).to(device)
+    model = build_mtnet(n_classes, cfg.network, encoder_weights(cfg), encoder_bn(cfg)).to(device)
     optimizer = make_optimizer(model, cfg)
     loss_fn = CDMALoss(
         cfg.kd_weight, cfg.entropy_weight, cfg.unsup_start_epoch, cfg.temperature, job.semi_supervised
@@ -234,9 +233,9 @@ def train_cdma(config: dict[str, Any]) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * world + rank)
         sums: dict[str, float] = {}
         batches = half_batches(len(labelled), n_unl, half, steps, cfg.seed, epoch, rank, world)
-        # Before the unsupervised terms count, unlabelled tiles reach the loss only through the encoder's
-        # BatchNorm batch statistics; with that BatchNorm frozen, forwarding them would change nothing.
-        forwarded = unlabelled if loss_fn.uses_unlabelled(epoch) or bn_kind == "train" else None
+        # Before the unsupervised terms count, unlabelled tiles reach the loss only through BatchNorm
+        # batch statistics; in a network without them, forwarding those tiles would change nothing.
+        forwarded = unlabelled if loss_fn.uses_unlabelled(epoch) or model.mixes_images() else None
         for lab_idx, unl_idx in batches:
             x, y = training_batch(
                 labelled, forwarded, lab_idx, unl_idx, gen, cfg.noise_std, cfg.noise_p, device

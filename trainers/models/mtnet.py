@@ -252,6 +252,13 @@ class MTNet(nn.Module):
             return self.decoders[0](high, low, size)
         return tuple(decoder(high, low, size) for decoder in self.decoders)  # type: ignore[return-value]
 
+    def mixes_images(self) -> bool:
+        """Whether a training forward couples the images of a batch: only BatchNorm that normalises with
+        batch statistics does (every other layer here works per image)."""
+        return any(
+            isinstance(m, nn.BatchNorm2d) and not isinstance(m, FrozenBatchNorm2d) for m in self.modules()
+        )
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by learning-rate group: pretrained (encoder) or new, weights or biases."""
         groups: dict[str, list[nn.Parameter]] = {

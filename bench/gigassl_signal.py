@@ -24,6 +24,9 @@ compare pretrained `resnet10t_64` weights files: the same N hard slides' specs (
 tumour cover), 100 tissue tiles per slide drawn from the generator (`sample_tiles`, 64 px at 2 µm/px), and
 per slide 8 augmentations × 32 of them (with replacement, one `draw_params` per augmentation, generator
 seeded with `--seed`), each embedded by every weights file given ("random" for random weights).
+`--ablate` (with `--in-memory`): the views again with only some of the augmentations kept (each at its
+official probability and range; the same parameter draws and tiles in every row), to see which one erases
+slide identity.
 """
 
 from __future__ import annotations
@@ -31,12 +34,55 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from slidestream.pipelines.features import Bag, FeatureBags
+from slidestream.pipelines.gigassl_views import ViewParams
+
+_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+_NO_JITTER = (1.0, 1.0, 1.0, 0.0)  # the factors and hue shift that leave a tile as it is
+
+
+def keep_only(
+    params: ViewParams,
+    crop: bool = False,
+    jitter: tuple[int, ...] = (),
+    grey: bool = False,
+    blur: bool = False,
+) -> ViewParams:
+    """`params` with only the named augmentations left (`jitter`: the colour jitter factors kept)."""
+    colour = None
+    if params.jitter is not None and jitter:
+        b, c, s, h = (v if i in jitter else _NO_JITTER[i] for i, v in enumerate(params.jitter))
+        colour = (b, c, s, h)
+    return replace(
+        params,
+        crop=params.crop if crop else (0.0, 0.0, 1.0, 1.0),
+        jitter=colour,
+        grayscale=grey and params.grayscale,
+        blur_sigma=params.blur_sigma if blur else None,
+    )
+
+
+_JITTER = (_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE)
+ABLATIONS: dict[str, Callable[[ViewParams], ViewParams]] = {
+    "none": keep_only,
+    "crop": lambda p: keep_only(p, crop=True),
+    "brightness": lambda p: keep_only(p, jitter=(_BRIGHTNESS,)),
+    "contrast": lambda p: keep_only(p, jitter=(_CONTRAST,)),
+    "saturation": lambda p: keep_only(p, jitter=(_SATURATION,)),
+    "hue": lambda p: keep_only(p, jitter=(_HUE,)),
+    "colour jitter": lambda p: keep_only(p, jitter=_JITTER),
+    "grey": lambda p: keep_only(p, grey=True),
+    "blur": lambda p: keep_only(p, blur=True),
+    "all but colour jitter": lambda p: keep_only(p, crop=True, grey=True, blur=True),
+    "all (official)": lambda p: p,
+}
 
 
 def _mean_view(
@@ -88,6 +134,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--contrastive", type=float, help="--cohort: the encoder's NT-Xent weight")
     parser.add_argument("--in-memory", nargs="+", metavar="WEIGHTS", help="--cohort: views made in memory")
+    parser.add_argument("--ablate", action="store_true", help="--in-memory: one row per augmentation kept")
     args = parser.parse_args()
     sizes = [int(t) for t in args.tiles.split(",")]
     if bool(args.bags) == bool(args.cohort):
@@ -95,8 +142,13 @@ def main() -> None:
     if args.in_memory:
         if not args.cohort:
             parser.error("--in-memory needs --cohort N")
-        table_of_bags(in_memory_views(args.cohort, args.seed, args.in_memory), sizes, args)
+        ablations = ABLATIONS if args.ablate else {"all (official)": ABLATIONS["all (official)"]}
+        for name, keep in ablations.items():
+            print(f"\naugmentations: {name}")
+            table_of_bags(in_memory_views(args.cohort, args.seed, args.in_memory, keep), sizes, args)
         return
+    if args.ablate:
+        parser.error("--ablate needs --in-memory")
     with tempfile.TemporaryDirectory(prefix="bench-gigassl-signal-") as tmp:
         work = Path(args.work or tmp)
         named = made_cohort(work, args.cohort, args.seed, args.contrastive) if args.cohort else {
@@ -127,8 +179,11 @@ def made_cohort(work: Path, n_slides: int, seed: int, contrastive: float | None 
             for name, uri in cohort.views.items()}  # fmt: skip
 
 
-def in_memory_views(n_slides: int, seed: int, weights: list[str]) -> dict[str, list[Bag]]:
-    """View bags (8 augmentations × 32 tiles per slide) made in memory, per weights file."""
+def in_memory_views(
+    n_slides: int, seed: int, weights: list[str], keep: Callable[[ViewParams], ViewParams]
+) -> dict[str, list[Bag]]:
+    """View bags (8 augmentations × 32 tiles per slide) made in memory, per weights file; `keep` edits each
+    augmentation's parameter draw."""
     from slidestream.pipelines.encoders import build_encoder
     from slidestream.pipelines.gigassl_views import apply_view, draw_params
     from slidestream.pipelines.synthetic import cohort_specs, sample_tiles
@@ -139,8 +194,8 @@ def in_memory_views(n_slides: int, seed: int, weights: list[str]) -> dict[str, l
     views = []
     for index, slide in enumerate(cohort_specs(n_slides, seed=seed, difficulty="hard")):
         tiles = sample_tiles(slide.spec, 100, 64, 2.0, seed=index).images
-        views.append(np.concatenate([apply_view(tiles[rng.integers(0, len(tiles), 32)], draw_params(rng), 64)
-                                     for _ in range(8)]))  # fmt: skip
+        drawn = [(tiles[rng.integers(0, len(tiles), 32)], keep(draw_params(rng))) for _ in range(8)]
+        views.append(np.concatenate([apply_view(sample, params, 64) for sample, params in drawn]))
     print(f"{n_slides} hard slides → views in memory: {time.perf_counter() - started:.0f} s", flush=True)
     aug = torch.arange(8, dtype=torch.int16).repeat_interleave(32)
     out = {}

@@ -69,7 +69,7 @@ def keep_only(
     )
 
 
-_JITTER = (_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE)
+_EVERY_JITTER_FACTOR = (_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE)
 ABLATIONS: dict[str, Callable[[ViewParams], ViewParams]] = {
     "none": keep_only,
     "crop": lambda p: keep_only(p, crop=True),
@@ -77,7 +77,7 @@ ABLATIONS: dict[str, Callable[[ViewParams], ViewParams]] = {
     "contrast": lambda p: keep_only(p, jitter=(_CONTRAST,)),
     "saturation": lambda p: keep_only(p, jitter=(_SATURATION,)),
     "hue": lambda p: keep_only(p, jitter=(_HUE,)),
-    "colour jitter": lambda p: keep_only(p, jitter=_JITTER),
+    "colour jitter": lambda p: keep_only(p, jitter=_EVERY_JITTER_FACTOR),
     "grey": lambda p: keep_only(p, grey=True),
     "blur": lambda p: keep_only(p, blur=True),
     "all but colour jitter": lambda p: keep_only(p, crop=True, grey=True, blur=True),

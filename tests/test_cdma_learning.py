@@ -51,8 +51,8 @@ EASY = ("cdma.weights=random", "cdma.epochs=10", "cdma.unsup_start_epoch=6", "cd
 # It trains in the test's own process (`cdma.workers=0`): the same Dice, epoch for epoch, as one Ray Train
 # worker with both CPUs, in 112 s of training instead of 147 s (the easy cohort's test trains on Ray Train)
 # Five supervised epochs, then three with the unsupervised terms: at ten epochs the evaluated best-validation
-# weights came from the supervised ones in training seeds 0-2, so the two epochs cut saved ~27 s and changed
-# no result (epochs 0-7 are drawn the same either way; bench/RESULTS.md)
+# weights came from the supervised ones in training seeds 0-2, so cutting two epochs (~14 s each) changed no
+# result (epochs 0-7 are drawn the same either way; bench/RESULTS.md)
 HARD = ("cdma.epochs=8", "cdma.unsup_start_epoch=5", "cdma.milestones=[7]", "cdma.steps_per_epoch=40",
         "cdma.lr=2e-4", "cdma.labelled_slides=foreground", "cdma.workers=0")  # fmt: skip
 # the light MTNet's encoder, pretrained like the session's `resnet10t_64` (tests/conftest.py)
